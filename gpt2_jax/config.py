@@ -1,0 +1,145 @@
+"""Model configuration: one frozen dataclass, the four GPT-2 presets, and validation.
+
+Every field is a plain Python value so a config can be written to JSON inside a checkpoint and
+rebuilt from it (`to_dict` / `from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+# The sizes OpenAI released. Counts (tied embeddings, learned positions, vocab 50257):
+# 124,439,808 · 354,823,168 · 774,030,080 · 1,557,611,200.
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+}
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_POSITIONS = ("learned", "rotary")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a GPT-2 style decoder.
+
+    Defaults are GPT-2 small (124M). `n_kv_head=None` means multi-head attention (= n_head);
+    1 is multi-query; any divisor of n_head is grouped-query.
+    """
+
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_kv_head: int | None = None
+    n_inner: int | None = None  # MLP width; None = 4 * n_embd
+    block_size: int = 1024  # longest sequence the model attends over (and the size of wpe)
+    vocab_size: int = 50257  # the tokenizer's vocabulary
+    # Pad the embedding table to a multiple of this (64 turns 50257 into 50304, which matmuls
+    # like better). The padded rows never reach a softmax or a sample: logits are cut to vocab_size.
+    pad_vocab_to_multiple: int = 1
+    position_embedding: str = "learned"  # 'learned' (GPT-2) | 'rotary'
+    rope_theta: float = 10000.0
+    sliding_window: int | None = None  # None = full causal attention; w = attend to the last w tokens
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+    dtype: str = "float32"  # activations and matmuls
+    param_dtype: str = "float32"  # stored parameters (and so optimizer state)
+    remat: bool = False  # recompute each block's activations in the backward pass
+    scan_layers: bool = True  # one compiled block applied n_layer times; False unrolls the loop
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_dim(self) -> int:
+        return 4 * self.n_embd if self.n_inner is None else self.n_inner
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_to_multiple
+        return int(math.ceil(self.vocab_size / m) * m)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"preset={name!r} is not a known preset; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides}).validate()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys {unknown}; known keys are {sorted(names)}")
+        return cls(**d).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes).validate()
+
+    # ----------------------------------------------------------------- validation
+    def validate(self) -> "ModelConfig":
+        """Returns self, or raises ValueError naming the key, its value and the rule it broke."""
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"ModelConfig: {msg}")
+
+        for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_to_multiple"):
+            value = getattr(self, key)
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 f"{key}={value!r} must be a positive integer")
+        need(self.n_embd % self.n_head == 0,
+             f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_kv_head is not None:
+            need(isinstance(self.n_kv_head, int) and self.n_kv_head > 0,
+                 f"n_kv_head={self.n_kv_head!r} must be a positive integer or None")
+            need(self.n_head % self.n_kv_head == 0,
+                 f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.n_inner is not None:
+            need(isinstance(self.n_inner, int) and self.n_inner > 0,
+                 f"n_inner={self.n_inner!r} must be a positive integer or None")
+        need(self.position_embedding in _POSITIONS,
+             f"position_embedding={self.position_embedding!r} must be one of {_POSITIONS}")
+        if self.position_embedding == "rotary":
+            need(self.head_dim % 2 == 0,
+                 f"head_dim={self.head_dim} (n_embd/n_head) must be even for rotary positions")
+        need(isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0,
+             f"rope_theta={self.rope_theta!r} must be positive")
+        if self.sliding_window is not None:
+            need(isinstance(self.sliding_window, int) and not isinstance(self.sliding_window, bool)
+                 and self.sliding_window > 0,
+                 f"sliding_window={self.sliding_window!r} must be None or a positive integer")
+        need(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
+             f"dropout={self.dropout!r} must be in [0, 1)")
+        need(isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0,
+             f"layer_norm_eps={self.layer_norm_eps!r} must be positive")
+        need(self.dtype in _DTYPES, f"dtype={self.dtype!r} must be one of {_DTYPES}")
+        need(self.param_dtype in _DTYPES, f"param_dtype={self.param_dtype!r} must be one of {_DTYPES}")
+        need(isinstance(self.remat, bool), f"remat={self.remat!r} must be a bool")
+        need(isinstance(self.scan_layers, bool), f"scan_layers={self.scan_layers!r} must be a bool")
+        return self
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a parameter pytree (works on abstract shapes from jax.eval_shape)."""
+    import jax
+    import numpy as np
+
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

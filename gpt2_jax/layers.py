@@ -1,0 +1,219 @@
+"""Transformer layers: attention (MHA / GQA / MQA, rotary, sliding window, KV cache), MLP, Block.
+
+Einsum letters: B batch, T query length, S key length, E n_embd, N query heads, K kv heads,
+G = N // K query heads per kv head, H head_dim, F mlp width.
+
+Positions are explicit: every token carries its position, and -1 marks padding. The attention
+mask is derived from positions alone (key visible iff 0 <= k_pos <= q_pos and, with a window,
+q_pos - k_pos < window), so training, left-padded prompts and a ring-buffer KV cache all share
+one rule.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from gpt2_jax.config import ModelConfig
+
+# Logical names of activation axes, used for sharding constraints at block boundaries.
+# Parameter axes are named where each parameter is created. sharding.py maps both to mesh axes.
+BATCH = "batch"
+LENGTH = "length"
+ACT_EMBED = "act_embed"
+ACTIVATION_AXES = (BATCH, LENGTH, ACT_EMBED)
+
+# Scores of masked keys. Finite, so a query with no visible key (a padding token) gives a
+# uniform distribution instead of NaN; such outputs are ignored.
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+def param_init(std: float, axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def zeros_init(axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def ones_init(axes: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+def layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_eps,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        scale_init=ones_init(("embed",)),
+        bias_init=zeros_init(("embed",)),
+        name=name,
+    )
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
+    """[B, T], [B, S] int positions (-1 = padding / empty) -> [B, T, S] bool, True = may attend."""
+    qp = q_pos[:, :, None]
+    kp = k_pos[:, None, :]
+    mask = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        mask &= (qp - kp) < window
+    return mask
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding ("rotate half" layout). x [B, T, N, H], positions [B, T]."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq  # [B, T, H/2]
+    sin = jnp.sin(angles)[:, :, None, :]  # [B, T, 1, H/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attend(config: ModelConfig, q: jax.Array, q_pos: jax.Array, kv_parts, dropout=None) -> jax.Array:
+    """Softmax attention of q [B, T, K, G, H] over the concatenation of key/value parts.
+
+    Each part is (k [B, S, K, H], v [B, S, K, H], k_pos [B, S]). Scores are joined, never the keys
+    themselves, so attending over cache + new tokens copies no cache. Returns [B, T, K, G, H].
+    """
+    scale = config.head_dim**-0.5
+    scores = []
+    for k, _, k_pos in kv_parts:
+        s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+        mask = attention_mask(q_pos, k_pos, config.sliding_window)[:, None, None]  # [B,1,1,T,S]
+        scores.append(jnp.where(mask, s, _MASKED))
+    s = jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
+    probs = jax.nn.softmax(s, axis=-1)  # [B, K, G, T, S_total], fp32
+    if dropout is not None:
+        probs = dropout(probs)
+    out, start = None, 0
+    for k, v, _ in kv_parts:
+        p = probs[..., start : start + k.shape[1]].astype(v.dtype)
+        o = jnp.einsum("bkgts,bskh->btkgh", p, v, preferred_element_type=jnp.float32)
+        out = o if out is None else out + o
+        start += k.shape[1]
+    return out.astype(q.dtype)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with n_kv_head key/value heads shared by groups of query heads.
+
+    With `decode=True` the module keeps a KV cache in the "cache" collection: k and v
+    [B, L, K, H], the position stored in each slot [B, L] (-1 = empty) and the next write
+    index. L is the length of the input seen when the cache is created (`GPT2.init_cache`),
+    capped at the sliding window, and slots are reused as a ring buffer: with a window only the
+    last `window` tokens are ever needed. Without a window the caller keeps the total length
+    within L.
+    """
+
+    config: ModelConfig
+    deterministic: bool = True
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        cfg = self.config
+        B, T, _ = x.shape
+        N, K, H = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        G = N // K
+        dense = lambda features, axes, name: nn.DenseGeneral(  # noqa: E731
+            features=features,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=param_init(0.02, ("embed",) + axes),
+            bias_init=zeros_init(axes),
+            name=name,
+        )
+        q = dense((N, H), ("heads", "head_dim"), "q")(x)  # [B, T, N, H]
+        kv = dense((2, K, H), ("kv", "kv_heads", "head_dim"), "kv")(x)  # [B, T, 2, K, H]
+        k, v = kv[:, :, 0], kv[:, :, 1]  # [B, T, K, H]
+        if cfg.position_embedding == "rotary":
+            q = apply_rotary(q, positions, cfg.rope_theta)
+            k = apply_rotary(k, positions, cfg.rope_theta)
+        q = q.reshape(B, T, K, G, H)  # query heads grouped by the kv head they share
+
+        drop = None
+        if cfg.dropout > 0.0 and not self.deterministic:
+            drop = nn.Dropout(rate=cfg.dropout, deterministic=False)
+        if not self.decode:
+            out = attend(cfg, q, positions, [(k, v, positions)], drop)
+        else:
+            initializing = not self.has_variable("cache", "k")
+            L = T if cfg.sliding_window is None else min(T, cfg.sliding_window)
+            cache_k = self.variable("cache", "k", jnp.zeros, (B, L, K, H), k.dtype)
+            cache_v = self.variable("cache", "v", jnp.zeros, (B, L, K, H), v.dtype)
+            cache_pos = self.variable("cache", "pos", lambda: jnp.full((B, L), -1, jnp.int32))
+            cache_index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+            if initializing:
+                out = attend(cfg, q, positions, [(k, v, positions)], drop)
+            else:
+                cached = (cache_k.value, cache_v.value, cache_pos.value)
+                out = attend(cfg, q, positions, [cached, (k, v, positions)], drop)
+                # Write the newest min(T, L) tokens into the ring; older ones can never be
+                # attended to again (with a window) or do not fit (the caller's error).
+                L = cache_k.value.shape[1]
+                n = min(T, L)
+                slots = (cache_index.value + (T - n) + jnp.arange(n)) % L  # [n]
+                cache_k.value = cache_k.value.at[:, slots].set(k[:, T - n :].astype(cache_k.value.dtype))
+                cache_v.value = cache_v.value.at[:, slots].set(v[:, T - n :].astype(cache_v.value.dtype))
+                cache_pos.value = cache_pos.value.at[:, slots].set(positions[:, T - n :].astype(jnp.int32))
+                cache_index.value = cache_index.value + T
+        out = out.reshape(B, T, N, H)
+        return nn.DenseGeneral(
+            features=cfg.n_embd,
+            axis=(-2, -1),
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=param_init(0.02 / (2 * cfg.n_layer) ** 0.5, ("heads", "head_dim", "embed")),
+            bias_init=zeros_init(("embed",)),
+            name="out",
+        )(out)
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        h = nn.DenseGeneral(
+            features=cfg.mlp_dim,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=param_init(0.02, ("embed", "mlp")),
+            bias_init=zeros_init(("mlp",)),
+            name="fc",
+        )(x)  # [B, T, F]
+        h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
+        return nn.DenseGeneral(
+            features=cfg.n_embd,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=param_init(0.02 / (2 * cfg.n_layer) ** 0.5, ("mlp", "embed")),
+            bias_init=zeros_init(("embed",)),
+            name="proj",
+        )(h)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block. Returns (x, None) so it can be the body of nn.scan."""
+
+    config: ModelConfig
+    deterministic: bool = True
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array):
+        cfg = self.config
+        drop = lambda y: nn.Dropout(rate=cfg.dropout)(y, deterministic=self.deterministic)  # noqa: E731
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        h = layer_norm(cfg, "ln_1")(x)
+        x = x + drop(Attention(cfg, self.deterministic, self.decode, name="attn")(h, positions))
+        h = layer_norm(cfg, "ln_2")(x)
+        x = x + drop(MLP(cfg, name="mlp")(h))
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        return x, None

@@ -1,0 +1,109 @@
+"""GPT-2: token (+ learned position) embeddings, a stack of blocks, final LayerNorm, tied head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from gpt2_jax.config import ModelConfig
+from gpt2_jax.layers import ACTIVATION_AXES, Block, layer_norm, param_init
+
+
+class GPT2(nn.Module):
+    """tokens [B, T] int32 -> logits [B, T, vocab_size].
+
+    `positions` [B, T] (default 0..T-1) gives each token its position; -1 marks padding, which
+    no token attends to. With `decode=True` the blocks read and extend a KV cache in the
+    "cache" collection (see `init_cache`); pass `mutable=["cache"]` to `apply`.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> jax.Array:
+        cfg = self.config
+        B, T = tokens.shape
+        if not decode and T > cfg.block_size:
+            raise ValueError(f"Cannot forward sequence of length {T}, block size is only {cfg.block_size}")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+        wte = nn.Embed(
+            num_embeddings=cfg.padded_vocab_size,
+            features=cfg.n_embd,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=param_init(0.02, ("vocab", "embed")),
+            name="wte",
+        )
+        x = wte(tokens)  # [B, T, E]
+        if cfg.position_embedding == "learned":
+            wpe = nn.Embed(
+                num_embeddings=cfg.block_size,
+                features=cfg.n_embd,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                embedding_init=param_init(0.02, ("position", "embed")),
+                name="wpe",
+            )
+            x = x + wpe(jnp.clip(positions, 0, cfg.block_size - 1))
+        x = nn.Dropout(rate=cfg.dropout)(x, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+        block = Block
+        if cfg.remat:
+            block = nn.remat(block, prevent_cse=not cfg.scan_layers)
+        # Parameters are always stacked along a leading "layers" axis; scan_layers=False unrolls
+        # the loop instead of compiling one body, so checkpoints do not depend on the switch.
+        blocks = nn.scan(
+            block,
+            variable_axes={"params": 0, "cache": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=nn.broadcast,
+            length=cfg.n_layer,
+            unroll=1 if cfg.scan_layers else cfg.n_layer,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, deterministic, decode, name="blocks")
+        x, _ = blocks(x, positions)
+
+        x = layer_norm(cfg, "ln_f")(x)
+        logits = wte.attend(x)  # [B, T, V_padded], tied to the input embedding
+        # Padded vocabulary rows are cut here, so they can never win a softmax or a sample.
+        return logits[..., : cfg.vocab_size]
+
+    def init_cache(self, batch_size: int, max_len: int):
+        """An empty KV cache for `batch_size` sequences of up to `max_len` tokens in all.
+
+        With a sliding window the cache holds only min(max_len, window) slots (a ring buffer).
+        """
+        tokens = jnp.zeros((batch_size, max_len), jnp.int32)
+        shapes = jax.eval_shape(
+            lambda: self.init(jax.random.PRNGKey(0), tokens, decode=True)["cache"]
+        )
+
+        def empty(path, leaf):
+            fill = -1 if path[-1].key == "pos" else 0
+            return jnp.full(leaf.shape, fill, leaf.dtype)
+
+        return jax.tree_util.tree_map_with_path(empty, shapes)
+
+
+def init_params(config: ModelConfig, rng: jax.Array, batch_size: int = 1):
+    """Unboxed parameters (plain arrays) of a freshly initialised model."""
+    tokens = jnp.zeros((batch_size, min(8, config.block_size)), jnp.int32)
+    variables = GPT2(config).init(rng, tokens)
+    return nn.meta.unbox(variables["params"])
+
+
+def abstract_params(config: ModelConfig):
+    """Boxed (nn.Partitioned) parameter shapes, without allocating anything."""
+    tokens = jax.ShapeDtypeStruct((1, min(8, config.block_size)), jnp.int32)
+    return jax.eval_shape(lambda t: GPT2(config).init(jax.random.PRNGKey(0), t), tokens)["params"]

@@ -1,0 +1,298 @@
+"""Properties of the model: causality, cache == full forward, attention variants, rotary, scan/remat."""
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2_jax import GPT2, ModelConfig
+from gpt2_jax.config import PRESETS, count_params
+from gpt2_jax.layers import apply_rotary
+from gpt2_jax.model import abstract_params, init_params
+
+HF_COUNTS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(n_layer=2, n_head=4, n_embd=32, block_size=32, vocab_size=97)
+    return ModelConfig(**{**base, **kw})
+
+
+def random_tokens(seed, shape, vocab=97):
+    return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, vocab, dtype=jnp.int32)
+
+
+def forward(cfg, params, tokens, positions=None):
+    return GPT2(cfg).apply({"params": params}, tokens, positions)
+
+
+# All attention switches: position encoding x (MHA, GQA, MQA) x window.
+SWITCHES = [
+    dict(position_embedding=pe, n_kv_head=kv, sliding_window=w)
+    for pe, kv, w in itertools.product(["learned", "rotary"], [None, 2, 1], [None, 5])
+]
+SWITCH_IDS = [f"{s['position_embedding']}-kv{s['n_kv_head']}-w{s['sliding_window']}" for s in SWITCHES]
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_param_counts_match_hugging_face(preset):
+    shapes = abstract_params(ModelConfig.from_preset(preset))  # abstract: nothing is allocated
+    assert count_params(shapes) == HF_COUNTS[preset]
+
+
+def test_every_parameter_has_logical_axis_names():
+    boxed = abstract_params(tiny(n_kv_head=2, position_embedding="learned"))
+    leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves
+    for leaf in leaves:
+        assert isinstance(leaf, nn.Partitioned), leaf
+        assert len(leaf.names) == leaf.value.ndim
+        assert all(n is not None for n in leaf.names), leaf.names
+    scanned = boxed["blocks"]["mlp"]["fc"]["kernel"]
+    assert scanned.names == ("layers", "embed", "mlp")
+
+
+def test_initialisation_follows_gpt2():
+    cfg = tiny(n_layer=8, n_embd=64, n_head=4)
+    p = init_params(cfg, jax.random.PRNGKey(0))
+    assert abs(float(jnp.std(p["wte"]["embedding"])) - 0.02) < 0.002
+    assert abs(float(jnp.std(p["blocks"]["mlp"]["fc"]["kernel"])) - 0.02) < 0.002
+    resid = 0.02 / np.sqrt(2 * cfg.n_layer)
+    assert abs(float(jnp.std(p["blocks"]["mlp"]["proj"]["kernel"])) - resid) < 0.1 * resid
+    assert abs(float(jnp.std(p["blocks"]["attn"]["out"]["kernel"])) - resid) < 0.1 * resid
+    assert float(jnp.abs(p["blocks"]["attn"]["q"]["bias"]).max()) == 0.0
+    np.testing.assert_array_equal(p["ln_f"]["scale"], 1.0)
+    # Layers are initialised independently, not as copies.
+    k = p["blocks"]["attn"]["q"]["kernel"]
+    assert not np.allclose(k[0], k[1])
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=SWITCH_IDS)
+def test_causality(switches):
+    cfg = tiny(**switches)
+    params = init_params(cfg, jax.random.PRNGKey(1))
+    tokens = random_tokens(2, (2, 16))
+    base = forward(cfg, params, tokens)
+    for t in (0, 7, 14):
+        changed = tokens.at[:, t + 1].set((tokens[:, t + 1] + 1) % cfg.vocab_size)
+        out = forward(cfg, params, changed)
+        np.testing.assert_array_equal(out[:, : t + 1], base[:, : t + 1])
+        assert not np.allclose(out[:, t + 1], base[:, t + 1])
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=SWITCH_IDS)
+def test_cached_decoding_equals_full_forward(switches):
+    cfg = tiny(**switches)
+    model = GPT2(cfg)
+    params = init_params(cfg, jax.random.PRNGKey(3))
+    B, T = 2, 14
+    tokens = random_tokens(4, (B, T))
+    full = forward(cfg, params, tokens)
+
+    step = jax.jit(
+        lambda cache, tok, pos: model.apply(
+            {"params": params, "cache": cache}, tok, pos, decode=True, mutable=["cache"]
+        )
+    )
+    for prefill in (1, 6):  # token by token, and a prompt then tokens
+        cache = model.init_cache(B, T)
+        if cfg.sliding_window:
+            assert cache["blocks"]["attn"]["k"].shape[2] == cfg.sliding_window  # ring of window slots
+        assert cache["blocks"]["attn"]["k"].shape[3] == cfg.kv_heads  # only kv heads are cached
+        pos = jnp.broadcast_to(jnp.arange(prefill), (B, prefill))
+        logits, mut = step(cache, tokens[:, :prefill], pos)
+        outs = [logits]
+        for t in range(prefill, T):
+            logits, mut = step(mut["cache"], tokens[:, t : t + 1], jnp.full((B, 1), t))
+            outs.append(logits)
+        np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5, rtol=1e-5)
+
+
+def reference_attention_model(cfg, params, tokens):
+    """The same network with textbook attention: K/V heads repeated, explicit causal (window) mask."""
+    B, T = tokens.shape
+    p = params
+    N, K, H = cfg.n_head, cfg.kv_heads, cfg.head_dim
+
+    def ln(x, w):
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / jnp.sqrt(var + cfg.layer_norm_eps) * w["scale"] + w["bias"]
+
+    pos = jnp.arange(T)
+    x = p["wte"]["embedding"][tokens]
+    if cfg.position_embedding == "learned":
+        x = x + p["wpe"]["embedding"][pos]
+    mask = pos[None, :] <= pos[:, None]
+    if cfg.sliding_window:
+        mask &= pos[:, None] - pos[None, :] < cfg.sliding_window
+    for i in range(cfg.n_layer):
+        b = jax.tree_util.tree_map(lambda a: a[i], p["blocks"])
+        h = ln(x, b["ln_1"])
+        q = jnp.einsum("bte,enh->bnth", h, b["attn"]["q"]["kernel"]) + b["attn"]["q"]["bias"][None, :, None]
+        kv = jnp.einsum("bte,ekmh->bkmth", h, b["attn"]["kv"]["kernel"]) + b["attn"]["kv"]["bias"][None, :, :, None]
+        k, v = kv[:, 0], kv[:, 1]  # [B, K, T, H]
+        k, v = jnp.repeat(k, N // K, axis=1), jnp.repeat(v, N // K, axis=1)
+        if cfg.position_embedding == "rotary":
+            posb = jnp.broadcast_to(pos, (B, T))
+            q = apply_rotary(q.transpose(0, 2, 1, 3), posb, cfg.rope_theta).transpose(0, 2, 1, 3)
+            k = apply_rotary(k.transpose(0, 2, 1, 3), posb, cfg.rope_theta).transpose(0, 2, 1, 3)
+        s = jnp.einsum("bnth,bnsh->bnts", q, k) / np.sqrt(H)
+        s = jnp.where(mask, s, -jnp.inf)
+        o = jnp.einsum("bnts,bnsh->bnth", jax.nn.softmax(s, -1), v)
+        x = x + jnp.einsum("bnth,nhe->bte", o, b["attn"]["out"]["kernel"]) + b["attn"]["out"]["bias"]
+        h = ln(x, b["ln_2"])
+        h = jax.nn.gelu(h @ b["mlp"]["fc"]["kernel"] + b["mlp"]["fc"]["bias"], approximate=True)
+        x = x + h @ b["mlp"]["proj"]["kernel"] + b["mlp"]["proj"]["bias"]
+    x = ln(x, p["ln_f"])
+    return (x @ p["wte"]["embedding"].T)[..., : cfg.vocab_size]
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=SWITCH_IDS)
+def test_grouped_attention_equals_textbook_attention_with_repeated_kv(switches):
+    cfg = tiny(**switches)
+    params = init_params(cfg, jax.random.PRNGKey(5))
+    params = jax.tree_util.tree_map(lambda a: a * 5.0, params)  # sharper attention: a stronger test
+    tokens = random_tokens(6, (2, 16))
+    np.testing.assert_allclose(
+        forward(cfg, params, tokens), reference_attention_model(cfg, params, tokens), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_gqa_with_n_kv_head_equal_n_head_is_mha():
+    mha, gqa = tiny(), tiny(n_kv_head=4)
+    params = init_params(mha, jax.random.PRNGKey(7))
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(init_params(gqa, jax.random.PRNGKey(7)))
+    tokens = random_tokens(8, (2, 16))
+    np.testing.assert_array_equal(forward(mha, params, tokens), forward(gqa, params, tokens))
+
+
+@pytest.mark.parametrize("pe", ["learned", "rotary"])
+def test_window_at_least_sequence_length_is_full_attention(pe):
+    full = tiny(position_embedding=pe)
+    params = init_params(full, jax.random.PRNGKey(9))
+    tokens = random_tokens(10, (2, 16))
+    for w in (16, 32):
+        np.testing.assert_array_equal(
+            forward(full.replace(sliding_window=w), params, tokens), forward(full, params, tokens)
+        )
+    # ...and a smaller window does change the output.
+    assert not np.allclose(forward(full.replace(sliding_window=4), params, tokens), forward(full, params, tokens))
+
+
+@pytest.mark.parametrize("n_layer", [1, 3])
+def test_tokens_beyond_the_window_have_no_influence(n_layer):
+    w = 4
+    cfg = tiny(n_layer=n_layer, sliding_window=w, position_embedding="rotary")
+    params = init_params(cfg, jax.random.PRNGKey(11))
+    T = 24
+    tokens = random_tokens(12, (1, T))
+    base = forward(cfg, params, tokens)
+    reach = n_layer * (w - 1)  # each layer looks w-1 tokens back, so the stack sees n_layer*(w-1)
+    t = T - 1
+    far = tokens.at[:, : t - reach].set((tokens[:, : t - reach] + 1) % cfg.vocab_size)
+    np.testing.assert_array_equal(forward(cfg, params, far)[:, t], base[:, t])
+    near = tokens.at[:, t - reach].set((tokens[:, t - reach] + 1) % cfg.vocab_size)
+    assert not np.allclose(forward(cfg, params, near)[:, t], base[:, t])
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 1, 2, 16))
+    k = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 2, 16))
+
+    def score(pq, pk):
+        rq = apply_rotary(q, jnp.array([[pq]]), 10000.0)
+        rk = apply_rotary(k, jnp.array([[pk]]), 10000.0)
+        return jnp.sum(rq * rk, -1)
+
+    for shift in (1, 17, 300):
+        np.testing.assert_allclose(score(5, 2), score(5 + shift, 2 + shift), atol=1e-4)
+    assert not np.allclose(score(5, 2), score(5, 3), atol=1e-3)
+
+
+def test_rotary_model_is_invariant_to_shifting_all_positions():
+    cfg = tiny(position_embedding="rotary")
+    params = init_params(cfg, jax.random.PRNGKey(13))
+    tokens = random_tokens(14, (2, 12))
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    np.testing.assert_allclose(forward(cfg, params, tokens, pos + 9), forward(cfg, params, tokens, pos), atol=1e-4)
+
+
+@pytest.mark.parametrize("switches", SWITCHES[:4], ids=SWITCH_IDS[:4])
+def test_left_padding_does_not_change_real_tokens(switches):
+    cfg = tiny(**switches)
+    params = init_params(cfg, jax.random.PRNGKey(15))
+    tokens = random_tokens(16, (1, 10))
+    pad = 5
+    padded = jnp.concatenate([jnp.zeros((1, pad), jnp.int32), tokens], axis=1)
+    positions = jnp.concatenate([jnp.full((1, pad), -1), jnp.arange(10)[None]], axis=1)
+    out = forward(cfg, params, padded, positions)[:, pad:]
+    np.testing.assert_allclose(out, forward(cfg, params, tokens), atol=1e-5)
+
+
+def _loss_and_grads(cfg, params, tokens):
+    def loss(p):
+        logits = GPT2(cfg).apply({"params": p}, tokens[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+    return jax.value_and_grad(loss)(params)
+
+
+def test_scan_and_remat_leave_outputs_and_gradients_unchanged():
+    base = tiny(n_layer=3, n_kv_head=2)
+    params = init_params(base, jax.random.PRNGKey(17))
+    tokens = random_tokens(18, (2, 17))
+    ref_loss, ref_grads = _loss_and_grads(base, params, tokens)
+    for scan, remat in [(False, False), (True, True), (False, True)]:
+        loss, grads = _loss_and_grads(base.replace(scan_layers=scan, remat=remat), params, tokens)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
+
+
+def test_bfloat16_compute_runs_and_stays_close():
+    cfg = tiny(n_kv_head=2, position_embedding="rotary")
+    params = init_params(cfg, jax.random.PRNGKey(19))
+    tokens = random_tokens(20, (2, 16))
+    ref = forward(cfg, params, tokens)
+    out = forward(cfg.replace(dtype="bfloat16"), params, tokens)
+    assert out.dtype == jnp.bfloat16
+    assert np.all(np.isfinite(np.asarray(out, np.float32)))
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=0.05)
+    bf16_params = init_params(cfg.replace(dtype="bfloat16", param_dtype="bfloat16"), jax.random.PRNGKey(19))
+    assert bf16_params["wte"]["embedding"].dtype == jnp.bfloat16
+
+
+def test_padded_vocabulary_never_reaches_the_logits():
+    cfg = tiny(vocab_size=50, pad_vocab_to_multiple=64)
+    assert cfg.padded_vocab_size == 64
+    params = init_params(cfg, jax.random.PRNGKey(21))
+    assert params["wte"]["embedding"].shape == (64, 32)
+    # Make the padded rows as attractive as possible: they still cannot be chosen.
+    params["wte"]["embedding"] = params["wte"]["embedding"].at[50:].set(100.0)
+    logits = forward(cfg, params, random_tokens(22, (2, 8), vocab=50))
+    assert logits.shape == (2, 8, 50)
+    assert int(jnp.argmax(logits, -1).max()) < 50
+    assert ModelConfig(pad_vocab_to_multiple=64).padded_vocab_size == 50304
+
+
+def test_sequence_longer_than_block_size_is_refused():
+    cfg = tiny(block_size=8)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="Cannot forward sequence of length 9, block size is only 8"):
+        forward(cfg, params, random_tokens(0, (1, 9)))
+
+
+def test_dropout_is_active_only_when_not_deterministic():
+    cfg = tiny(dropout=0.5)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tokens = random_tokens(1, (2, 8))
+    model = GPT2(cfg)
+    det = model.apply({"params": params}, tokens)
+    np.testing.assert_array_equal(det, model.apply({"params": params}, tokens, deterministic=True))
+    rngs = lambda s: {"dropout": jax.random.PRNGKey(s)}  # noqa: E731
+    a = model.apply({"params": params}, tokens, deterministic=False, rngs=rngs(1))
+    b = model.apply({"params": params}, tokens, deterministic=False, rngs=rngs(2))
+    assert not np.allclose(a, det) and not np.allclose(a, b)
