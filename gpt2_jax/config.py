@@ -143,3 +143,22 @@ def count_params(params: Any) -> int:
     import numpy as np
 
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def model_config_from(model_cfg: Any) -> ModelConfig:
+    """ModelConfig from the `config.model` block of a training config (an ml_collections ConfigDict).
+
+    A non-empty `preset` sets n_layer, n_head and n_embd (whatever those keys say); leave it empty
+    to give the shape by hand. Every other key is taken as written.
+    """
+    d = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
+    preset = d.pop("preset", "") or ""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"config.model has unknown keys {unknown}; known keys are {sorted(names)}")
+    if preset:
+        if preset not in PRESETS:
+            raise ValueError(f"config.model.preset={preset!r} is not a known preset; choose one of {sorted(PRESETS)}")
+        d.update(PRESETS[preset])
+    return ModelConfig(**d).validate()

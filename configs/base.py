@@ -1,0 +1,74 @@
+"""The one config schema, every key commented. Other files in configs/ override a few keys.
+
+    python train.py --config configs/base.py --config.train.num_steps=100
+
+Keys are fixed here: an override of a key that is not in this schema is an error
+(ml_collections refuses unknown keys), so a typo never silently does nothing.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # ---- model: gpt2_jax.config.ModelConfig. A non-empty `preset` sets n_layer, n_head and
+    # n_embd (overriding those three keys); the other keys apply as written.
+    c.model = m = ml_collections.ConfigDict()
+    m.preset = ""  # '' | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl'
+    m.n_layer = 12
+    m.n_head = 12
+    m.n_embd = 768
+    m.n_kv_head = ml_collections.FieldReference(None, field_type=int)  # None = n_head (MHA); 1 = MQA
+    m.n_inner = ml_collections.FieldReference(None, field_type=int)  # None = 4 * n_embd
+    m.block_size = 1024  # context length
+    m.vocab_size = 50257  # GPT-2 tokenizer
+    m.pad_vocab_to_multiple = 64  # 50257 -> 50304 rows: faster matmuls; padded logits are cut
+    m.position_embedding = "learned"  # 'learned' | 'rotary'
+    m.rope_theta = 10000.0
+    m.sliding_window = ml_collections.FieldReference(None, field_type=int)  # None = full attention
+    m.dropout = 0.0
+    m.dtype = "float32"  # compute dtype; 'bfloat16' on TPU/GPU (params and optimizer stay fp32)
+    m.param_dtype = "float32"
+    m.remat = False  # recompute block activations in the backward pass (memory for compute)
+    m.scan_layers = True  # compile one block, not n_layer copies (fast compile, same numerics)
+
+    # ---- training
+    c.train = t = ml_collections.ConfigDict()
+    t.num_steps = 1000  # optimizer steps; ignored when num_epochs > 0
+    t.num_epochs = 0  # > 0: train this many passes over the training windows instead
+    t.global_batch_size = 8  # sequences per optimizer step, over all devices and hosts
+    t.grad_accum_steps = 1  # micro-batches per step: each is global_batch_size / grad_accum_steps
+    t.learning_rate = 6e-4  # peak, reached after warmup
+    t.min_lr = 6e-5  # end of the cosine decay
+    t.warmup_steps = 100
+    t.weight_decay = 0.1  # on matmul kernels and embeddings only (not biases, not LayerNorm)
+    t.adam_b1 = 0.9
+    t.adam_b2 = 0.95
+    t.adam_eps = 1e-8
+    t.grad_clip = 1.0  # global-norm clipping; 0 disables
+    t.seed = 0  # params init, data order and dropout all derive from it
+    t.eval_every = 200  # steps; 0 disables periodic eval
+    t.eval_steps = 20  # batches per eval
+    t.log_every = 10  # steps between metrics.jsonl records
+    t.checkpoint_every = 500  # steps; a checkpoint is also written at the end
+    t.keep_checkpoints = 3
+    t.skip_nonfinite_updates = False  # True: a NaN/Inf loss skips the update instead of stopping
+    t.sample_tokens = 64  # tokens sampled from the model at the end of training; 0 disables
+    t.sample_prompt = "\n"
+
+    # ---- device mesh: data x fsdp x tensor must equal the device count (-1 = all remaining)
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # replicate parameters, split the batch
+    c.mesh.fsdp = 1  # shard parameters and optimizer state (ZeRO-3), split the batch
+    c.mesh.tensor = 1  # split attention heads and MLP columns
+
+    # ---- data
+    c.data = d = ml_collections.ConfigDict()
+    # 'builtin:shakespeare' | a .txt file | a folder of .txt/.md | a .jsonl with "text" |
+    # llm.c/modded-nanogpt .bin token shards (a file, a folder or a glob)
+    d.source = "builtin:shakespeare"
+    d.val_source = ""  # optional separate validation source; '' = hold out val_fraction of source
+    d.val_fraction = 0.05
+    d.cache_dir = "~/.cache/gpt2_jax"  # prepared (tokenised) corpora are kept here and reused
+    return c
