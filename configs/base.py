@@ -71,4 +71,5 @@ def get_config() -> ml_collections.ConfigDict:
     d.val_source = ""  # optional separate validation source; '' = hold out val_fraction of source
     d.val_fraction = 0.05
     d.cache_dir = "~/.cache/gpt2_jax"  # prepared (tokenised) corpora are kept here and reused
+    c.lock()  # unknown keys are errors, not silent additions
     return c
