@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 500  # steps; a checkpoint is also written at the end
     t.keep_checkpoints = 3
     t.skip_nonfinite_updates = False  # True: a NaN/Inf loss skips the update instead of stopping
+    t.peak_flops_per_device = 0.0  # for MFU; 0 = known TPU/GPU peak, or measured matmul rate on CPU
     t.sample_tokens = 64  # tokens sampled from the model at the end of training; 0 disables
     t.sample_prompt = "\n"
 

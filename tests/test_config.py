@@ -70,7 +70,7 @@ def load_config_file(path):
     return module.get_config()
 
 
-CONFIG_FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
+CONFIG_FILES = sorted(p for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")) if not os.path.basename(p).startswith("_"))
 
 
 def test_there_are_config_files():

@@ -1,0 +1,245 @@
+"""Checkpoints with orbax: async saves, keep-N, restore onto any mesh, skip bad checkpoints.
+
+Layout of `WORKDIR/checkpoints/<step>/` (one orbax CheckpointManager step):
+  params/       the model parameters (restorable alone, e.g. by generate.py)
+  train_state/  step, optimizer state and RNG
+  data/         the data iterator's position (JSON)
+  meta/         the model config, the full training config and the step (JSON)
+and `WORKDIR/checkpoints/<step>.sizes.json`, written once a save is finalised: the size of every
+file, so a truncated file is noticed before orbax reads garbage.
+
+Orbax writes each step into a temporary folder and renames it when complete, so a process killed
+mid-save leaves a temporary folder, never a step that looks whole. Restoring walks back from the
+newest step and skips (and names) any that is incomplete, truncated or unreadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from gpt2_jax.config import ModelConfig
+
+ITEMS = ("params", "train_state", "data", "meta")
+
+
+def _sizes_path(directory: str, step: int) -> str:
+    return os.path.join(directory, f"{step}.sizes.json")
+
+
+def _file_sizes(step_dir: str) -> dict[str, int]:
+    sizes = {}
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            sizes[os.path.relpath(path, step_dir)] = os.path.getsize(path)
+    return sizes
+
+
+def verify_step(directory: str, step: int) -> str | None:
+    """None if the step folder matches its recorded file sizes, else what is wrong."""
+    step_dir = os.path.join(directory, str(step))
+    sizes_file = _sizes_path(directory, step)
+    if not os.path.exists(sizes_file):
+        return None  # finalised by orbax but killed before the sizes were written: orbax's own check only
+    try:
+        with open(sizes_file) as f:
+            want = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"its size record {sizes_file} is unreadable ({e})"
+    have = _file_sizes(step_dir)
+    for rel, size in want.items():
+        if rel not in have:
+            return f"file {rel} is missing"
+        if have[rel] != size:
+            return f"file {rel} has {have[rel]} bytes, {size} were written"
+    return None
+
+
+def incomplete_steps(directory: str) -> list[str]:
+    """Names of temporary step folders left by a save that never finished."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(n for n in os.listdir(directory) if re.search(r"orbax-checkpoint-tmp", n))
+
+
+class Checkpointer:
+    """Saves and restores training checkpoints under `WORKDIR/checkpoints`."""
+
+    def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        for name in incomplete_steps(self.directory):
+            logging.warning("checkpoint %s was left incomplete (killed mid-save); it is ignored", name)
+        self._pending: list[int] = []
+        self._async = async_save
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            item_names=ITEMS,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                create=True,
+                enable_async_checkpointing=async_save,
+                async_options=ocp.AsyncOptions(post_finalization_callback=self._record_sizes),
+                cleanup_tmp_directories=True,
+            ),
+        )
+
+    def _record_sizes(self) -> None:
+        if jax.process_index() != 0:
+            return
+        self.manager.reload()
+        done = set(self.manager.all_steps())
+        for step in [s for s in self._pending if s in done]:
+            path = _sizes_path(self.directory, step)
+            with open(path + ".tmp", "w") as f:
+                json.dump(_file_sizes(os.path.join(self.directory, str(step))), f)
+            os.replace(path + ".tmp", path)
+            self._pending.remove(step)
+        for name in os.listdir(self.directory):  # size records of steps orbax has deleted
+            m = re.fullmatch(r"(\d+)\.sizes\.json", name)
+            if m and int(m.group(1)) not in done:
+                os.remove(os.path.join(self.directory, name))
+
+    def all_steps(self) -> list[int]:
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
+        """Starts writing a checkpoint of `state` (a TrainState); returns before it is on disk."""
+        self._pending.append(step)
+        saved = self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                train_state=ocp.args.StandardSave(
+                    {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+                ),
+                data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave({**meta, "step": int(step)}),
+            ),
+            force=True,
+        )
+        if not saved:
+            self._pending.remove(step)
+        if not self._async:
+            self._record_sizes()
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+        self._record_sizes()
+
+    def close(self) -> None:
+        self.wait()
+        self.manager.close()
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, dict] | None:
+        """(state, data_state, meta) of the newest good checkpoint, or None if there is none.
+
+        `abstract_state` is a TrainState of jax.ShapeDtypeStruct with shardings: each device reads
+        only its own shards, whatever mesh the checkpoint was written from.
+        """
+        for step in reversed(self.all_steps()):
+            problem = verify_step(self.directory, step)
+            if problem is None:
+                try:
+                    return self._restore(step, abstract_state)
+                except Exception as e:  # orbax/tensorstore raise many types for bad bytes
+                    problem = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            logging.error("checkpoint at step %d is unusable (%s); trying the previous one", step, problem)
+            print(f"checkpoint at step {step} is unusable ({problem}); trying the previous one", flush=True)
+        return None
+
+    def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_state.params),
+                train_state=ocp.args.StandardRestore(
+                    {"step": abstract_state.step, "opt_state": abstract_state.opt_state, "rng": abstract_state.rng}
+                ),
+                data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        ts = restored["train_state"]
+        state = abstract_state.replace(
+            step=ts["step"], params=restored["params"], opt_state=ts["opt_state"], rng=ts["rng"]
+        )
+        return state, restored["data"], restored["meta"]
+
+
+def find_checkpoint_step_dir(path: str) -> tuple[str, int | None]:
+    """Resolves a user's --ckpt path: a workdir, its checkpoints/ folder, or one step folder.
+
+    Returns (checkpoints directory, step or None for "newest good one").
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint path {path} is a file, not a training workdir or checkpoint folder")
+    if os.path.isdir(os.path.join(path, "meta")) and os.path.isdir(os.path.join(path, "params")):
+        parent, name = os.path.split(path)
+        if name.isdigit():
+            return parent, int(name)
+        raise ValueError(f"{path} looks like a checkpoint but its folder name is not a step number")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    steps = [n for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n, "params"))]
+    if not steps:
+        if not os.listdir(path):
+            raise FileNotFoundError(f"checkpoint folder {path} is empty")
+        raise ValueError(
+            f"{path} is not a checkpoint: expected a training workdir (with checkpoints/), "
+            "a checkpoints/ folder or one step folder (with params/ and meta/)"
+        )
+    return path, None
+
+
+def restore_params(path: str, *, dtype: str | None = None) -> tuple[ModelConfig, Any]:
+    """(ModelConfig, params) from a checkpoint, rebuilt from the checkpoint alone (no config file).
+
+    `path` is a training workdir (newest good checkpoint), its checkpoints/ folder or a step folder.
+    Params land on the default device, replicated; `dtype` casts them (e.g. 'bfloat16').
+    """
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from gpt2_jax.model import abstract_params
+
+    directory, step = find_checkpoint_step_dir(path)
+    steps = [step] if step is not None else sorted(
+        (int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True
+    )
+    errors = []
+    with ocp.CheckpointManager(directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+        for s in steps:
+            problem = verify_step(directory, s)
+            if problem is None:
+                try:
+                    meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                    config = ModelConfig.from_dict(meta["model"])
+                    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+                    shapes = jax.tree_util.tree_map(
+                        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        nn.meta.unbox(abstract_params(config)),
+                    )
+                    params = mngr.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(shapes)))["params"]
+                    if dtype is not None:
+                        params = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(dtype)), params)
+                        config = config.replace(dtype=dtype, param_dtype=dtype)
+                    return config, params
+                except Exception as e:  # noqa: BLE001 - report and fall back to an older step
+                    problem = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            errors.append(f"step {s}: {problem}")
+            print(f"checkpoint at step {s} is unusable ({problem}); trying the previous one", flush=True)
+    raise ValueError(f"no usable checkpoint in {directory}: " + "; ".join(errors))

@@ -1,0 +1,374 @@
+"""The training loop: data, sharded state, steps, eval, logging, checkpoints, signals.
+
+`train(config, workdir)` is all that train.py calls. Everything here runs the same on one CPU,
+on the 8 devices of one host and on every host of a pod (each process runs this same code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from gpt2_jax import checkpoint as ckpt_lib
+from gpt2_jax import data as data_lib
+from gpt2_jax import sharding as sharding_lib
+from gpt2_jax import train_step as step_lib
+from gpt2_jax.config import ModelConfig, count_params, model_config_from
+
+# Keys that may differ between a checkpoint and the config resuming it: they change how the
+# model is computed, not what its parameters are.
+_RESUMABLE_MODEL_CHANGES = frozenset({"dropout", "dtype", "remat", "scan_layers"})
+
+# Dense bf16 peaks (FLOP/s per device) for the MFU figure. CPUs are measured instead.
+_PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class _Signals:
+    """SIGTERM/SIGINT: finish the step, checkpoint, exit 0. A second signal exits at once."""
+
+    received: int | None = None
+
+    def install(self) -> None:
+        def handler(signum, frame):  # noqa: ARG001
+            if self.received is not None:
+                os._exit(128 + signum)
+            self.received = signum
+            print(f"\nreceived signal {signum}: finishing this step, then checkpointing", flush=True)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per parameter (forward + backward) plus attention scores."""
+    n = config.n_layer * (
+        config.n_embd * config.head_dim * (config.n_head + 2 * config.kv_heads)  # q, k, v
+        + config.n_head * config.head_dim * config.n_embd  # out
+        + 2 * config.n_embd * config.mlp_dim  # mlp
+    ) + config.padded_vocab_size * config.n_embd  # the tied head's matmul
+    attn = 12 * config.n_layer * config.n_head * config.head_dim * seq_len / 2  # causal half
+    return 6.0 * n + attn
+
+
+def peak_flops_per_device(override: float = 0.0) -> float:
+    """The device's peak FLOP/s: from the config, a table of accelerators, or measured (CPU)."""
+    if override > 0:
+        return override
+    device = jax.devices()[0]
+    for name, peak in _PEAK_FLOPS.items():
+        if name.lower() in device.device_kind.lower():
+            return peak
+    # CPU (or unknown): the measured fp32 matmul rate of this machine, so MFU reads as "fraction
+    # of what XLA's GEMM achieves here".
+    n = 1024
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    reps = 5
+    for _ in range(reps):
+        a = f(a * 1e-3)
+    a.block_until_ready()
+    return reps * 2 * n**3 / (time.perf_counter() - t) / max(1, jax.local_device_count())
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard, written by process 0 only."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if self.enabled:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # TensorBoard files are optional
+                logging.warning("tensorboardX is not installed: no TensorBoard event files")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_loss_curve(workdir: str) -> str | None:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = {}, {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if "loss" in r:
+                train[r["step"]] = r["loss"]  # a resumed run rewrites steps: keep the latest
+            if "val_loss" in r:
+                val[r["step"]] = r["val_loss"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(sorted(train), [train[s] for s in sorted(train)], label="train")
+    if val:
+        ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = os.path.join(workdir, "loss.png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _prepare_data(config: Any, block_size: int):
+    """(train tokens, val tokens) for config.data, prepared by process 0 first, then the others."""
+    d = config.data
+    cache_dir = os.path.expanduser(d.cache_dir)
+
+    def prepare():
+        corpus = data_lib.prepare_corpus(d.source, cache_dir)
+        if d.val_source:
+            return corpus.tokens, data_lib.prepare_corpus(d.val_source, cache_dir).tokens
+        if not 0.0 < d.val_fraction < 1.0:
+            raise ValueError(f"config.data.val_fraction={d.val_fraction} must be in (0, 1) when no val_source is set")
+        return corpus.split(d.val_fraction)
+
+    if jax.process_count() == 1:
+        return prepare()
+    from jax.experimental import multihost_utils
+
+    result = prepare() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("gpt2_jax: corpus prepared")
+    return result if result is not None else prepare()
+
+
+def _check_model_matches(saved: dict, config: ModelConfig) -> None:
+    current = config.to_dict()
+    differing = sorted(
+        k for k in set(saved) | set(current)
+        if k not in _RESUMABLE_MODEL_CHANGES and saved.get(k) != current.get(k)
+    )
+    if differing:
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in differing)
+        raise ValueError(f"cannot resume: the model in the checkpoint differs from config.model in {detail}")
+
+
+def _global_batch(local: dict[str, np.ndarray], sharding, global_batch_size: int) -> dict[str, jax.Array]:
+    """Assembles each process's rows into one global array sharded over the batch axes."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (global_batch_size,) + v.shape[1:])
+        for k, v in local.items()
+    }
+
+
+def train(config: Any, workdir: str) -> dict:
+    """Trains as `config` says, resuming from `workdir`'s newest good checkpoint if there is one.
+
+    Returns a summary dict (final step, last loss, last val loss, ...).
+    """
+    t = config.train
+    model_config = model_config_from(config.model)
+    mesh = sharding_lib.make_mesh(config.mesh)
+    sharding_lib.validate_mesh_for(model_config, t, mesh)
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+
+    train_tokens, val_tokens = _prepare_data(config, model_config.block_size)
+    data_lib.check_enough_tokens(train_tokens, model_config.block_size, t.global_batch_size, name="training split")
+    train_iter = data_lib.make_batch_iterator(
+        train_tokens, block_size=model_config.block_size, global_batch_size=t.global_batch_size,
+        seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count(), name="training split",
+    )
+    do_eval = t.eval_every > 0 and t.eval_steps > 0
+    if do_eval:
+        data_lib.check_enough_tokens(val_tokens, model_config.block_size, t.global_batch_size, name="validation split")
+    num_steps = t.num_epochs * train_iter.steps_per_epoch if t.num_epochs > 0 else t.num_steps
+    if num_steps <= 0:
+        raise ValueError(f"config.train.num_steps={t.num_steps} (num_epochs={t.num_epochs}) gives no step to train")
+
+    step_lib.abstract_train_state(model_config, t, mesh, num_steps)  # validates; allocates nothing
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
+    try:
+        return _train_loop(config, workdir, model_config, mesh, num_steps, checkpointer, train_iter, val_tokens)
+    finally:
+        checkpointer.close()
+        train_iter.close()
+
+
+def _train_loop(config, workdir, model_config, mesh, num_steps, checkpointer, train_iter, val_tokens) -> dict:
+    t = config.train
+    is_main = jax.process_index() == 0
+    do_eval = t.eval_every > 0 and t.eval_steps > 0
+    if checkpointer.all_steps():
+        try:  # refuse a different model before trying to read its arrays
+            saved_model = checkpointer.read_meta(checkpointer.all_steps()[-1])["model"]
+        except Exception:  # noqa: BLE001 - an unreadable newest checkpoint is handled by restore_latest
+            saved_model = None
+        if saved_model is not None:
+            _check_model_matches(saved_model, model_config)
+        # Restore straight into the sharded layout of this run's mesh: never whole on one device.
+        abstract, state_shardings = step_lib.abstract_train_state(model_config, t, mesh, num_steps)
+        restored = checkpointer.restore_latest(abstract)
+        if restored is None:
+            raise ValueError(f"{checkpointer.directory} holds checkpoints but none is usable (see messages above)")
+        _check_model_matches(restored[2]["model"], model_config)  # an older step may differ too
+        state, data_state, saved_meta = restored
+        train_iter.set_state(data_state)
+        if is_main:
+            print(f"resumed from step {saved_meta['step']} ({checkpointer.directory})", flush=True)
+    else:
+        state, state_shardings = step_lib.create_train_state(model_config, t, mesh, num_steps)
+    start_step = int(jax.device_get(state.step))
+
+    train_step = step_lib.make_train_step(model_config, t, mesh, state_shardings, num_steps)
+    eval_step = step_lib.make_eval_step(model_config, mesh, state_shardings) if do_eval else None
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    meta = {"model": model_config.to_dict(), "config": json.loads(config.to_json())}
+
+    def save(step: int) -> None:
+        checkpointer.save(step, state, train_iter.get_state(), meta)
+
+    def evaluate() -> float:
+        it = data_lib.make_batch_iterator(
+            val_tokens, block_size=model_config.block_size, global_batch_size=t.global_batch_size,
+            seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+            name="validation split",
+        )
+        steps = min(t.eval_steps, it.steps_per_epoch)
+        total = 0.0
+        for _ in range(steps):
+            total += float(eval_step(state.params, _global_batch(next(it), batch_sharding, t.global_batch_size))["loss"])
+        it.close()
+        return total / steps
+
+    n_params = count_params(state.params)
+    tokens_per_step = t.global_batch_size * model_config.block_size
+    flops_per_step = flops_per_token(model_config, model_config.block_size) * tokens_per_step
+    peak = peak_flops_per_device(t.peak_flops_per_device) * jax.device_count()
+    logger = _Logger(workdir)
+    if is_main:
+        print(
+            f"model: {n_params:,} parameters | mesh {dict(mesh.shape)} on {jax.device_count()} "
+            f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es) | "
+            f"steps {start_step}->{num_steps}, {tokens_per_step:,} tokens/step, "
+            f"{train_iter.steps_per_epoch} steps/epoch",
+            flush=True,
+        )
+
+    signals = _Signals()
+    signals.install()
+    progress = None
+    if is_main:
+        from tqdm import tqdm
+
+        progress = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+    summary: dict[str, Any] = {"start_step": start_step}
+    window_t, window_steps = time.perf_counter(), 0
+    step = start_step
+    last_loss = last_val = float("nan")
+    try:
+        while step < num_steps:
+            batch = _global_batch(next(train_iter), batch_sharding, t.global_batch_size)
+            state, metrics = train_step(state, batch)
+            step += 1
+            window_steps += 1
+            m = jax.device_get(metrics)
+            last_loss = float(m["loss"])
+            if not math.isfinite(last_loss) and not t.skip_nonfinite_updates:
+                raise NonFiniteLossError(
+                    f"loss is {last_loss} at step {step}: training stopped; the last checkpoint "
+                    f"({checkpointer.all_steps()[-1] if checkpointer.all_steps() else 'none'}) is kept. "
+                    "Lower the learning rate, or set config.train.skip_nonfinite_updates=True to skip such steps."
+                )
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
+            if step % t.log_every == 0 or step == num_steps:
+                elapsed = time.perf_counter() - window_t
+                tps = window_steps * tokens_per_step / elapsed
+                record = {
+                    "step": step, "loss": last_loss, "time": time.time(), "tokens": step * tokens_per_step,
+                    "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]), "tokens_per_s": tps,
+                    "mfu": window_steps * flops_per_step / elapsed / peak,
+                }
+                if "skipped" in m:
+                    record["skipped"] = float(m["skipped"])
+                logger.write(record)
+                window_t, window_steps = time.perf_counter(), 0
+            if do_eval and (step % t.eval_every == 0 or step == num_steps):
+                last_val = evaluate()
+                logger.write({"step": step, "val_loss": last_val, "time": time.time(), "tokens": step * tokens_per_step})
+                if progress is not None:
+                    progress.write(f"step {step}: val_loss {last_val:.4f}")
+                window_t, window_steps = time.perf_counter(), 0  # don't count eval in tokens/s
+            if signals.received is not None:
+                save(step)
+                checkpointer.wait()
+                if is_main:
+                    print(f"stopped by signal {signals.received} at step {step}; checkpoint written", flush=True)
+                summary["stopped_by_signal"] = signals.received
+                break
+            if t.checkpoint_every > 0 and step % t.checkpoint_every == 0 and step < num_steps:
+                save(step)
+        else:
+            if step not in checkpointer.all_steps():
+                save(step)
+    finally:
+        if progress is not None:
+            progress.close()
+        logger.close()
+
+    summary.update(step=step, loss=last_loss, val_loss=last_val, params=n_params, workdir=workdir)
+    if "stopped_by_signal" not in summary:
+        summary["loss_curve"] = plot_loss_curve(workdir)
+        # Sampling runs on process 0's devices alone: only where it can see every parameter.
+        if t.sample_tokens > 0 and jax.process_count() == 1:
+            summary["sample"] = _sample(model_config, state.params, t)
+    return summary
+
+
+def _sample(model_config: ModelConfig, params: Any, t: Any) -> str:
+    from gpt2_jax.sampling import generate
+    from gpt2_jax.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    prompt = tok.encode(t.sample_prompt, allowed_special="all") or [tok.eot_token]
+    params = jax.device_get(params)
+    new = generate(model_config, params, [prompt], max_new_tokens=t.sample_tokens, temperature=0.8, top_k=200, seed=t.seed)[0]
+    text = tok.decode(prompt + list(new))
+    print("---- sample ----\n" + text + "\n----------------", flush=True)
+    return text

@@ -1,0 +1,53 @@
+"""Train GPT-2.
+
+    python train.py --config configs/small.py [--config.train.num_steps=200] [--workdir DIR]
+
+Multi-host: on a Cloud TPU VM every worker runs the same command (jax.distributed finds its
+peers); elsewhere add --coordinator_address HOST:PORT --num_processes N --process_id I.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "A config file in configs/.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go (default: workdir/<config name>).")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for a multi-process run.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.DEFINE_bool("tpu_pod", False, "Call jax.distributed.initialize() with no arguments (Cloud TPU pod slice).")
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax and jax log a lot at INFO
+    import jax
+
+    if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.tpu_pod:
+        from gpt2_jax.distributed import initialize
+
+        initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    from gpt2_jax.trainer import NonFiniteLossError, train
+
+    workdir = FLAGS.workdir
+    if workdir is None:
+        import os
+
+        name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
+        workdir = os.path.join("workdir", name)
+    try:
+        summary = train(FLAGS.config, workdir)
+    except (ValueError, NonFiniteLossError) as e:  # bad config or data, or a NaN: one clear line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if jax.process_index() == 0:
+        print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, workdir {summary['workdir']}")
+
+
+if __name__ == "__main__":
+    app.run(main)
