@@ -52,6 +52,29 @@ def layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
     )
 
 
+class Linear(nn.Module):
+    """y = x . W + b, contracting the last `n_in` axes of x with W [*in, *out_shape].
+
+    Written out (rather than nn.DenseGeneral) so multi-axis kernels such as q [E, N, H] are
+    created at their real shape, which their logical axis names and sharding rules refer to.
+    """
+
+    out_shape: tuple[int, ...]
+    axes: tuple[str, ...]  # logical names of the kernel's axes: inputs, then outputs
+    std: float
+    dtype: str
+    param_dtype: str
+    n_in: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_shape = x.shape[x.ndim - self.n_in :]
+        kernel = self.param("kernel", param_init(self.std, self.axes), in_shape + self.out_shape, self.param_dtype)
+        bias = self.param("bias", zeros_init(self.axes[self.n_in :]), self.out_shape, self.param_dtype)
+        x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
+        return jnp.tensordot(x, kernel, axes=self.n_in) + bias
+
+
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
     """[B, T], [B, S] int positions (-1 = padding / empty) -> [B, T, S] bool, True = may attend."""
     qp = q_pos[:, :, None]
@@ -120,14 +143,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         N, K, H = cfg.n_head, cfg.kv_heads, cfg.head_dim
         G = N // K
-        dense = lambda features, axes, name: nn.DenseGeneral(  # noqa: E731
-            features=features,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=param_init(0.02, ("embed",) + axes),
-            bias_init=zeros_init(axes),
-            name=name,
-        )
+        def dense(out_shape, axes, name):
+            return Linear(out_shape, ("embed",) + axes, 0.02, cfg.dtype, cfg.param_dtype, name=name)
+
         q = dense((N, H), ("heads", "head_dim"), "q")(x)  # [B, T, N, H]
         kv = dense((2, K, H), ("kv", "kv_heads", "head_dim"), "kv")(x)  # [B, T, 2, K, H]
         k, v = kv[:, :, 0], kv[:, :, 1]  # [B, T, K, H]
@@ -163,15 +181,9 @@ class Attention(nn.Module):
                 cache_pos.value = cache_pos.value.at[:, slots].set(positions[:, T - n :].astype(jnp.int32))
                 cache_index.value = cache_index.value + T
         out = out.reshape(B, T, N, H)
-        return nn.DenseGeneral(
-            features=cfg.n_embd,
-            axis=(-2, -1),
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=param_init(0.02 / (2 * cfg.n_layer) ** 0.5, ("heads", "head_dim", "embed")),
-            bias_init=zeros_init(("embed",)),
-            name="out",
-        )(out)
+        resid_std = 0.02 / (2 * cfg.n_layer) ** 0.5  # GPT-2: residual projections scaled by depth
+        return Linear((cfg.n_embd,), ("heads", "head_dim", "embed"), resid_std, cfg.dtype, cfg.param_dtype,
+                      n_in=2, name="out")(out)
 
 
 class MLP(nn.Module):
@@ -180,23 +192,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        h = nn.DenseGeneral(
-            features=cfg.mlp_dim,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=param_init(0.02, ("embed", "mlp")),
-            bias_init=zeros_init(("mlp",)),
-            name="fc",
-        )(x)  # [B, T, F]
+        resid_std = 0.02 / (2 * cfg.n_layer) ** 0.5
+        h = Linear((cfg.mlp_dim,), ("embed", "mlp"), 0.02, cfg.dtype, cfg.param_dtype, name="fc")(x)  # [B, T, F]
         h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
-        return nn.DenseGeneral(
-            features=cfg.n_embd,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=param_init(0.02 / (2 * cfg.n_layer) ** 0.5, ("mlp", "embed")),
-            bias_init=zeros_init(("embed",)),
-            name="proj",
-        )(h)
+        return Linear((cfg.n_embd,), ("mlp", "embed"), resid_std, cfg.dtype, cfg.param_dtype, name="proj")(h)
 
 
 class Block(nn.Module):
