@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from typing import Any
 
 import jax
@@ -77,6 +78,7 @@ class Checkpointer:
         for name in incomplete_steps(self.directory):
             logging.warning("checkpoint %s was left incomplete (killed mid-save); it is ignored", name)
         self._pending: list[int] = []
+        self._lock = threading.Lock()
         self._async = async_save
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -91,20 +93,34 @@ class Checkpointer:
         )
 
     def _record_sizes(self) -> None:
+        """Runs after orbax finalises a save (in its thread): records the sizes of finished steps.
+
+        Reads the directory only; calling back into the manager from here would deadlock.
+        """
         if jax.process_index() != 0:
             return
-        self.manager.reload()
-        done = set(self.manager.all_steps())
-        for step in [s for s in self._pending if s in done]:
+        with self._lock:
+            self._record_sizes_locked()
+
+    def _record_sizes_locked(self) -> None:
+        for step in list(self._pending):
+            step_dir = os.path.join(self.directory, str(step))
+            if not os.path.isdir(step_dir):
+                continue  # still a temporary folder
             path = _sizes_path(self.directory, step)
             with open(path + ".tmp", "w") as f:
-                json.dump(_file_sizes(os.path.join(self.directory, str(step))), f)
+                json.dump(_file_sizes(step_dir), f)
             os.replace(path + ".tmp", path)
             self._pending.remove(step)
         for name in os.listdir(self.directory):  # size records of steps orbax has deleted
             m = re.fullmatch(r"(\d+)\.sizes\.json", name)
-            if m and int(m.group(1)) not in done:
+            if m and not os.path.isdir(os.path.join(self.directory, m.group(1))):
                 os.remove(os.path.join(self.directory, name))
+
+    def poll(self) -> None:
+        """Cheap; call once a step: records the sizes of saves that have finished since."""
+        if self._pending:
+            self._record_sizes()
 
     def all_steps(self) -> list[int]:
         self.manager.reload()
@@ -112,7 +128,8 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
         """Starts writing a checkpoint of `state` (a TrainState); returns before it is on disk."""
-        self._pending.append(step)
+        with self._lock:
+            self._pending.append(step)
         saved = self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -126,7 +143,8 @@ class Checkpointer:
             force=True,
         )
         if not saved:
-            self._pending.remove(step)
+            with self._lock:
+                self._pending.remove(step)
         if not self._async:
             self._record_sizes()
 

@@ -45,6 +45,7 @@ class _Signals:
     """SIGTERM/SIGINT: finish the step, checkpoint, exit 0. A second signal exits at once."""
 
     received: int | None = None
+    previous: dict = dataclasses.field(default_factory=dict)
 
     def install(self) -> None:
         def handler(signum, frame):  # noqa: ARG001
@@ -54,7 +55,11 @@ class _Signals:
             print(f"\nreceived signal {signum}: finishing this step, then checkpointing", flush=True)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, handler)
+            self.previous[sig] = signal.signal(sig, handler)
+
+    def uninstall(self) -> None:
+        for sig, old in self.previous.items():
+            signal.signal(sig, old)
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
@@ -307,6 +312,7 @@ def _train_loop(config, workdir, model_config, mesh, num_steps, checkpointer, tr
             step += 1
             window_steps += 1
             m = jax.device_get(metrics)
+            checkpointer.poll()
             last_loss = float(m["loss"])
             if not math.isfinite(last_loss) and not t.skip_nonfinite_updates:
                 raise NonFiniteLossError(
@@ -348,6 +354,7 @@ def _train_loop(config, workdir, model_config, mesh, num_steps, checkpointer, tr
             if step not in checkpointer.all_steps():
                 save(step)
     finally:
+        signals.uninstall()
         if progress is not None:
             progress.close()
         logger.close()

@@ -1,0 +1,276 @@
+"""Checkpoints: exact resume after SIGKILL (also mid-save), SIGTERM, restore onto other meshes,
+corrupt and incomplete checkpoints, NaN losses, and refusing a different model."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from gpt2_jax import checkpoint as ckpt_lib
+from gpt2_jax import sharding as sharding_lib
+from gpt2_jax import train_step as step_lib
+from gpt2_jax import trainer as trainer_lib
+from gpt2_jax.config import model_config_from
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 60  # steps before the interruption; runs go to 2N (enough that a kill lands mid-run)
+
+
+def tiny_config(**train):
+    sys.path.insert(0, ROOT)
+    from configs import tiny
+
+    c = tiny.get_config()
+    c.train.num_steps = 2 * N
+    c.train.checkpoint_every = N
+    c.train.eval_every = 0
+    for k, v in train.items():
+        setattr(c.train, k, v)
+    return c
+
+
+def train_cmd(workdir, cache, *extra):
+    return [
+        sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
+        "--workdir", str(workdir), f"--config.train.num_steps={2 * N}", f"--config.train.checkpoint_every={N}",
+        "--config.train.eval_every=0", f"--config.data.cache_dir={cache}", *extra,
+    ]
+
+
+def env():
+    e = dict(os.environ)
+    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    return e
+
+
+def losses(workdir):
+    """step -> loss, the latest record of each step (a resumed run logs some steps again)."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "loss" in r:
+                out[r["step"]] = r["loss"]
+    return out
+
+
+def final_params(workdir):
+    _, params = ckpt_lib.restore_params(str(workdir))
+    return jax.tree_util.tree_map(np.asarray, params)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("corpus_cache")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, cache):
+    workdir = tmp_path_factory.mktemp("straight")
+    subprocess.run(train_cmd(workdir, cache), check=True, env=env(), timeout=300, capture_output=True)
+    return workdir
+
+
+def run_until(cmd, stop_when, sig, timeout=240):
+    """Starts cmd, sends `sig` as soon as stop_when() is true, returns the exit code."""
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    t0 = time.time()
+    try:
+        while proc.poll() is None and time.time() - t0 < timeout:
+            if stop_when():
+                proc.send_signal(sig)
+                break
+            time.sleep(0.002)
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out.decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def logged_steps(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return sum(1 for _ in f)
+
+
+def assert_same_as_straight(workdir, straight):
+    want, got = losses(straight), losses(workdir)
+    for s in range(N + 1, 2 * N + 1):
+        assert got[s] == want[s], (s, got[s], want[s])  # bitwise: the same batches, the same math
+    jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(workdir), final_params(straight))
+
+
+def test_resume_after_sigkill_is_exact(tmp_path, cache, straight):
+    workdir = tmp_path / "killed"
+    sizes = os.path.join(workdir, "checkpoints", f"{N}.sizes.json")
+    # Kill once the step-N checkpoint is complete and training has gone past it.
+    code, _ = run_until(train_cmd(workdir, cache), lambda: os.path.exists(sizes) and logged_steps(workdir) > N + 1,
+                        signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert logged_steps(workdir) < 2 * N
+    out = subprocess.run(train_cmd(workdir, cache), check=True, env=env(), timeout=300, capture_output=True, text=True)
+    assert f"resumed from step {N}" in out.stdout
+    assert_same_as_straight(workdir, straight)
+
+
+def test_resume_after_sigkill_during_an_async_save_is_exact(tmp_path, cache, straight):
+    workdir = tmp_path / "killed_mid_save"
+    ckdir = os.path.join(workdir, "checkpoints")
+    # Kill the moment a save of step N is under way: its temporary folder exists.
+    mid_save = lambda: bool(glob.glob(os.path.join(ckdir, f"{N}*tmp*"))) or bool(  # noqa: E731
+        os.path.isdir(os.path.join(ckdir, str(N))) and not os.path.exists(os.path.join(ckdir, f"{N}.sizes.json"))
+    )
+    code, _ = run_until(train_cmd(workdir, cache), mid_save, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    out = subprocess.run(train_cmd(workdir, cache), check=True, env=env(), timeout=300, capture_output=True, text=True)
+    # Either the save had not finished (start again from 0) or it had (resume from N): exact either way.
+    assert ("resumed from step" not in out.stdout) or (f"resumed from step {N}" in out.stdout)
+    assert_same_as_straight(workdir, straight)
+
+
+def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path, cache, straight):
+    workdir = tmp_path / "terminated"
+    code, out = run_until(train_cmd(workdir, cache), lambda: logged_steps(workdir) >= 3, signal.SIGTERM)
+    assert code == 0, out
+    stopped = [s for s in ckpt_lib.Checkpointer(str(workdir)).all_steps()]
+    assert stopped and stopped[-1] < 2 * N
+    assert f"stopped by signal {int(signal.SIGTERM)} at step {stopped[-1]}" in out
+    res = subprocess.run(train_cmd(workdir, cache), check=True, env=env(), timeout=300, capture_output=True, text=True)
+    assert f"resumed from step {stopped[-1]}" in res.stdout
+    want, got = losses(straight), losses(workdir)
+    for s in range(1, 2 * N + 1):
+        assert got[s] == want[s]
+
+
+def _state_on(mesh_cfg, config):
+    model_config = model_config_from(config.model)
+    mesh = sharding_lib.make_mesh(mesh_cfg)
+    return model_config, mesh
+
+
+@pytest.mark.parametrize("target", [dict(data=1, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1),
+                                    dict(data=8, fsdp=1, tensor=1)], ids=["1-device", "data2xfsdp4", "data8"])
+def test_restore_onto_another_mesh(tmp_path, target):
+    config = tiny_config()
+    model_config = model_config_from(config.model)
+    source = sharding_lib.make_mesh(dict(data=1, fsdp=8, tensor=1))
+    state, _ = step_lib.create_train_state(model_config, config.train, source, 10)
+    saver = ckpt_lib.Checkpointer(str(tmp_path))
+    saver.save(3, state, {"step": 3}, {"model": model_config.to_dict()})
+    saver.close()
+
+    devices = jax.devices()[:1] if target["data"] * target["fsdp"] == 1 else None
+    mesh = sharding_lib.make_mesh(target, devices=devices)
+    abstract, _ = step_lib.abstract_train_state(model_config, config.train, mesh, 10)
+    loader = ckpt_lib.Checkpointer(str(tmp_path))
+    restored, data_state, meta = loader.restore_latest(abstract)
+    loader.close()
+    assert data_state == {"step": 3} and meta["step"] == 3
+    leaf = restored.params["blocks"]["mlp"]["fc"]["kernel"]
+    assert leaf.sharding.mesh.shape == mesh.shape  # landed in the new layout
+    if target["fsdp"] > 1:  # each device holds only its shard
+        assert leaf.addressable_shards[0].data.shape[1] == leaf.shape[1] // target["fsdp"]
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored.params, state.params
+    )
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored.opt_state, state.opt_state
+    )
+
+
+def _two_checkpoints(tmp_path):
+    config = tiny_config()
+    model_config = model_config_from(config.model)
+    mesh = sharding_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    state, _ = step_lib.create_train_state(model_config, config.train, mesh, 10)
+    saver = ckpt_lib.Checkpointer(str(tmp_path))
+    saver.save(1, state, {"step": 1}, {"model": model_config.to_dict()})
+    saver.wait()
+    saver.save(2, state, {"step": 2}, {"model": model_config.to_dict()})
+    saver.close()
+    abstract, _ = step_lib.abstract_train_state(model_config, config.train, mesh, 10)
+    return abstract
+
+
+def test_truncated_checkpoint_is_reported_and_the_previous_one_used(tmp_path, capsys):
+    abstract = _two_checkpoints(tmp_path)
+    step2 = tmp_path / "checkpoints" / "2"
+    files = sorted((p for p in step2.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest = files[-1]
+    with open(biggest, "r+b") as f:
+        f.truncate(biggest.stat().st_size // 2)
+    loader = ckpt_lib.Checkpointer(str(tmp_path))
+    restored = loader.restore_latest(abstract)
+    loader.close()
+    assert restored is not None and restored[1] == {"step": 1}
+    assert "checkpoint at step 2 is unusable" in capsys.readouterr().out
+    # generate.py's loader falls back the same way.
+    config, _ = ckpt_lib.restore_params(str(tmp_path))
+    assert "checkpoint at step 2 is unusable" in capsys.readouterr().out
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path, capsys):
+    abstract = _two_checkpoints(tmp_path)
+    ck = tmp_path / "checkpoints"
+    shutil.rmtree(ck / "2")
+    (ck / "2.orbax-checkpoint-tmp-1234").mkdir()  # what a save killed half-way leaves behind
+    (ck / "2.orbax-checkpoint-tmp-1234" / "junk").write_bytes(b"\0" * 10)
+    loader = ckpt_lib.Checkpointer(str(tmp_path))
+    assert loader.all_steps() == [1]
+    assert loader.restore_latest(abstract)[1] == {"step": 1}
+    loader.close()
+
+
+def test_nan_loss_stops_training_naming_the_step(tmp_path, cache, monkeypatch):
+    config = tiny_config(num_steps=8, checkpoint_every=3)
+    config.data.cache_dir = str(cache)
+    real = step_lib.make_train_step
+
+    def poisoned(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def call(state, batch):
+            new_state, metrics = step(state, batch)
+            if int(jax.device_get(new_state.step)) == 5:
+                metrics = dict(metrics, loss=jax.numpy.float32(float("nan")))
+            return new_state, metrics
+
+        return call
+
+    monkeypatch.setattr(step_lib, "make_train_step", poisoned)
+    with pytest.raises(trainer_lib.NonFiniteLossError, match="loss is nan at step 5"):
+        trainer_lib.train(config, str(tmp_path))
+    assert ckpt_lib.Checkpointer(str(tmp_path)).all_steps() == [3]  # the last good one stays
+
+
+def test_resume_refuses_a_different_model(tmp_path, cache):
+    config = tiny_config(num_steps=2, checkpoint_every=2, warmup_steps=1)
+    config.data.cache_dir = str(cache)
+    trainer_lib.train(config, str(tmp_path))
+    config.model.n_layer = 3
+    config.model.n_embd = 64
+    with pytest.raises(ValueError, match=r"differs from config.model in n_embd: checkpoint 32 vs config 64, n_layer"):
+        trainer_lib.train(config, str(tmp_path))
+
+
+def test_restore_params_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt_lib.restore_params(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="is empty"):
+        ckpt_lib.restore_params(str(tmp_path / "empty"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "readme.txt").write_text("hi")
+    with pytest.raises(ValueError, match="is not a checkpoint"):
+        ckpt_lib.restore_params(str(tmp_path / "other"))
