@@ -50,4 +50,13 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    try:
+        app.run(main)
+    except (KeyError, AttributeError) as e:  # raised while ml_collections applies --config.X overrides
+        import traceback
+
+        if not any("ml_collections" in frame.filename for frame in traceback.extract_tb(e.__traceback__)):
+            raise
+        print(f"error: unknown config key {str(e).strip(chr(34))} in a --config.* override; "
+              "every key is listed in configs/base.py", file=sys.stderr)
+        sys.exit(2)
