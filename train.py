@@ -57,6 +57,12 @@ if __name__ == "__main__":
 
         if not any("ml_collections" in frame.filename for frame in traceback.extract_tb(e.__traceback__)):
             raise
-        print(f"error: unknown config key {str(e).strip(chr(34))} in a --config.* override; "
-              "every key is listed in configs/base.py", file=sys.stderr)
+        import re
+
+        text = str(e).replace("\\'", "'").replace("\\n", "\n")
+        key = re.search(r"'([^'\s]+)'", text)
+        hint = re.search(r'Did you mean "([^"]+)"', text)
+        print(f"error: unknown config key {key.group(1) if key else text!r} in a --config.* override"
+              + (f' (did you mean "{hint.group(1)}"?)' if hint else "")
+              + "; every key is listed in configs/base.py", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,280 @@
+"""Train state, its sharded creation, and the pure train / eval steps (each jitted once).
+
+The state is built from abstract shapes: `jax.eval_shape` of the init gives shapes, the logical
+axis names give shardings (gpt2_jax/sharding.py), and `jax.jit(init, out_shardings=...)` creates
+every array directly in its shards, so a large model is never whole on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gpt2_jax import sharding
+from gpt2_jax.config import ModelConfig
+from gpt2_jax.model import GPT2, abstract_params, init_params
+from gpt2_jax.optim import make_optimizer, make_schedule
+
+Batch = dict[str, jax.Array]  # {"inputs": int32 [B, T], "targets": int32 [B, T]}
+BATCH_KEYS = ("inputs", "targets")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 [], optimizer steps taken (skipped non-finite updates included)
+    params: Any  # unboxed parameter tree, param_dtype (fp32 by default)
+    opt_state: optax.OptState  # mirrors params leaf by leaf, and so shares their shardings
+    rng: jax.Array  # uint32 [2]: root of the dropout keys, fold_in(rng, step) per step
+
+
+# --------------------------------------------------------------------------- loss
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in fp32. logits [B, T, V] (true vocab), targets int [B, T]."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
+    return jnp.mean(log_z - target_logit)
+
+
+def loss_fn(
+    params: Any, batch: Batch, *, model_config: ModelConfig, dropout_rng: jax.Array | None = None
+) -> jax.Array:
+    """Mean loss of one batch. dropout_rng=None runs deterministically (no dropout)."""
+    logits = GPT2(model_config).apply(
+        {"params": params},
+        batch["inputs"],
+        deterministic=dropout_rng is None,
+        rngs=None if dropout_rng is None else {"dropout": dropout_rng},
+    )  # [B, T, V]
+    return cross_entropy(logits, batch["targets"])
+
+
+# --------------------------------------------------------------------------- state
+def _opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for an (abstract) optimizer state: each leaf follows the parameter it mirrors.
+
+    Matched by key path: optax keeps moments as copies of the params tree (…/mu/blocks/attn/q/kernel),
+    so a state leaf whose path ends with a parameter's path and has that parameter's shape gets
+    that parameter's sharding. Scalars (step counts) are replicated. Anything else raises rather
+    than being silently replicated. This does not depend on how optax nests its states.
+    """
+    by_path: dict[tuple[str, ...], tuple[tuple[int, ...], NamedSharding]] = {}
+    for (path, leaf), s in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(param_shardings)
+    ):
+        by_path[_keys(path)] = (tuple(leaf.shape), s)
+
+    def pick(path, leaf):
+        keys = _keys(path)
+        for start in range(len(keys)):  # longest suffix first
+            hit = by_path.get(keys[start:])
+            if hit is not None and hit[0] == tuple(leaf.shape):
+                return hit[1]
+        if leaf.ndim == 0:
+            return sharding.replicated(mesh)
+        raise ValueError(
+            f"optimizer state leaf {sharding.path_str(path)} with shape {leaf.shape} mirrors no parameter; "
+            "give it a sharding in gpt2_jax/train_step.py"
+        )
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
+def _keys(path: jax.tree_util.KeyPath) -> tuple[str, ...]:
+    return tuple(jax.tree_util.keystr((k,), simple=True) for k in path)
+
+
+def _init_fn(model_config: ModelConfig, tx: optax.GradientTransformation, batch_size: int) -> Callable:
+    def init(seed_key: jax.Array) -> TrainState:
+        params_rng, dropout_rng = jax.random.split(seed_key)
+        params = init_params(model_config, params_rng, batch_size=batch_size)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=dropout_rng)
+
+    return init
+
+
+def abstract_train_state(
+    model_config: ModelConfig, train_cfg: Any, mesh: Mesh, num_steps: int
+) -> tuple[TrainState, TrainState]:
+    """(state of jax.ShapeDtypeStruct with .sharding set, state of NamedSharding); allocates nothing.
+
+    The first is what a checkpoint restores into; the second is what jit takes as shardings.
+    """
+    sharding.validate_mesh_for(model_config, train_cfg, mesh)
+    tx = make_optimizer(train_cfg, num_steps)
+    init = _init_fn(model_config, tx, sharding.batch_divisor(mesh))
+    shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
+    param_shardings = sharding.logical_to_sharding(abstract_params(model_config), mesh)
+    shardings = TrainState(
+        step=sharding.replicated(mesh),
+        params=param_shardings,
+        opt_state=_opt_state_shardings(shapes.opt_state, shapes.params, param_shardings, mesh),
+        rng=sharding.replicated(mesh),
+    )
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    return abstract, shardings
+
+
+def create_train_state(
+    model_config: ModelConfig, train_cfg: Any, mesh: Mesh, num_steps: int
+) -> tuple[TrainState, TrainState]:
+    """A freshly initialised state born sharded on `mesh`, and its shardings (a TrainState of them).
+
+    Parameters come from `PRNGKey(train_cfg.seed)` split into (params, dropout) keys.
+    """
+    _, shardings = abstract_train_state(model_config, train_cfg, mesh, num_steps)
+    tx = make_optimizer(train_cfg, num_steps)
+    init = jax.jit(_init_fn(model_config, tx, sharding.batch_divisor(mesh)), out_shardings=shardings)
+    with sharding.sharding_context(mesh):  # the parameters' own logical constraints apply inside init too
+        state = init(jax.random.PRNGKey(train_cfg.seed))
+    return state, shardings
+
+
+# --------------------------------------------------------------------------- steps
+@dataclasses.dataclass(frozen=True)
+class OnMesh:
+    """A jitted step called with the mesh and logical axis rules in effect.
+
+    The rules are read while tracing, so they must be active at the (first) call; this wrapper
+    also checks the batch and raises a clear ValueError before anything is computed.
+    """
+
+    jitted: Callable  # the jax.jit-wrapped function (its compile cache, .lower, ...)
+    mesh: Mesh
+    check_batch: Callable[[Batch], None]
+
+    def __call__(self, first: Any, batch: Batch):
+        self.check_batch(batch)
+        with sharding.sharding_context(self.mesh):
+            return self.jitted(first, batch)
+
+
+def _batch_checker(model_config: ModelConfig, mesh: Mesh, batch_size: int | None, accum: int) -> Callable:
+    ways = sharding.batch_divisor(mesh)
+
+    def check(batch: Batch) -> None:
+        if not isinstance(batch, dict) or sorted(batch) != sorted(BATCH_KEYS):
+            keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+            raise ValueError(f"batch must be a dict with keys {BATCH_KEYS}, got {keys}")
+        shapes = {k: tuple(v.shape) for k, v in batch.items()}
+        if len(set(shapes.values())) != 1 or len(shapes["inputs"]) != 2:
+            raise ValueError(f"batch inputs and targets must both be [B, T], got shapes {shapes}")
+        for k, v in batch.items():
+            if v.dtype != jnp.int32:
+                raise ValueError(f"batch[{k!r}] must be int32 token ids, got {v.dtype}")
+        B, T = shapes["inputs"]
+        if T > model_config.block_size:
+            raise ValueError(f"batch length T={T} exceeds block_size={model_config.block_size}")
+        if batch_size is not None and B != batch_size:
+            raise ValueError(f"batch size B={B} differs from config.train.global_batch_size={batch_size}")
+        if B % accum or (B // accum) % ways:
+            raise ValueError(
+                f"batch size B={B} must split into grad_accum_steps={accum} micro-batches each divisible "
+                f"by mesh data x fsdp = {ways}"
+            )
+
+    return check
+
+
+def make_train_step(
+    model_config: ModelConfig, train_cfg: Any, mesh: Mesh, state_shardings: TrainState, num_steps: int
+) -> OnMesh:
+    """`train_step(state, batch) -> (state, metrics)`, jitted once; the state is donated.
+
+    The batch (global [B, T] arrays, B = global_batch_size) is split into grad_accum_steps
+    micro-batches whose gradients are averaged in a `lax.scan`; micro-batch a holds rows a, a+A, ...
+
+    metrics: fp32 scalars "loss", "grad_norm" (before clipping), "lr" (the scheduled rate for
+    state.step) and "skipped" (1.0 when a non-finite update was dropped). With
+    skip_nonfinite_updates=True a non-finite loss or gradient norm leaves params and opt_state
+    as they were (the optimizer's own count, hence its schedule position, does not advance; step does).
+    """
+    sharding.validate_mesh_for(model_config, train_cfg, mesh)
+    tx = make_optimizer(train_cfg, num_steps)
+    schedule = make_schedule(train_cfg, num_steps)
+    accum = train_cfg.grad_accum_steps
+    skip_nonfinite = bool(train_cfg.skip_nonfinite_updates)
+    batch_spec = sharding.batch_sharding(mesh)
+    # [A, B/A, T]: every micro-batch is split over data x fsdp like the full batch.
+    micro_spec = NamedSharding(mesh, PartitionSpec(None, *batch_spec.spec))
+    grad_fn = jax.value_and_grad(lambda p, b, rng: loss_fn(p, b, model_config=model_config, dropout_rng=rng))
+
+    def split_micro(x: jax.Array) -> jax.Array:
+        B, T = x.shape
+        # Row i goes to micro-batch i % A: each device's local rows split evenly across
+        # micro-batches, so forming them moves no data.
+        x = x.reshape(B // accum, accum, T).swapaxes(0, 1)  # [A, B/A, T]
+        return jax.lax.with_sharding_constraint(x, micro_spec)
+
+    def step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        micro = {k: split_micro(batch[k]) for k in BATCH_KEYS}
+
+        def accumulate(carry, xs):
+            loss_sum, grad_sum = carry
+            index, micro_batch = xs
+            loss, grads = grad_fn(state.params, micro_batch, jax.random.fold_in(step_rng, index))
+            grad_sum = jax.tree.map(lambda total, g: total + g.astype(jnp.float32), grad_sum, grads)
+            return (loss_sum + loss, grad_sum), None
+
+        # The running sum is fp32 whatever param_dtype is, and sharded like the params (under
+        # fsdp each device keeps only its shard: gradients are reduce-scattered, not all-reduced).
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        zeros = jax.lax.with_sharding_constraint(zeros, state_shardings.params)
+        (loss_sum, grad_sum), _ = jax.lax.scan(
+            accumulate, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(accum), micro)
+        )
+        # Equal-sized micro-batches: the mean of their mean losses (and grads) is the full batch's.
+        loss = loss_sum / accum
+        grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, state.params)
+        grad_norm = optax.tree.norm(grads)
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        skipped = jnp.logical_and(skip_nonfinite, ~finite)
+        if skip_nonfinite:
+            keep_old = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            params = jax.tree.map(keep_old, params, state.params)
+            opt_state = jax.tree.map(keep_old, opt_state, state.opt_state)
+
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        metrics = {
+            "loss": loss.astype(jnp.float32),
+            "grad_norm": grad_norm.astype(jnp.float32),
+            "lr": jnp.asarray(schedule(state.step), jnp.float32),
+            "skipped": skipped.astype(jnp.float32),
+        }
+        return new_state, metrics
+
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, {k: batch_spec for k in BATCH_KEYS}),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    checker = _batch_checker(model_config, mesh, train_cfg.global_batch_size, accum)
+    return OnMesh(jitted, mesh, checker)
+
+
+def make_eval_step(model_config: ModelConfig, mesh: Mesh, state_shardings: TrainState) -> OnMesh:
+    """`eval_step(params, batch) -> {"loss": fp32 mean loss}`, deterministic, jitted once per batch shape."""
+    batch_spec = sharding.batch_sharding(mesh)
+
+    def eval_fn(params: Any, batch: Batch) -> dict[str, jax.Array]:
+        return {"loss": loss_fn(params, batch, model_config=model_config)}
+
+    jitted = jax.jit(
+        eval_fn,
+        in_shardings=(state_shardings.params, {k: batch_spec for k in BATCH_KEYS}),
+        out_shardings=sharding.replicated(mesh),
+    )
+    checker = _batch_checker(model_config, mesh, None, 1)
+    return OnMesh(jitted, mesh, checker)

@@ -1,0 +1,284 @@
+"""Optimizer pieces (schedule, decay mask) and the train / eval steps: accumulation, overfitting,
+non-finite updates, mixed precision, batch checks."""
+
+import importlib.util
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gpt2_jax import sharding
+from gpt2_jax import train_step as step_lib
+from gpt2_jax.config import model_config_from
+from gpt2_jax.model import abstract_params
+from gpt2_jax.optim import decay_mask, make_optimizer, make_schedule
+
+_BASE = os.path.join(os.path.dirname(__file__), "..", "configs", "base.py")
+TINY = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16, vocab_size=97, pad_vocab_to_multiple=8)
+VOCAB = TINY["vocab_size"]
+
+
+def make_config(model=None, **train):
+    spec = importlib.util.spec_from_file_location("base_config", _BASE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    cfg.model.update({**TINY, **(model or {})})
+    cfg.train.update(dict(global_batch_size=8, warmup_steps=0, num_steps=100, learning_rate=1e-3, min_lr=1e-4,
+                          adam_eps=1e-6))  # see tests/test_sharding.py for why eps is 1e-6 in comparisons
+    cfg.train.update(train)
+    return cfg
+
+
+def mesh_of(data=1, fsdp=1, tensor=1):
+    n = data * fsdp * tensor
+    return sharding.make_mesh(dict(data=data, fsdp=fsdp, tensor=tensor), jax.devices()[:n])
+
+
+def token_batch(mesh, batch_size=8, length=16, seed=0):
+    tokens = np.random.default_rng(seed).integers(0, VOCAB, (batch_size, length + 1)).astype(np.int32)
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))  # noqa: E731
+    return {"inputs": put(tokens[:, :-1]), "targets": put(tokens[:, 1:])}
+
+
+# Most step tests share one mesh with all three axes, one initial state and a cache of compiled
+# steps (the state does not depend on accumulation, the skip switch or the compute dtype), so
+# the file compiles each distinct step once. Global batch 16: micro-batches of 16/4 = 4 still
+# split over data x fsdp = 4.
+SHARED_MESH = dict(data=2, fsdp=2, tensor=2)
+SHARED_BATCH = 16
+_CACHE: dict = {}
+
+
+def shared_state():
+    """(initial state, its shardings) on the shared mesh. Pass `fresh(...)` copies to steps."""
+    if "state" not in _CACHE:
+        cfg = make_config(global_batch_size=SHARED_BATCH)
+        _CACHE["state"] = step_lib.create_train_state(
+            model_config_from(cfg.model), cfg.train, mesh_of(**SHARED_MESH), cfg.train.num_steps
+        )
+    return _CACHE["state"]
+
+
+def shared_step(model=None, **train):
+    """A train step on the shared mesh for config overrides; compiled once per distinct config."""
+    cfg = make_config(model, global_batch_size=SHARED_BATCH, **train)
+    key = repr(cfg.to_dict())  # equal configs share one compiled step
+    if key not in _CACHE:
+        _, shardings = shared_state()
+        _CACHE[key] = step_lib.make_train_step(
+            model_config_from(cfg.model), cfg.train, mesh_of(**SHARED_MESH), shardings, cfg.train.num_steps
+        )
+    return _CACHE[key]
+
+
+# Settings that overfit quickly. skip_nonfinite_updates is on so the skip test shares this compiled
+# step (on finite steps it changes nothing, which the overfit test checks).
+FAST = dict(learning_rate=1e-2, min_lr=1e-3, warmup_steps=5, weight_decay=0.0, num_steps=300,
+            skip_nonfinite_updates=True)
+
+
+def shared_batch(seed=0):
+    return token_batch(mesh_of(**SHARED_MESH), batch_size=SHARED_BATCH, seed=seed)
+
+
+def accumulated_step(k: int):
+    """(metrics, params) of one step from the shared state with k micro-batches; computed once per k."""
+    if ("accum", k) not in _CACHE:
+        state, shardings = shared_state()
+        new_state, metrics = shared_step(grad_accum_steps=k)(fresh(state, shardings), shared_batch())
+        _CACHE[("accum", k)] = (jax.device_get(metrics), jax.device_get(new_state.params))
+    return _CACHE[("accum", k)]
+
+
+def fresh(state, shardings):
+    """A copy of `state` (train steps donate theirs), so one initialisation serves several steps."""
+    return jax.device_put(state, shardings, may_alias=False)
+
+
+# --------------------------------------------------------------------------- schedule
+def test_schedule_exact_values():
+    cfg = make_config(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10)
+    lr = make_schedule(cfg.train, num_steps=110)
+    expected = {
+        0: 0.0,  # warmup starts at zero
+        5: 5e-4,
+        10: 1e-3,  # warmup end: the peak
+        60: 5.5e-4,  # cosine midpoint: halfway between peak and floor
+        110: 1e-4,  # the last step: min_lr
+        500: 1e-4,  # constant after
+    }
+    for step, value in expected.items():
+        np.testing.assert_allclose(float(lr(step)), value, rtol=1e-6, atol=1e-12, err_msg=f"step {step}")
+    reference = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 10, 110, end_value=1e-4)
+    for step in range(0, 130, 7):
+        np.testing.assert_allclose(float(lr(step)), float(reference(step)), rtol=1e-5, atol=1e-12)
+    assert float(make_schedule(make_config(warmup_steps=0).train, num_steps=50)(0)) == pytest.approx(1e-3)
+    assert float(make_schedule(cfg.train)(0)) == 0.0 and float(make_schedule(cfg.train)(100)) == pytest.approx(1e-4)
+
+
+def test_schedule_rejects_bad_values():
+    with pytest.raises(ValueError, match=r"warmup_steps=20 must be an integer in \[0, num_steps=10\]"):
+        make_schedule(make_config(warmup_steps=20).train, num_steps=10)
+    with pytest.raises(ValueError, match=r"min_lr=0.01 must be in \[0, learning_rate=0.001\]"):
+        make_schedule(make_config(min_lr=1e-2).train)
+    with pytest.raises(ValueError, match=r"num_steps=0 must be a positive integer"):
+        make_schedule(make_config().train, num_steps=0)
+
+
+# --------------------------------------------------------------------------- weight decay
+def test_decay_mask_covers_exactly_kernels_and_embeddings():
+    params = abstract_params(model_config_from(make_config().model))
+    mask = decay_mask(params)
+    decayed, kept = [], []
+    for path, flag in jax.tree_util.tree_leaves_with_path(mask):
+        (decayed if flag else kept).append(jax.tree_util.keystr(path, simple=True, separator="/"))
+    assert sorted(decayed) == sorted([
+        "wte/embedding", "wpe/embedding", "blocks/attn/q/kernel", "blocks/attn/kv/kernel",
+        "blocks/attn/out/kernel", "blocks/mlp/fc/kernel", "blocks/mlp/proj/kernel",
+    ])
+    assert all(p.endswith(("/bias", "/scale")) for p in kept) and len(kept) == 11  # 5 biases, 3 LayerNorms
+    with pytest.raises(ValueError, match=r"moe/router has leaf name 'router'"):
+        decay_mask({"moe": {"router": jnp.zeros(3)}})
+
+
+def test_adamw_decays_only_the_masked_leaves():
+    cfg = make_config(learning_rate=0.1, min_lr=0.1, weight_decay=0.5, grad_clip=0.0)
+    ones = lambda *shape: jnp.ones(shape, jnp.float32)  # noqa: E731
+    params = {
+        "wte": {"embedding": ones(5, 3)},
+        "blocks": {
+            "fc": {"kernel": ones(2, 3, 4), "bias": ones(2, 4)},
+            "ln": {"scale": ones(2, 3), "bias": ones(2, 3)},
+        },
+    }
+    tx = make_optimizer(cfg.train, num_steps=10)
+
+    @jax.jit
+    def decay_only(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)  # no gradient: only weight decay moves anything
+        updates, _ = tx.update(zeros, tx.init(params), params)
+        return optax.apply_updates(params, updates)
+
+    new = decay_only(params)
+    shrunk = 1 - 0.1 * 0.5  # 1 - lr * weight_decay
+    np.testing.assert_allclose(new["wte"]["embedding"], shrunk, rtol=1e-6)
+    np.testing.assert_allclose(new["blocks"]["fc"]["kernel"], shrunk, rtol=1e-6)
+    for untouched in (new["blocks"]["fc"]["bias"], new["blocks"]["ln"]["scale"], new["blocks"]["ln"]["bias"]):
+        np.testing.assert_array_equal(untouched, 1.0)
+
+
+# --------------------------------------------------------------------------- loss
+def test_cross_entropy_matches_log_softmax_and_is_fp32():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 3, VOCAB)), jnp.bfloat16)
+    targets = jnp.asarray(rng.integers(0, VOCAB, (2, 3)), jnp.int32)
+    x = np.asarray(logits, np.float64)
+    log_probs = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    expected = -np.take_along_axis(log_probs, np.asarray(targets)[..., None], -1).mean()
+    cross_entropy = jax.jit(step_lib.cross_entropy)
+    loss = cross_entropy(logits, targets)
+    assert loss.dtype == jnp.float32 and loss.shape == ()
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    uniform = cross_entropy(jnp.zeros((2, 3, VOCAB), jnp.bfloat16), targets)
+    np.testing.assert_allclose(float(uniform), math.log(VOCAB), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- train step
+def test_gradient_accumulation_equals_one_full_batch():
+    ref_metrics, ref_params = accumulated_step(1)
+    for k in (2, 4):
+        metrics, params = accumulated_step(k)
+        np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+        np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
+        # atol: a thousandth of one Adam step (lr = 1e-3), see tests/test_sharding.py.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, ref_params)
+
+
+def test_tiny_model_overfits_one_batch_with_scheduled_lr_and_one_compile():
+    state, shardings = shared_state()
+    state, step = fresh(state, shardings), shared_step(**FAST)
+    schedule = make_schedule(make_config(**FAST).train)
+    batch = shared_batch(seed=3)
+    losses = []
+    for i in range(300):
+        state, metrics = step(state, batch)
+        assert set(metrics) == {"loss", "grad_norm", "lr", "skipped"}
+        assert all(v.dtype == jnp.float32 and v.shape == () for v in metrics.values())
+        assert float(metrics["lr"]) == pytest.approx(float(schedule(i)), rel=1e-6, abs=1e-12)
+        assert float(metrics["skipped"]) == 0.0
+        losses.append(float(metrics["loss"]))
+        if losses[-1] < 0.05:
+            break
+    assert losses[0] == pytest.approx(math.log(VOCAB), abs=0.3)
+    assert losses[-1] < 0.1, f"loss only fell to {losses[-1]:.3f} in {len(losses)} steps"
+    assert int(state.step) == len(losses)
+    assert step.jitted._cache_size() == 1  # one trace and compile for the whole run
+
+
+def test_skip_nonfinite_keeps_params_and_optimizer_state():
+    state, shardings = shared_state()
+    # A NaN in token 0's embedding row reaches every position through the tied head: the loss is NaN.
+    wte = state.params["wte"]["embedding"].at[0, 0].set(jnp.nan)
+    poisoned = jax.device_put(state.replace(params={**state.params, "wte": {"embedding": wte}}), shardings)
+    before = jax.device_get((poisoned.params, poisoned.opt_state))
+    for skip in (True, False):
+        # FAST switches skipping on; the default config leaves it off. Both steps are shared with other tests.
+        step = shared_step(**FAST) if skip else shared_step()
+        after, metrics = step(fresh(poisoned, shardings), shared_batch())
+        assert not np.isfinite(float(metrics["loss"]))
+        assert int(after.step) == 1
+        kept = jax.tree.leaves(jax.tree.map(
+            lambda a, b: np.array_equal(a, b, equal_nan=True), jax.device_get((after.params, after.opt_state)), before
+        ))
+        if skip:
+            assert float(metrics["skipped"]) == 1.0 and all(kept)
+        else:  # the update went through and spread the NaN; the trainer stops on the loss
+            assert float(metrics["skipped"]) == 0.0 and not all(kept)
+
+
+def shared_eval_loss() -> float:
+    """The eval step's loss of the shared initial state on the shared batch."""
+    if "eval_loss" not in _CACHE:
+        state, shardings = shared_state()
+        model_config = model_config_from(make_config().model)
+        eval_step = step_lib.make_eval_step(model_config, mesh_of(**SHARED_MESH), shardings)
+        _CACHE["eval_loss"] = float(eval_step(state.params, shared_batch())["loss"])
+    return _CACHE["eval_loss"]
+
+
+def test_eval_step_loss_is_the_train_step_loss():
+    # Same state, same batch, no dropout: evaluation and training agree on what "loss" means.
+    train_metrics, _ = accumulated_step(1)
+    np.testing.assert_allclose(shared_eval_loss(), float(train_metrics["loss"]), rtol=1e-6)
+    assert shared_eval_loss() == pytest.approx(math.log(VOCAB), abs=0.3)  # an untrained model
+
+
+def test_bfloat16_compute_keeps_fp32_params_and_close_loss():
+    state, shardings = shared_state()
+    new_state, metrics = shared_step(dict(dtype="bfloat16"))(fresh(state, shardings), shared_batch())
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((new_state.params, new_state.opt_state)) if x.ndim)
+    assert float(metrics["loss"]) == pytest.approx(shared_eval_loss(), abs=2e-2)
+    assert float(metrics["loss"]) != shared_eval_loss()  # bf16 really computed something different
+
+
+def test_bad_batch_raises_before_compute():
+    cfg = make_config()
+    mesh = mesh_of(data=2)
+    model_config = model_config_from(cfg.model)
+    state, shardings = step_lib.abstract_train_state(model_config, cfg.train, mesh, 10)  # allocates nothing
+    step = step_lib.make_train_step(model_config, cfg.train, mesh, shardings, 10)
+    good = token_batch(mesh)
+    with pytest.raises(ValueError, match=r"batch must be a dict with keys \('inputs', 'targets'\)"):
+        step(state, {"inputs": good["inputs"]})
+    with pytest.raises(ValueError, match=r"batch\['inputs'\] must be int32 token ids, got float32"):
+        step(state, {**good, "inputs": good["inputs"].astype(jnp.float32)})
+    with pytest.raises(ValueError, match=r"batch size B=6 differs from config.train.global_batch_size=8"):
+        step(state, token_batch(mesh, batch_size=6))
+    with pytest.raises(ValueError, match=r"batch length T=20 exceeds block_size=16"):
+        step(state, token_batch(mesh, length=20))
+    assert step.jitted._cache_size() == 0  # nothing was traced
