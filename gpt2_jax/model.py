@@ -7,7 +7,15 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from gpt2_jax.config import ModelConfig
-from gpt2_jax.layers import ACTIVATION_AXES, Block, layer_norm, param_init
+from gpt2_jax.layers import ACT_EMBED, ACTIVATION_AXES, Block, layer_norm, param_init
+
+
+def embed(table: nn.Embed, ids: jax.Array, dtype: str) -> jax.Array:
+    """Row lookup. Under FSDP the table is sharded along "embed"; gathering it first (as ZeRO-3
+    does for every weight) makes the looked-up rows come out batch-sharded, where looking up
+    from the sharded table would give embed-sharded rows that XLA can only fix by replicating."""
+    weights = nn.with_logical_constraint(table.embedding, (None, ACT_EMBED))
+    return jnp.take(weights, ids, axis=0).astype(dtype)
 
 
 class GPT2(nn.Module):
@@ -44,7 +52,7 @@ class GPT2(nn.Module):
             embedding_init=param_init(0.02, ("vocab", "embed")),
             name="wte",
         )
-        x = wte(tokens)  # [B, T, E]
+        x = embed(wte, tokens, cfg.dtype)  # [B, T, E]
         if cfg.position_embedding == "learned":
             wpe = nn.Embed(
                 num_embeddings=cfg.block_size,
@@ -54,7 +62,7 @@ class GPT2(nn.Module):
                 embedding_init=param_init(0.02, ("position", "embed")),
                 name="wpe",
             )
-            x = x + wpe(jnp.clip(positions, 0, cfg.block_size - 1))
+            x = x + embed(wpe, jnp.clip(positions, 0, cfg.block_size - 1), cfg.dtype)
         x = nn.Dropout(rate=cfg.dropout)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
 

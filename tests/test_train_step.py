@@ -122,8 +122,10 @@ def test_schedule_exact_values():
 
 
 def test_schedule_rejects_bad_values():
-    with pytest.raises(ValueError, match=r"warmup_steps=20 must be an integer in \[0, num_steps=10\]"):
-        make_schedule(make_config(warmup_steps=20).train, num_steps=10)
+    with pytest.raises(ValueError, match=r"warmup_steps=-1 must be a non-negative integer"):
+        make_schedule(make_config(warmup_steps=-1).train, num_steps=10)
+    short = make_schedule(make_config(warmup_steps=20).train, num_steps=10)  # ends inside the warmup
+    assert float(short(10)) == pytest.approx(1e-3 * 10 / 20)
     with pytest.raises(ValueError, match=r"min_lr=0.01 must be in \[0, learning_rate=0.001\]"):
         make_schedule(make_config(min_lr=1e-2).train)
     with pytest.raises(ValueError, match=r"num_steps=0 must be a positive integer"):
