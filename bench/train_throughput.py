@@ -1,0 +1,373 @@
+"""Training throughput: gpt2_jax's train step vs Hugging Face GPT2LMHeadModel + torch AdamW, same shapes.
+
+    python bench/train_throughput.py [--shapes small,124m_t256,124m_t1024] [--steps 5] [--warmup 2] [--json]
+
+Ours is the real step of train.py: gpt2_jax.train_step.make_train_step on a 1-device mesh (fp32,
+AdamW, global-norm clipping, the hyper-parameters of configs/base.py), vocabulary padded to 50304
+rows. Theirs is transformers' GPT2LMHeadModel (vocabulary 50257, its default attention) with
+torch.optim.AdamW under the same hyper-parameters: forward, cross-entropy over all T positions,
+loss.backward, clip_grad_norm_, step, zero_grad; torch uses one thread per core.
+
+Both get the same random token batch. Per shape: build both, compile ours (its first call), then
+`warmup + steps` rounds of one step each, ours then theirs, so a change in machine load lands on
+both; the first `warmup` rounds are dropped and the MEDIAN of the rest is reported. An fp32 GEMM
+ceiling (XLA, 2048^3) is measured before each shape, in the same process. Needs torch and
+transformers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+
+from absl import app, flags, logging  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    seq_len: int  # T of every sequence in the batch
+    batch_size: int
+
+    def describe(self) -> str:
+        return f"L{self.n_layer} H{self.n_head} E{self.n_embd} T{self.seq_len} B{self.batch_size}"
+
+
+SHAPES = {
+    "small": Shape(n_layer=6, n_head=6, n_embd=384, seq_len=256, batch_size=8),
+    "124m_t256": Shape(n_layer=12, n_head=12, n_embd=768, seq_len=256, batch_size=4),  # preset "gpt2"
+    "124m_t1024": Shape(n_layer=12, n_head=12, n_embd=768, seq_len=1024, batch_size=1),
+}
+BLOCK_SIZE = 1024  # GPT-2's context on both sides; it only sizes the position table
+VOCAB_SIZE = 50257  # the tokenizer's; ours pads its table to PAD_VOCAB_TO, HF does not
+PAD_VOCAB_TO = 64
+GEMM_N = 2048
+GEMM_REPEATS = 7
+# jax.monitoring events whose durations add up to one jit compilation (trace, lower, XLA compile).
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("shapes", list(SHAPES), f"Shapes to time, any of {list(SHAPES)}.")
+flags.DEFINE_integer("steps", 5, "Timed steps per implementation and shape; the median is reported.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps per implementation before the timed ones (after ours compiles).")
+flags.DEFINE_integer("seed", 0, "Seed of the weights and the token batch.")
+flags.DEFINE_bool("json", False, "Print a JSON list of records (one per shape) instead of a table.")
+
+
+# --------------------------------------------------------------------------- FLOPs
+def train_flops_per_token(n_nonembedding: int, shape: Shape, vocab_size: int = VOCAB_SIZE) -> float:
+    """Model FLOPs of one trained token: 6 N + 12 L H Q T (PaLM, Chowdhery et al. 2022, app. B).
+
+    N = non-embedding parameters (blocks + final LayerNorm) + the head's vocab_size x E matmul:
+    the head is tied to wte, so it is no extra parameter, but it costs like one. Each weight
+    does one multiply-add (2 FLOPs) forward and two backward (input and weight gradients): 6.
+    12 L H Q T = 12 L E T: the scores Q K^T and the mix A V, 2 FLOPs a multiply-add, x3 for
+    forward + backward, over the full T x T square (the causal mask makes half of it wasted work
+    that the formula still counts; gpt2_jax.trainer.flops_per_token counts only that half).
+    The TRUE vocabulary is counted for both sides: rows padded for speed are not model work.
+    """
+    head = vocab_size * shape.n_embd
+    attention = 12 * shape.n_layer * shape.n_embd * shape.seq_len
+    return 6.0 * (n_nonembedding + head) + attention
+
+
+# --------------------------------------------------------------------------- timing helpers
+def _seconds(fn: Callable[[], object]) -> float:
+    return _timed(fn)[0]
+
+
+def _timed(fn: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def xla_gemm_gflops() -> float:
+    """Median GFLOP/s of a jitted fp32 [N, N] @ [N, N] matmul: the ceiling `of GEMM` refers to."""
+    import jax
+    import jax.numpy as jnp
+
+    a, b = jax.random.normal(jax.random.PRNGKey(0), (2, GEMM_N, GEMM_N), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()  # compile
+    times = [_seconds(lambda: matmul(a, b).block_until_ready()) for _ in range(GEMM_REPEATS)]
+    return 2 * GEMM_N**3 / statistics.median(times) / 1e9
+
+
+def torch_gemm_gflops() -> float:
+    """The same for torch.mm (MKL / oneDNN): context for the HF side, not its ceiling."""
+    import torch
+
+    a, b = torch.randn(2, GEMM_N, GEMM_N, dtype=torch.float32)
+    torch.mm(a, b)
+    times = [_seconds(lambda: torch.mm(a, b)) for _ in range(GEMM_REPEATS)]
+    return 2 * GEMM_N**3 / statistics.median(times) / 1e9
+
+
+@contextlib.contextmanager
+def compile_seconds() -> Iterator[list[float]]:
+    """Collects JAX's trace + lower + XLA compile durations of the calls inside, summed into [0]."""
+    import jax
+
+    total = [0.0]
+
+    def listener(event: str, duration: float, **kwargs) -> None:  # noqa: ARG001
+        if event in _COMPILE_EVENTS:
+            total[0] += duration
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield total
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+# --------------------------------------------------------------------------- the two sides
+def build_ours(shape: Shape, train_cfg, tokens, num_steps: int):
+    """(step() -> loss, non-embedding parameter count, padded vocab) for our jitted train step."""
+    import jax
+    import numpy as np
+
+    from configs import base
+    from gpt2_jax import sharding
+    from gpt2_jax.config import count_params, model_config_from
+    from gpt2_jax.model import abstract_params
+    from gpt2_jax.train_step import create_train_state, make_train_step
+
+    c = base.get_config()
+    c.model.n_layer, c.model.n_head, c.model.n_embd = shape.n_layer, shape.n_head, shape.n_embd
+    c.model.block_size, c.model.vocab_size = BLOCK_SIZE, VOCAB_SIZE
+    c.model.pad_vocab_to_multiple = PAD_VOCAB_TO
+    c.model.dtype = c.model.param_dtype = "float32"
+    c.mesh.data = c.mesh.fsdp = c.mesh.tensor = 1
+    model_config = model_config_from(c.model)
+    mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+
+    params = abstract_params(model_config)
+    embeddings = count_params({"wte": params["wte"], "wpe": params["wpe"]})
+    n_nonembedding = count_params(params) - embeddings
+
+    state, shardings = create_train_state(model_config, train_cfg, mesh, num_steps)
+    train_step = make_train_step(model_config, train_cfg, mesh, shardings, num_steps)
+    batch_spec = sharding.batch_sharding(mesh)
+    batch = {
+        "inputs": jax.device_put(np.asarray(tokens[:, :-1], np.int32), batch_spec),
+        "targets": jax.device_put(np.asarray(tokens[:, 1:], np.int32), batch_spec),
+    }
+    holder = {"state": state}  # the state is donated: each call replaces it
+
+    def step() -> float:
+        holder["state"], metrics = train_step(holder["state"], batch)
+        jax.block_until_ready((holder["state"], metrics))
+        return float(metrics["loss"])
+
+    return step, n_nonembedding, model_config.padded_vocab_size
+
+
+def build_hf(shape: Shape, train_cfg, tokens, dropout: float):
+    """(step() -> loss, non-embedding parameter count, attention implementation) for HF + torch AdamW."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf_config = GPT2Config(
+        n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd, n_positions=BLOCK_SIZE,
+        vocab_size=VOCAB_SIZE, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+    )
+    model = GPT2LMHeadModel(hf_config).train()
+    n_nonembedding = sum(p.numel() for p in model.parameters()) - sum(
+        p.numel() for p in (model.transformer.wte.weight, model.transformer.wpe.weight)
+    )
+    # The same split as gpt2_jax.optim.decay_mask: matmul weights and embeddings decay, the rest not.
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": train_cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=train_cfg.learning_rate,
+        betas=(train_cfg.adam_b1, train_cfg.adam_b2),
+        eps=train_cfg.adam_eps,
+    )
+    inputs = torch.as_tensor(tokens[:, :-1], dtype=torch.long)
+    targets = torch.as_tensor(tokens[:, 1:], dtype=torch.long)
+
+    def step() -> float:
+        logits = model(inputs).logits  # [B, T, V]
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # all T positions, as ours
+        loss.backward()
+        if train_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step, n_nonembedding, model.config._attn_implementation
+
+
+# --------------------------------------------------------------------------- one shape
+def run_shape(name: str, shape: Shape, env: dict) -> dict:
+    import jax
+    import numpy as np
+    import torch
+
+    from configs import base
+
+    num_steps = 1 + FLAGS.warmup + FLAGS.steps  # the schedule's length; it does not change the work
+    train_cfg = base.get_config().train
+    train_cfg.global_batch_size = shape.batch_size
+    train_cfg.num_steps = num_steps
+    dropout = base.get_config().model.dropout
+    tokens = np.random.default_rng(FLAGS.seed).integers(0, VOCAB_SIZE, (shape.batch_size, shape.seq_len + 1))
+
+    load_before = os.getloadavg()[0]
+    print(f"[{name}] {shape.describe()}: GEMM ceiling ...", file=sys.stderr, flush=True)
+    gemm, gemm_torch = xla_gemm_gflops(), torch_gemm_gflops()
+
+    print(f"[{name}] building and compiling gpt2_jax ...", file=sys.stderr, flush=True)
+    ours, n_ours, padded_vocab = build_ours(shape, train_cfg, tokens, num_steps)
+    with compile_seconds() as compiled:
+        ours_first, ours_first_loss = _timed(ours)
+    torch.manual_seed(FLAGS.seed)
+    theirs, n_hf, attn = build_hf(shape, train_cfg, tokens, dropout)
+    if n_ours != n_hf:
+        raise RuntimeError(f"[{name}] non-embedding parameters differ: gpt2_jax {n_ours:,} vs HF {n_hf:,}")
+
+    print(f"[{name}] timing {FLAGS.warmup} + {FLAGS.steps} steps each, interleaved ...", file=sys.stderr, flush=True)
+    t_ours, t_hf = [], []
+    for i in range(FLAGS.warmup + FLAGS.steps):
+        step_ours, _ = _timed(ours)
+        step_hf, loss_hf = _timed(theirs)
+        if i == 0:
+            hf_first, hf_first_loss = step_hf, loss_hf
+        if i >= FLAGS.warmup:
+            t_ours.append(step_ours)
+            t_hf.append(step_hf)
+    load_after = os.getloadavg()[0]
+    del ours, theirs  # frees both models and optimizer states before the next shape
+    gc.collect()
+    jax.clear_caches()
+
+    tokens_per_step = shape.batch_size * shape.seq_len
+    flops_per_step = train_flops_per_token(n_ours, shape) * tokens_per_step
+    step_ours, step_hf = statistics.median(t_ours), statistics.median(t_hf)
+    return {
+        "shape": name,
+        **dataclasses.asdict(shape),
+        "tokens_per_step": tokens_per_step,
+        "n_nonembedding": n_ours,
+        "model_flops_per_step": flops_per_step,
+        "ours_vocab_rows": padded_vocab,
+        "hf_vocab_rows": VOCAB_SIZE,
+        "hf_attn_implementation": attn,
+        # A load above `cores` means other work shared the machine: absolute figures sink with
+        # it, the interleaved ratio much less.
+        "load_avg_1m": [load_before, load_after],
+        "xla_gemm_gflops": gemm,
+        "torch_gemm_gflops": gemm_torch,
+        "ours_compile_s": compiled[0],
+        "ours_first_step_s": ours_first,
+        "hf_first_step_s": hf_first,
+        "ours_step_s": step_ours,
+        "hf_step_s": step_hf,
+        "ours_step_times_s": t_ours,
+        "hf_step_times_s": t_hf,
+        "ours_tokens_per_s": tokens_per_step / step_ours,
+        "hf_tokens_per_s": tokens_per_step / step_hf,
+        "ours_gflops": flops_per_step / step_ours / 1e9,
+        "hf_gflops": flops_per_step / step_hf / 1e9,
+        "ours_fraction_of_gemm": flops_per_step / step_ours / 1e9 / gemm,
+        "hf_fraction_of_gemm": flops_per_step / step_hf / 1e9 / gemm,
+        "speed_ours_over_hf": step_hf / step_ours,
+        # Losses of each side's first step, before its optimizer moved: both ~ln(50257) = 10.8.
+        "ours_first_loss": ours_first_loss,
+        "hf_first_loss": hf_first_loss,
+        **env,
+    }
+
+
+# --------------------------------------------------------------------------- output
+def environment() -> dict:
+    import flax
+    import jax
+    import torch
+    import transformers
+
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "jax_device": jax.devices()[0].device_kind,
+        "torch_threads": torch.get_num_threads(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def print_table(records: list[dict], env: dict) -> None:
+    print(f"{env['cpu']}, {env['cores']} cores | jax {env['jax']} ({env['jax_device']}), flax {env['flax']} | "
+          f"torch {env['torch']} ({env['torch_threads']} threads), transformers {env['transformers']}")
+    print(f"fp32, AdamW + clipping, median of {FLAGS.steps} steps after {FLAGS.warmup} warm-up, interleaved per step. "
+          f"Vocab rows: gpt2_jax {records[0]['ours_vocab_rows']} (padded), HF {VOCAB_SIZE}.")
+    print("model FLOPs = 6 (N_nonembedding + V E) + 12 L E T per token, V = 50257 for both; "
+          f"'of GEMM' = share of XLA's fp32 {GEMM_N}^3 matmul rate measured before each shape.")
+    print()
+    print(f"{'shape':<12} {'':<22} {'impl':<9} {'step ms':>9} {'min-max ms':>15} {'tokens/s':>9} "
+          f"{'GFLOP/s':>8} {'of GEMM':>8} {'compile s':>10}")
+    for r in records:
+        rows = (("gpt2_jax", r["ours_step_s"], r["ours_step_times_s"], r["ours_tokens_per_s"], r["ours_gflops"],
+                 r["ours_fraction_of_gemm"], f"{r['ours_compile_s']:10.1f}"),
+                ("HF torch", r["hf_step_s"], r["hf_step_times_s"], r["hf_tokens_per_s"], r["hf_gflops"],
+                 r["hf_fraction_of_gemm"], f"{'-':>10}"))
+        shape = Shape(**{f.name: r[f.name] for f in dataclasses.fields(Shape)}).describe()
+        for i, (impl, step, times, tps, gflops, frac, compile_s) in enumerate(rows):
+            spread = f"{1e3 * min(times):.0f}-{1e3 * max(times):.0f}"
+            print(f"{r['shape'] if i == 0 else '':<12} {shape if i == 0 else '':<22} {impl:<9} {1e3 * step:9.1f} "
+                  f"{spread:>15} {tps:9.0f} {gflops:8.1f} {frac:8.0%} {compile_s}")
+        print(f"{'':<12} {'':<22} ours/HF speed {r['speed_ours_over_hf']:.2f}x   (GEMM GFLOP/s: XLA "
+              f"{r['xla_gemm_gflops']:.0f}, torch {r['torch_gemm_gflops']:.0f}; HF attention "
+              f"{r['hf_attn_implementation']}; 1-min load {r['load_avg_1m'][0]:.1f} -> {r['load_avg_1m'][1]:.1f})")
+
+
+def main(argv) -> None:
+    del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.ERROR)
+    unknown = [s for s in FLAGS.shapes if s not in SHAPES]
+    if unknown:
+        raise app.UsageError(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
+    if FLAGS.steps < 1 or FLAGS.warmup < 0:
+        raise app.UsageError(f"--steps={FLAGS.steps} must be >= 1 and --warmup={FLAGS.warmup} >= 0")
+    import torch
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # XLA's CPU client also uses every core
+    env = environment()
+    records = [run_shape(name, SHAPES[name], env) for name in FLAGS.shapes]
+    if FLAGS.json:
+        print(json.dumps(records, indent=1))
+    else:
+        print_table(records, env)
+
+
+if __name__ == "__main__":
+    app.run(main)
