@@ -87,7 +87,7 @@ class Checkpointer:
                 max_to_keep=keep,
                 create=True,
                 enable_async_checkpointing=async_save,
-                async_options=ocp.AsyncOptions(post_finalization_callback=self._record_sizes),
+                async_options=ocp.AsyncOptions(post_finalization_callback=self._record_sizes) if async_save else None,
                 cleanup_tmp_directories=True,
             ),
         )
