@@ -1,6 +1,7 @@
 """Train GPT-2.
 
     python train.py --config configs/small.py [--config.train.num_steps=200] [--workdir DIR]
+    python train.py --config configs/gpt2_124m.py --preflight [--preflight_devices 64]   # no training
 
 Multi-host: on a Cloud TPU VM every worker runs the same command (jax.distributed finds its
 peers); elsewhere add --coordinator_address HOST:PORT --num_processes N --process_id I.
@@ -17,6 +18,11 @@ flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for a 
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.DEFINE_bool("tpu_pod", False, "Call jax.distributed.initialize() with no arguments (Cloud TPU pod slice).")
+flags.DEFINE_bool("preflight", False, "Print the mesh, per-device memory, FLOPs per step and warnings; do not train.")
+flags.DEFINE_integer("preflight_devices", None, "With --preflight: plan for this many devices (more than "
+                     "exist here: sizes from abstract shapes, no compilation).")
+flags.DEFINE_float("preflight_device_memory_gb", None, "With --preflight: the device memory in GiB to check "
+                   "against (for devices that do not report it, e.g. CPU).")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -32,6 +38,17 @@ def main(argv):
         from gpt2_jax.distributed import initialize
 
         initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if FLAGS.preflight:
+        from gpt2_jax.preflight import format_report, report
+
+        try:
+            figures = report(FLAGS.config, FLAGS.preflight_devices, device_memory_gb=FLAGS.preflight_device_memory_gb)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        if jax.process_index() == 0:
+            print(format_report(figures))
+        return
     from gpt2_jax.trainer import NonFiniteLossError, train
 
     workdir = FLAGS.workdir

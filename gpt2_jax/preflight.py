@@ -1,0 +1,296 @@
+"""Preflight: what a config will cost on a mesh, before any training (`python train.py --preflight`).
+
+    python train.py --config configs/gpt2_124m.py --preflight
+    python train.py --config configs/gpt2_124m.py --config.model.preset=gpt2-xl --preflight --preflight_devices 64
+
+Figures, all per device unless named otherwise:
+  * parameters and optimizer state: from abstract shapes (`jax.eval_shape`) and the sharding rules,
+    i.e. each leaf's bytes divided by the sizes of the mesh axes that split it. Nothing is allocated.
+  * activations / temporaries and the peak: from `memory_analysis()` of the compiled train step,
+    the very program training runs (lowered from abstract inputs, so nothing is allocated either).
+  * FLOPs per step: XLA's `cost_analysis()`. XLA counts a loop body once, and the configured step
+    loops over layers (`scan_layers`) and over micro-batches (`grad_accum_steps`), so the count
+    comes from a second compile of the same step with layers unrolled and one micro-batch, times
+    grad_accum_steps (this counts the optimizer update grad_accum_steps times: well under 1% of a
+    step). The analytic 6·params·tokens + attention figure the trainer uses for MFU is shown beside it.
+
+With more devices than this machine has (`num_devices` > `len(jax.devices())`), the mesh is a
+`jax.sharding.AbstractMesh`: state sizes are still exact, compilation is skipped (no activation,
+peak or compiled FLOP figures), and the report says so.
+
+Warnings (the run may still start, but is probably not what you want):
+  * the batch does not divide: global_batch_size by grad_accum_steps, or a micro-batch by the
+    batch-splitting mesh axes data x fsdp (training would refuse to start; compilation is skipped);
+  * the state is replicated: fsdp = tensor = 1 on more than one device while the parameters and
+    optimizer state take >= REPLICATED_STATE_WARN_BYTES per device: every device holds a whole
+    copy that fsdp (e.g. config.mesh.fsdp=-1, data=1) would split;
+  * device memory overflow: the per-device peak (or, without compilation, the state alone) exceeds
+    the device's memory (`memory_stats()["bytes_limit"]`, or `device_memory_gb` in GiB where a device
+    does not report it, as on CPU).
+Mistakes that make the run impossible (no mesh for this device count, a model dimension that a mesh
+axis does not divide) raise ValueError, as training itself would.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from gpt2_jax import sharding
+from gpt2_jax import train_step as step_lib
+from gpt2_jax.config import ModelConfig, count_params, model_config_from
+from gpt2_jax.trainer import flops_per_token
+
+REPLICATED_STATE_WARN_BYTES = 1 << 30  # 1 GiB: below this, replicating the state costs little
+
+
+def report(config: Any, num_devices: int | None = None, *, device_memory_gb: float | None = None) -> dict:
+    """Per-device memory, FLOPs and warnings for training `config` on `num_devices` devices.
+
+    `config` is a full training config (configs/*.py). `num_devices` defaults to every device of this
+    process's run; more than that plans from abstract shapes without compiling. `device_memory_gb`
+    (GiB, 2**30 bytes) replaces the device's own memory figure (needed on CPU, which reports none).
+    Returns plain numbers (bytes, FLOPs) and strings; `format_report` renders them.
+    """
+    model_config = model_config_from(config.model)
+    t = config.train
+    available = len(jax.devices())
+    n = available if num_devices is None else num_devices
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_devices={num_devices!r} must be a positive integer")
+    if n <= available:
+        mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:n])
+    else:
+        shape = mesh_shape(config.mesh, n)
+        mesh = jax.sharding.AbstractMesh(
+            tuple(shape[a] for a in sharding.MESH_AXES), sharding.MESH_AXES,
+            axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES),
+        )
+    mesh_sizes = {axis: int(mesh.shape[axis]) for axis in sharding.MESH_AXES}
+
+    accum = t.grad_accum_steps
+    if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
+        raise ValueError(f"config.train.grad_accum_steps={accum!r} must be a positive integer")
+    batch_warnings = _batch_warnings(t, mesh_sizes)
+    warnings = list(batch_warnings)
+    # State sizes do not depend on the batch: a batch that does not divide is a warning above, so
+    # build the state against one that does (model dimensions are still checked, and raise).
+    state_train_cfg = _replaced(t, global_batch_size=sharding.batch_divisor(mesh) * accum)
+    num_steps = max(int(t.num_steps), 1)  # shapes only; the schedule does not change them
+    abstract, shardings = step_lib.abstract_train_state(model_config, state_train_cfg, mesh, num_steps)
+    params_bytes = bytes_per_device(abstract.params)
+    opt_state_bytes = bytes_per_device(abstract.opt_state)
+    state_bytes = bytes_per_device(abstract)
+
+    device = jax.devices()[0]
+    memory_limit, memory_source = _device_memory(device, device_memory_gb)
+    tokens_per_step = t.global_batch_size * model_config.block_size
+    figures: dict[str, Any] = {
+        "model": _model_name(config.model, model_config),
+        "params": count_params(abstract.params),
+        "num_devices": n,
+        "available_devices": available,
+        "device_kind": device.device_kind,
+        "mesh": mesh_sizes,
+        "global_batch_size": t.global_batch_size,
+        "grad_accum_steps": t.grad_accum_steps,
+        "block_size": model_config.block_size,
+        "tokens_per_step": tokens_per_step,
+        "params_bytes": params_bytes,
+        "opt_state_bytes": opt_state_bytes,
+        "state_bytes": state_bytes,
+        "activation_bytes": None,
+        "peak_bytes": None,
+        "device_memory_bytes": memory_limit,
+        "device_memory_source": memory_source,
+        "flops_per_step": None,
+        "flops_per_step_analytic": flops_per_token(model_config, model_config.block_size) * tokens_per_step,
+        "compiled": False,
+        "compile_note": "",
+        "compile_s": None,
+        "warnings": warnings,
+    }
+
+    if n > available:
+        figures["compile_note"] = (
+            f"compilation skipped: {n} devices requested, {available} available here; sizes come from "
+            "abstract shapes, activations and compiled FLOPs are unknown"
+        )
+    elif batch_warnings:
+        figures["compile_note"] = "compilation skipped: the batch does not divide (see warnings)"
+    else:
+        start = time.perf_counter()
+        figures.update(_compiled_figures(model_config, t, mesh, abstract, shardings, num_steps))
+        figures["compile_s"] = time.perf_counter() - start
+        figures["compiled"] = True
+
+    if n > 1 and mesh_sizes["fsdp"] * mesh_sizes["tensor"] == 1 and state_bytes >= REPLICATED_STATE_WARN_BYTES:
+        warnings.append(
+            f"state replicated: config.mesh.fsdp=1 and tensor=1, so each of the {n} devices holds all "
+            f"{_human(state_bytes)} of parameters and optimizer state; config.mesh.fsdp=-1 with data=1 "
+            f"would hold {_human(state_bytes / n)} per device"
+        )
+    if memory_limit is not None:
+        need = figures["peak_bytes"] if figures["peak_bytes"] is not None else state_bytes
+        what = "peak (state + activations)" if figures["peak_bytes"] is not None else \
+            "parameters + optimizer state alone (activations come on top)"
+        if need > memory_limit:
+            warnings.append(
+                f"device memory overflow: {what} need {_human(need)} per device, the device has "
+                f"{_human(memory_limit)} ({memory_source}); shard more (config.mesh.fsdp), use smaller "
+                "micro-batches (raise config.train.grad_accum_steps) or set config.model.remat=True"
+            )
+    return figures
+
+
+def mesh_shape(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
+    """config.mesh resolved for `num_devices` devices, without devices: the rules of sharding.make_mesh."""
+    sizes = {axis: mesh_cfg[axis] for axis in sharding.MESH_AXES}
+    shown = " x ".join(f"{axis}={size}" for axis, size in sizes.items())
+    for axis, size in sizes.items():
+        if not isinstance(size, int) or isinstance(size, bool) or size == 0 or size < -1:
+            raise ValueError(f"config.mesh.{axis}={size!r} must be a positive integer or -1 (all remaining devices)")
+    fill = [axis for axis, size in sizes.items() if size == -1]
+    if len(fill) > 1:
+        raise ValueError(f"config.mesh: at most one axis may be -1, got {shown} ({', '.join(fill)} are -1)")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if fill and num_devices % known == 0:
+        sizes[fill[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(f"config.mesh: {shown} cannot be laid out on {num_devices} devices "
+                         "(data x fsdp x tensor must equal the device count)")
+    return sizes
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes one device holds of a tree of jax.ShapeDtypeStruct with shardings (evenly split)."""
+    return sum(
+        math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+        for leaf in jax.tree_util.tree_leaves(tree)
+    )
+
+
+def _batch_warnings(t: Any, mesh_sizes: dict[str, int]) -> list[str]:
+    """The batch rules of sharding.validate_mesh_for, as warnings instead of errors."""
+    data, fsdp = mesh_sizes["data"], mesh_sizes["fsdp"]
+    ways = data * fsdp
+    gbs, accum = t.global_batch_size, t.grad_accum_steps
+    out = []
+    if gbs % accum:
+        out.append(f"batch: config.train.global_batch_size={gbs} is not divisible by "
+                   f"config.train.grad_accum_steps={accum}")
+    elif (gbs // accum) % ways:
+        out.append(f"batch: the micro-batch global_batch_size / grad_accum_steps = {gbs} / {accum} = "
+                   f"{gbs // accum} is not divisible by mesh data x fsdp = {data} x {fsdp} = {ways}")
+    return out
+
+
+def _compiled_figures(model_config: ModelConfig, t: Any, mesh: Any, abstract: Any, shardings: Any,
+                      num_steps: int) -> dict[str, Any]:
+    """Activation / peak bytes and FLOPs from the compiled train step (abstract inputs only)."""
+    accum = t.grad_accum_steps
+
+    def compile_step(model_cfg: ModelConfig, train_cfg: Any, batch_size: int):
+        step = step_lib.make_train_step(model_cfg, train_cfg, mesh, shardings, num_steps)
+        spec = sharding.batch_sharding(mesh)
+        batch = {k: jax.ShapeDtypeStruct((batch_size, model_cfg.block_size), jnp.int32, sharding=spec)
+                 for k in step_lib.BATCH_KEYS}
+        with sharding.sharding_context(mesh):
+            return step.jitted.lower(abstract, batch).compile()
+
+    figures: dict[str, Any] = {}
+    compiled = compile_step(model_config, t, t.global_batch_size)
+    memory = compiled.memory_analysis()
+    if memory is not None:  # None where a backend does not report it
+        # The state is donated: outputs alias arguments, so they are counted once.
+        peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+        figures.update(activation_bytes=int(memory.temp_size_in_bytes), peak_bytes=int(peak))
+
+    if model_config.scan_layers or accum > 1:  # loops whose bodies XLA's cost analysis counts once
+        one_micro = _replaced(t, global_batch_size=t.global_batch_size // accum, grad_accum_steps=1)
+        compiled = compile_step(model_config.replace(scan_layers=False), one_micro, one_micro.global_batch_size)
+    flops = _flops(compiled.cost_analysis())
+    if flops is not None:  # the per-device (SPMD) program, run by every device, for one micro-batch
+        figures["flops_per_step"] = accum * flops * mesh.size
+    return figures
+
+
+def _replaced(train_cfg: Any, **changes: Any) -> ml_collections.ConfigDict:
+    """A copy of a config.train block with some keys changed (the caller's config is left alone)."""
+    out = ml_collections.ConfigDict(train_cfg.to_dict())
+    out.update(changes)
+    return out
+
+
+def _flops(cost: Any) -> float | None:
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _device_memory(device: jax.Device, override_gb: float | None) -> tuple[int | None, str | None]:
+    if override_gb is not None:
+        if override_gb <= 0:
+            raise ValueError(f"device_memory_gb={override_gb} must be positive")
+        return int(override_gb * (1 << 30)), "--preflight_device_memory_gb"
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{device.device_kind} memory_stats"
+    return None, None
+
+
+def _model_name(model_cfg: Any, model_config: ModelConfig) -> str:
+    if model_cfg.preset:
+        return model_cfg.preset
+    return f"{model_config.n_layer} layers x {model_config.n_embd} embd"
+
+
+def _human(n: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_report(figures: dict) -> str:
+    """The report as text, for a terminal."""
+    f = figures
+    mesh = " x ".join(f"{axis}={size}" for axis, size in f["mesh"].items())
+    micro = f["global_batch_size"] // max(f["grad_accum_steps"], 1)
+    ways = f["mesh"]["data"] * f["mesh"]["fsdp"]
+    unknown = "unknown (not compiled)"
+    memory = (f"{_human(f['device_memory_bytes'])} ({f['device_memory_source']})" if f["device_memory_bytes"]
+              else "unknown (--preflight_device_memory_gb sets it)")
+    lines = [
+        f"preflight: {f['model']}, {f['params']:,} parameters",
+        f"devices:   {f['num_devices']} x {f['device_kind']} ({f['available_devices']} available here)",
+        f"mesh:      {mesh}",
+        f"batch:     {f['global_batch_size']} x {f['block_size']} tokens = {f['tokens_per_step']:,} tokens/step, "
+        f"{f['grad_accum_steps']} micro-batch(es) of {micro} = {micro / ways:g} per data x fsdp shard",
+        "per device:",
+        f"  parameters          {_human(f['params_bytes'])}",
+        f"  optimizer state     {_human(f['opt_state_bytes'])}",
+        f"  activations / temp  {_human(f['activation_bytes']) if f['activation_bytes'] is not None else unknown}",
+        f"  peak                {_human(f['peak_bytes']) if f['peak_bytes'] is not None else unknown}",
+        f"  device memory       {memory}",
+        "FLOPs per step (all devices):",
+        f"  compiled (XLA cost analysis)  {f['flops_per_step']:.3e}" if f["flops_per_step"] is not None
+        else f"  compiled (XLA cost analysis)  {unknown}",
+        f"  analytic (6 N D + attention)  {f['flops_per_step_analytic']:.3e}",
+        "compile:   " + (f"done in {f['compile_s']:.1f} s" if f["compiled"] else f["compile_note"]),
+    ]
+    if f["warnings"]:
+        lines.append("warnings:")
+        lines += [f"  - {w}" for w in f["warnings"]]
+    else:
+        lines.append("warnings:  none")
+    return "\n".join(lines)

@@ -1,0 +1,317 @@
+"""Multi-host training simulated as local processes (JAX's multi-controller runtime over gloo), and preflight.
+
+Two processes with 4 CPU devices each form one 8-device mesh, exactly as two hosts of a pod would:
+they must train like one process with 8 devices, write checkpoints either layout restores, resume
+exactly, and stop within a bounded time when the other dies. Each subprocess pays ~10 s of jax
+start-up and compilation, so the runs are few and short and shared through module fixtures.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from gpt2_jax import checkpoint as ckpt_lib
+from gpt2_jax import preflight
+from gpt2_jax import sharding as sharding_lib
+from gpt2_jax import train_step as step_lib
+from gpt2_jax.config import model_config_from
+from gpt2_jax.distributed import HEARTBEAT_TIMEOUT_S
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 4  # steps before the interruption; every run's schedule is for 2N steps
+RUN_TIMEOUT_S = 240  # one training run, start-up included
+DEATH_NOTICED_WITHIN_S = 60  # a survivor must exit this soon after its peer is killed
+
+
+def free_port() -> int:
+    try:
+        import portpicker
+
+        return portpicker.pick_unused_port()
+    except ImportError:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+
+def train_cmd(workdir, cache, *extra):
+    return [
+        sys.executable, "-u", os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
+        "--workdir", str(workdir), f"--config.train.num_steps={2 * N}", f"--config.train.checkpoint_every={N}",
+        "--config.train.eval_every=0", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+        f"--config.data.cache_dir={cache}", *extra,
+    ]
+
+
+def env(local_devices: int) -> dict:
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}", JAX_PLATFORMS="cpu")
+
+
+class Processes:
+    """`count` processes of one training run (4 local devices each), or one process with 8 devices.
+
+    Output goes to log files (a full pipe would block a process); every process still alive is
+    killed on exit, whatever happened.
+    """
+
+    def __init__(self, workdir, cache, count: int, logdir):
+        self.logs = [os.path.join(logdir, f"{os.path.basename(str(workdir))}.{i}.{time.time_ns()}.log")
+                     for i in range(count)]
+        if count == 1:
+            cmds, devices = [train_cmd(workdir, cache)], 8
+        else:
+            address = f"127.0.0.1:{free_port()}"
+            cmds = [train_cmd(workdir, cache, "--coordinator_address", address, f"--num_processes={count}",
+                              f"--process_id={i}") for i in range(count)]
+            devices = 8 // count
+        self.procs = []
+        try:
+            for cmd, log in zip(cmds, self.logs):
+                with open(log, "wb") as out:
+                    self.procs.append(subprocess.Popen(cmd, env=env(devices), stdout=out, stderr=subprocess.STDOUT))
+        except BaseException:
+            self.kill_all()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill_all()
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+
+    def wait(self, timeout: float = RUN_TIMEOUT_S) -> list[int]:
+        deadline = time.monotonic() + timeout
+        return [proc.wait(timeout=max(deadline - time.monotonic(), 0.1)) for proc in self.procs]
+
+    def output(self, i: int = 0) -> str:
+        with open(self.logs[i], errors="replace") as f:
+            return f.read()
+
+    def tails(self) -> str:
+        return "\n".join(f"--- process {i} ---\n{self.output(i)[-3000:]}" for i in range(len(self.procs)))
+
+
+def run(workdir, cache, count: int, logdir) -> Processes:
+    with Processes(workdir, cache, count, logdir) as procs:
+        codes = procs.wait()
+        assert codes == [0] * count, procs.tails()
+        return procs
+
+
+def losses(workdir) -> dict[int, float]:
+    """step -> loss, the latest record of each step (a resumed run logs some steps again)."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "loss" in r:
+                out[r["step"]] = r["loss"]
+    return out
+
+
+def final_params(workdir):
+    _, params = ckpt_lib.restore_params(str(workdir))
+    return jax.tree_util.tree_map(np.asarray, params)
+
+
+def assert_close_to(workdir, reference, steps):
+    want, got = losses(reference), losses(workdir)
+    for s in steps:
+        assert abs(got[s] - want[s]) <= 1e-5, (s, got[s], want[s])
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
+                           final_params(workdir), final_params(reference))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("corpus_cache")
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, cache, logdir):
+    """The reference: one process, 8 devices, 2N steps straight."""
+    workdir = tmp_path_factory.mktemp("single")
+    run(workdir, cache, 1, logdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, cache, logdir, single):  # noqa: ARG001 - single first: it prepares the corpus
+    """Two processes; process 1 is SIGKILLed once the step-N checkpoint is complete.
+
+    Returns (workdir, snapshot of it taken after the kill, survivor's exit code, seconds from the
+    kill to the survivor's exit, the survivor's output).
+    """
+    workdir = tmp_path_factory.mktemp("killed")
+    step_n = os.path.join(workdir, "checkpoints", str(N))  # orbax renames a step folder into place when complete
+    with Processes(workdir, cache, 2, logdir) as procs:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not os.path.isdir(step_n):
+            assert all(p.poll() is None for p in procs.procs), "a process ended early\n" + procs.tails()
+            assert time.monotonic() < deadline, "no step-N checkpoint in time\n" + procs.tails()
+            time.sleep(0.05)
+        procs.procs[1].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        try:
+            code = procs.procs[0].wait(timeout=DEATH_NOTICED_WITHIN_S + 60)
+        except subprocess.TimeoutExpired:
+            code = None
+        took = time.monotonic() - killed_at
+        output = procs.output(0)
+    assert not os.path.isdir(os.path.join(workdir, "checkpoints", str(2 * N))), "the run ended before the kill"
+    snapshot = tmp_path_factory.mktemp("killed_snapshot") / "run"
+    shutil.copytree(workdir, snapshot)
+    return workdir, snapshot, code, took, output
+
+
+# --------------------------------------------------------------------------- training
+def test_two_processes_train_like_one_with_the_same_devices(killed, single):
+    workdir = killed[0]
+    got, want = losses(workdir), losses(single)
+    assert set(range(1, N + 1)) <= set(got)
+    for s in range(1, N + 1):
+        assert abs(got[s] - want[s]) <= 1e-5, (s, got[s], want[s])
+
+
+def test_killing_one_process_stops_the_other_in_bounded_time(killed):
+    _, _, code, took, output = killed
+    assert code is not None and code != 0, output[-3000:]
+    assert took < DEATH_NOTICED_WITHIN_S, f"survivor took {took:.1f} s (heartbeat timeout {HEARTBEAT_TIMEOUT_S} s)"
+
+
+def test_two_process_run_resumes_exactly_from_its_checkpoint(killed, single, cache, logdir):
+    workdir = killed[0]
+    procs = run(workdir, cache, 2, logdir)
+    assert f"resumed from step {N}" in procs.output(0)
+    # Losses of the resumed steps and the final params (restored here, into one device) match the
+    # uninterrupted single-process run.
+    assert_close_to(workdir, single, range(N + 1, 2 * N + 1))
+
+
+def test_one_process_resumes_a_two_process_checkpoint(killed, single, cache, logdir):
+    workdir = killed[1]  # the killed run as it was: checkpoint N written by two processes
+    procs = run(workdir, cache, 1, logdir)
+    assert f"resumed from step {N}" in procs.output(0)
+    assert_close_to(workdir, single, range(N + 1, 2 * N + 1))
+
+
+def test_distributed_flags_are_checked_before_jax_is_touched():
+    from gpt2_jax.distributed import initialize
+
+    with pytest.raises(ValueError, match="go together"):
+        initialize("127.0.0.1:1234", 2, None)
+    with pytest.raises(ValueError, match=r"--process_id=2 must be in \[0, num_processes=2\)"):
+        initialize("127.0.0.1:1234", 2, 2)
+    with pytest.raises(ValueError, match="heartbeat_timeout_s=0 must be a positive number of seconds"):
+        initialize("127.0.0.1:1234", 2, 0, heartbeat_timeout_s=0)
+
+
+# --------------------------------------------------------------------------- preflight
+def gpt2_config(**train):
+    sys.path.insert(0, ROOT)
+    from configs import gpt2_124m
+
+    c = gpt2_124m.get_config()
+    for k, v in train.items():
+        setattr(c.train, k, v)
+    return c
+
+
+def tiny_config(**train):
+    sys.path.insert(0, ROOT)
+    from configs import tiny
+
+    c = tiny.get_config()
+    for k, v in train.items():
+        setattr(c.train, k, v)
+    return c
+
+
+def test_preflight_matches_the_real_sharded_state_of_gpt2_on_fsdp8():
+    config = gpt2_config(global_batch_size=8, grad_accum_steps=1)  # mesh: data=1, fsdp=-1
+    figures = preflight.report(config)
+    assert figures["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and figures["compiled"]
+
+    model_config = model_config_from(config.model)
+    mesh = sharding_lib.make_mesh(config.mesh)
+    state, _ = step_lib.create_train_state(model_config, config.train, mesh, config.train.num_steps)
+    for key, tree in (("params_bytes", state.params), ("opt_state_bytes", state.opt_state), ("state_bytes", state)):
+        measured = sharding_lib.bytes_per_device(tree)
+        assert len(measured) == 8 and set(measured.values()) == {figures[key]}, (key, measured, figures[key])
+    del state
+    assert figures["params_bytes"] == pytest.approx(124_475_904 * 4 / 8, rel=0.01)
+    assert figures["opt_state_bytes"] == pytest.approx(2 * figures["params_bytes"], rel=0.01)  # AdamW mu, nu
+    assert figures["activation_bytes"] > 0 and figures["peak_bytes"] > figures["state_bytes"]
+    # XLA's count (layers unrolled) and 6 N D + attention agree to within what the formula leaves out.
+    assert figures["flops_per_step"] == pytest.approx(figures["flops_per_step_analytic"], rel=0.2)
+    assert figures["warnings"] == []
+
+
+def test_preflight_plans_gpt2_xl_on_more_devices_than_exist():
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "gpt2_124m.py"),
+         "--config.model.preset=gpt2-xl", "--preflight", "--preflight_devices=64"],
+        env=env(8), capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "mesh:      data=1 x fsdp=64 x tensor=1" in out.stdout and "compilation skipped" in out.stdout
+
+    config = gpt2_config()
+    config.model.preset = "gpt2-xl"
+    figures = preflight.report(config, 64)
+    assert not figures["compiled"] and figures["activation_bytes"] is None and figures["flops_per_step"] is None
+    assert figures["params"] == 1_557_686_400  # 1,557,611,200 with the vocabulary padded to 50,304
+    # ZeRO-3: every matrix split 64 ways; only small leaves without an "embed" axis stay whole.
+    assert figures["params_bytes"] == pytest.approx(1_557_686_400 * 4 / 64, rel=0.05)
+    assert figures["params_bytes"] >= 1_557_686_400 * 4 / 64
+    assert figures["opt_state_bytes"] == pytest.approx(2 * figures["params_bytes"], rel=0.01)
+
+
+def test_preflight_warns_about_a_batch_that_does_not_divide():
+    figures = preflight.report(tiny_config(global_batch_size=12), 8)  # mesh data=8
+    assert not figures["compiled"] and "batch does not divide" in figures["compile_note"]
+    assert any("12 / 1 = 12 is not divisible by mesh data x fsdp = 8 x 1 = 8" in w for w in figures["warnings"])
+    figures = preflight.report(tiny_config(global_batch_size=8, grad_accum_steps=3), 8)
+    assert any("global_batch_size=8 is not divisible by config.train.grad_accum_steps=3" in w
+               for w in figures["warnings"])
+
+
+def test_preflight_warns_about_memory_overflow_and_replicated_state():
+    config = gpt2_config()
+    config.model.preset = "gpt2-xl"
+    figures = preflight.report(config, 64, device_memory_gb=0.1)
+    assert figures["device_memory_bytes"] == int(0.1 * 2**30)
+    assert any(w.startswith("device memory overflow") for w in figures["warnings"])
+    assert preflight.report(config, 64, device_memory_gb=16)["warnings"] == []
+
+    config.mesh.data, config.mesh.fsdp = -1, 1  # pure data parallelism: 17 GiB of state on every device
+    warnings = preflight.report(config, 64)["warnings"]
+    assert any(w.startswith("state replicated") for w in warnings)
+    assert preflight.report(tiny_config(global_batch_size=64), 64)["warnings"] == []  # a tiny one is fine
+
+
+def test_preflight_refuses_a_mesh_that_cannot_exist():
+    config = gpt2_config()
+    config.mesh.fsdp = 3
+    with pytest.raises(ValueError, match="cannot be laid out on 64 devices"):
+        preflight.report(config, 64)
