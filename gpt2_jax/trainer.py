@@ -179,6 +179,15 @@ def _prepare_data(config: Any, block_size: int):
     return result if result is not None else prepare()
 
 
+def _any_process(flag: bool) -> bool:
+    """True if `flag` is true on any process, so that all processes stop at the same step."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def _check_model_matches(saved: dict, config: ModelConfig) -> None:
     current = config.to_dict()
     differing = sorted(
@@ -341,12 +350,13 @@ def _train_loop(config, workdir, model_config, mesh, num_steps, checkpointer, tr
                 if progress is not None:
                     progress.write(f"step {step}: val_loss {last_val:.4f}")
                 window_t, window_steps = time.perf_counter(), 0  # don't count eval in tokens/s
-            if signals.received is not None:
+            if _any_process(signals.received is not None):
                 save(step)
                 checkpointer.wait()
+                received = signals.received or signal.SIGTERM  # another process may have had it
                 if is_main:
-                    print(f"stopped by signal {signals.received} at step {step}; checkpoint written", flush=True)
-                summary["stopped_by_signal"] = signals.received
+                    print(f"stopped by signal {int(received)} at step {step}; checkpoint written", flush=True)
+                summary["stopped_by_signal"] = int(received)
                 break
             if t.checkpoint_every > 0 and step % t.checkpoint_every == 0 and step < num_steps:
                 save(step)
