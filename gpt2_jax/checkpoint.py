@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import threading
 from typing import Any
 
@@ -173,7 +174,7 @@ class Checkpointer:
                 except Exception as e:  # orbax/tensorstore raise many types for bad bytes
                     problem = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             logging.error("checkpoint at step %d is unusable (%s); trying the previous one", step, problem)
-            print(f"checkpoint at step {step} is unusable ({problem}); trying the previous one", flush=True)
+            print(f"checkpoint at step {step} is unusable ({problem}); trying the previous one", file=sys.stderr, flush=True)
         return None
 
     def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
@@ -259,5 +260,5 @@ def restore_params(path: str, *, dtype: str | None = None) -> tuple[ModelConfig,
                 except Exception as e:  # noqa: BLE001 - report and fall back to an older step
                     problem = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             errors.append(f"step {s}: {problem}")
-            print(f"checkpoint at step {s} is unusable ({problem}); trying the previous one", flush=True)
+            print(f"checkpoint at step {s} is unusable ({problem}); trying the previous one", file=sys.stderr, flush=True)
     raise ValueError(f"no usable checkpoint in {directory}: " + "; ".join(errors))

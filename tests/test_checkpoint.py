@@ -214,10 +214,10 @@ def test_truncated_checkpoint_is_reported_and_the_previous_one_used(tmp_path, ca
     restored = loader.restore_latest(abstract)
     loader.close()
     assert restored is not None and restored[1] == {"step": 1}
-    assert "checkpoint at step 2 is unusable" in capsys.readouterr().out
+    assert "checkpoint at step 2 is unusable" in capsys.readouterr().err
     # generate.py's loader falls back the same way.
     config, _ = ckpt_lib.restore_params(str(tmp_path))
-    assert "checkpoint at step 2 is unusable" in capsys.readouterr().out
+    assert "checkpoint at step 2 is unusable" in capsys.readouterr().err
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path, capsys):

@@ -1,0 +1,131 @@
+"""Sample text from a trained checkpoint or a Hugging Face GPT-2 folder.
+
+    python generate.py --ckpt WORKDIR --prompt "To be, or not to be" --max_new_tokens 100 --top_k 200
+    python generate.py --hf path/to/gpt2 --prompt_file prompt.txt --temperature 0 --json
+    echo "Once upon a time" | python generate.py --hf path/to/gpt2 --num_samples 3
+
+One non-JSON sample is streamed to the terminal as it is produced; tokens/s go to stderr.
+--json prints one object per sample per line:
+    {"prompt": str, "completion": str, "tokens": [new token ids], "tokens_per_s": float}
+tokens/s counts new tokens over prefill + decode time, compilation excluded. An empty prompt
+starts from <|endoftext|> (unconditional samples). Sampling stops at <|endoftext|>, which is not
+printed, or when the model's context is full. Logic lives in gpt2_jax.sampling.
+"""
+
+import codecs
+import json
+import sys
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("ckpt", None, "Training workdir (newest good checkpoint) or one checkpoint step folder.")
+flags.DEFINE_string("hf", None, "Hugging Face GPT-2 folder (config.json + model.safetensors).")
+flags.DEFINE_string("prompt", None, "Prompt text. Without --prompt or --prompt_file it is read from stdin.")
+flags.DEFINE_string("prompt_file", None, "File holding the prompt text.")
+flags.DEFINE_integer("max_new_tokens", 100, "Most tokens to generate per sample.")
+flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 = greedy.")
+flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens only; 0 = no limit.")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the smallest set of tokens with probability >= p; 1 = off.")
+flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_integer("num_samples", 1, "Samples to draw from the prompt.")
+flags.DEFINE_bool("json", False, "Print one JSON object per sample per line instead of text.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute dtype.")
+flags.DEFINE_enum("truncate", "none", ["none", "left"], "'left' drops the prompt's oldest tokens to fit the context.")
+
+
+def read_prompt() -> str:
+    if FLAGS.prompt is not None and FLAGS.prompt_file is not None:
+        raise ValueError("give --prompt or --prompt_file, not both")
+    if FLAGS.prompt is not None:
+        return FLAGS.prompt
+    if FLAGS.prompt_file is not None:
+        try:
+            with open(FLAGS.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            raise ValueError(f"--prompt_file {FLAGS.prompt_file}: {e.strerror}") from None
+    if sys.stdin.isatty():
+        print("reading the prompt from standard input (end it with Ctrl-D)", file=sys.stderr)
+    return sys.stdin.read()
+
+
+def report_speed(n: int, run_s: float, compile_s: float) -> None:
+    rate = n / run_s if run_s > 0 else 0.0
+    print(f"[{n} tokens in {run_s:.2f} s: {rate:.1f} tokens/s; compile {compile_s:.1f} s]", file=sys.stderr)
+
+
+def print_stream(tokens, decode_token_bytes) -> None:
+    """Writes each token's text as it comes; tokens/s to stderr at the end."""
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
+    n = 0
+    for token in tokens:
+        sys.stdout.write(text.decode(decode_token_bytes(token)))
+        sys.stdout.flush()
+        n += 1
+    sys.stdout.write(text.decode(b"", final=True) + "\n")
+    report_speed(n, tokens.run_s, tokens.compile_s)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.ERROR)  # keep library chatter (orbax, jax) off the terminal
+    from gpt2_jax.export import check_source, load_model
+    from gpt2_jax.sampling import PromptTooLongError, generate_with_stats, stream, validate_sampling
+    from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
+
+    sampling = dict(
+        max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+        top_p=FLAGS.top_p, seed=FLAGS.seed, truncate=FLAGS.truncate,
+    )
+    try:
+        # Cheap checks first, so a typo fails before the model loads.
+        validate_sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                          num_samples=FLAGS.num_samples)
+        if FLAGS.max_new_tokens < 0:
+            raise ValueError(f"--max_new_tokens={FLAGS.max_new_tokens} must be >= 0")
+        check_source(FLAGS.ckpt, FLAGS.hf)
+        prompt = read_prompt()
+        enc = get_tokenizer()
+        prompt_ids = enc.encode(prompt, allowed_special="all") or [EOT_ID]
+        config, params = load_model(ckpt=FLAGS.ckpt, hf=FLAGS.hf, dtype=FLAGS.dtype)
+        if config.vocab_size < enc.n_vocab:
+            raise ValueError(
+                f"the model's vocab_size={config.vocab_size} is smaller than the GPT-2 tokenizer's {enc.n_vocab}"
+            )
+        if FLAGS.num_samples == 1 and not FLAGS.json:
+            live = stream(config, params, prompt_ids, eos_id=EOT_ID, **sampling)  # checks arguments now
+        else:
+            live = None
+            result = generate_with_stats(
+                config, params, [prompt_ids], num_samples=FLAGS.num_samples, eos_id=EOT_ID, **sampling
+            )
+    except PromptTooLongError as e:
+        sys.exit(
+            f"error: the prompt has {e.length} tokens but the model's context is {e.context} tokens "
+            f"(at most {e.context - 1} prompt tokens); shorten it or pass --truncate left "
+            f"(keeps its last {e.keep} tokens)"
+        )
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+    if live is not None:
+        sys.stdout.write(prompt)
+        print_stream(live, enc.decode_single_token_bytes)
+        return
+    for i, new in enumerate(result.tokens):
+        completion = enc.decode(new)
+        if FLAGS.json:
+            rate = len(new) / result.run_s if result.run_s > 0 else 0.0
+            record = {"prompt": prompt, "completion": completion, "tokens": new, "tokens_per_s": rate}
+            print(json.dumps(record), flush=True)
+        else:
+            print(f"{'-' * 20} sample {i + 1} {'-' * 20}\n{prompt}{completion}", flush=True)
+    if not FLAGS.json:
+        report_speed(sum(len(t) for t in result.tokens), result.run_s, result.compile_s)
+
+
+if __name__ == "__main__":
+    app.run(main)

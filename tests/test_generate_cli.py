@@ -1,0 +1,195 @@
+"""generate.py and `python -m gpt2_jax.export` as a user runs them (subprocesses): greedy parity with
+Hugging Face generate, streaming == JSON, checkpoints, export round trip, one-line errors.
+
+The Hugging Face parity test needs torch + transformers (required where CI is set, like test_hf.py).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2_jax import ModelConfig
+from gpt2_jax.hf import load_hf_gpt2, save_hf_gpt2
+from gpt2_jax.model import abstract_params
+from gpt2_jax.sampling import generate
+from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = "The quick brown fox jumps over the lazy dog"
+TIMEOUT = 120
+
+
+def _require(module: str):
+    if os.environ.get("CI"):
+        return __import__(module)  # in CI the reference must be there: never skip silently
+    return pytest.importorskip(module)
+
+
+def random_params(cfg: ModelConfig, seed: int = 0, std: float = 0.3):
+    """Weights N(0, std), biases 0, LayerNorm scales 1: peaked predictions, no greedy near-ties."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name in ("scale", "bias"):
+            return jnp.full(leaf.shape, 1.0 if name == "scale" else 0.0, jnp.float32)
+        return jnp.asarray(rng.normal(0.0, std, leaf.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(abstract_params(cfg)))
+
+
+def run(script_args: list[str], *, module: str | None = None, stdin: str | None = None):
+    """Runs generate.py (or `python -m module`) on one CPU device; returns the CompletedProcess."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [sys.executable, "-m", module] if module else [sys.executable, os.path.join(ROOT, "generate.py")]
+    return subprocess.run(
+        cmd + script_args, cwd=ROOT, env=env, input=stdin or "", capture_output=True, text=True, timeout=TIMEOUT
+    )
+
+
+def json_lines(out) -> list[dict]:
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def assert_one_line_error(out, text: str):
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and text in last, out.stderr
+
+
+# Learned positions, 32-token context, GPT-2's vocabulary so the tokenizer works.
+TINY = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50257)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("tiny_hf")
+    save_hf_gpt2(TINY, random_params(TINY), str(folder))
+    return str(folder)
+
+
+def make_checkpoint(workdir, cfg: ModelConfig, params, step: int = 3) -> str:
+    from gpt2_jax.checkpoint import Checkpointer
+    from gpt2_jax.train_step import TrainState
+
+    checkpointer = Checkpointer(str(workdir))
+    state = TrainState(step=jnp.int32(step), params=params, opt_state={}, rng=jax.random.PRNGKey(0))
+    checkpointer.save(step, state, {}, {"model": cfg.to_dict()})
+    checkpointer.close()
+    return str(workdir)
+
+
+def test_greedy_json_equals_hugging_face_generate(tmp_path):
+    torch = _require("torch")
+    _require("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)).eval()  # vocab 50257
+    with torch.no_grad():  # weights far from the 0.02 init: peaked predictions, no near-ties
+        for name, p in hf.named_parameters():
+            is_ln_scale = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if is_ln_scale else 0.0))
+    hf.save_pretrained(tmp_path)
+    N = 24
+    args = ["--hf", str(tmp_path), "--prompt", PROMPT, "--max_new_tokens", str(N), "--temperature", "0", "--json"]
+    [ours] = json_lines(run(args))
+
+    ids = torch.tensor([get_tokenizer().encode(PROMPT)])
+    with torch.no_grad():  # the same rule on both sides: stop at <|endoftext|>
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=N,
+                          eos_token_id=EOT_ID, pad_token_id=EOT_ID)
+    want = out[0, ids.shape[1]:].tolist()
+    want = want[: want.index(EOT_ID)] if EOT_ID in want else want
+    assert ours["tokens"] == want
+    assert ours["prompt"] == PROMPT and ours["completion"] == get_tokenizer().decode(want)
+    assert ours["tokens_per_s"] > 0
+
+
+def test_streamed_text_equals_the_json_completion(tiny_hf):
+    args = ["--hf", tiny_hf, "--max_new_tokens", "12", "--temperature", "0.8", "--top_k", "40", "--top_p", "0.95",
+            "--seed", "3"]
+    streamed = run(args, stdin=PROMPT)  # the prompt from standard input
+    assert streamed.returncode == 0, streamed.stderr
+    [record] = json_lines(run(args + ["--prompt", PROMPT, "--json"]))
+    assert streamed.stdout == PROMPT + record["completion"] + "\n"
+    assert "tokens/s" in streamed.stderr
+    assert record["tokens"] == generate(TINY, random_params(TINY), [get_tokenizer().encode(PROMPT)], max_new_tokens=12,
+                                        temperature=0.8, top_k=40, top_p=0.95, seed=3)[0]
+
+
+def test_several_samples_are_json_lines_from_a_prompt_file(tiny_hf, tmp_path):
+    (tmp_path / "p.txt").write_text(PROMPT)
+    records = json_lines(run(["--hf", tiny_hf, "--prompt_file", str(tmp_path / "p.txt"), "--num_samples", "3",
+                              "--max_new_tokens", "8", "--json"]))
+    assert len(records) == 3 and all(r["prompt"] == PROMPT for r in records)
+    assert len({tuple(r["tokens"]) for r in records}) == 3
+
+
+def test_a_checkpoint_generates_and_exports_to_an_equal_hf_folder(tmp_path):
+    params = random_params(TINY, seed=1)
+    workdir = make_checkpoint(tmp_path / "run", TINY, params)
+    greedy = ["--prompt", PROMPT, "--max_new_tokens", "10", "--temperature", "0", "--json"]
+    [from_ckpt] = json_lines(run(["--ckpt", workdir] + greedy))
+    want = generate(TINY, params, [get_tokenizer().encode(PROMPT)], max_new_tokens=10, temperature=0)[0]
+    assert from_ckpt["tokens"] == want
+
+    out = run(["--ckpt", workdir, "--out", str(tmp_path / "hf")], module="gpt2_jax.export")
+    assert out.returncode == 0, out.stderr
+    config, exported = load_hf_gpt2(str(tmp_path / "hf"))
+    assert config == TINY
+    jax.tree_util.tree_map(np.testing.assert_array_equal, exported, params)
+    [from_hf] = json_lines(run(["--hf", str(tmp_path / "hf")] + greedy))
+    assert from_hf["tokens"] == from_ckpt["tokens"]
+
+
+def test_export_refuses_a_rotary_model_and_writes_nothing(tmp_path):
+    rotary = TINY.replace(position_embedding="rotary")
+    workdir = make_checkpoint(tmp_path / "run", rotary, random_params(rotary))
+    out = run(["--ckpt", workdir, "--out", str(tmp_path / "hf")], module="gpt2_jax.export")
+    assert_one_line_error(out, "cannot be exported as a Hugging Face GPT-2: position_embedding='rotary'")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_bad_checkpoint_folders_are_one_line_errors(tmp_path):
+    empty, junk = tmp_path / "empty", tmp_path / "junk"
+    empty.mkdir()
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not a checkpoint")
+    common = ["--prompt", "hi", "--max_new_tokens", "2"]
+    assert_one_line_error(run(["--ckpt", str(tmp_path / "missing")] + common), "missing: no such folder")
+    assert_one_line_error(run(["--ckpt", str(empty)] + common), "the folder is empty")
+    assert_one_line_error(run(["--ckpt", str(junk)] + common), "is not a checkpoint")
+
+
+def test_bad_arguments_are_one_line_errors(tiny_hf):
+    cases = [
+        ([], "give exactly one of --ckpt DIR (a training checkpoint) or --hf DIR"),
+        (["--hf", tiny_hf, "--ckpt", tiny_hf], "give exactly one of --ckpt DIR"),
+        (["--hf", tiny_hf, "--top_p", "1.5"], "top_p=1.5 must be in (0, 1]"),
+        (["--hf", tiny_hf, "--top_p", "0"], "top_p=0.0 must be in (0, 1]"),
+        (["--hf", tiny_hf, "--temperature", "-1"], "temperature=-1.0 must be a finite number >= 0"),
+        (["--hf", tiny_hf, "--num_samples", "0"], "num_samples=0 must be an integer >= 1"),
+    ]
+    for args, message in cases:
+        assert_one_line_error(run(args + ["--prompt", "hi"]), message)
+
+
+def test_a_prompt_longer_than_the_context_is_refused_unless_truncated(tiny_hf):
+    long_prompt = " ".join(f"word{i}" for i in range(40))  # well over the 32-token context
+    n = len(get_tokenizer().encode(long_prompt))
+    out = run(["--hf", tiny_hf, "--prompt", long_prompt, "--max_new_tokens", "5"])
+    assert_one_line_error(out, f"the prompt has {n} tokens but the model's context is 32 tokens")
+    assert "--truncate left" in out.stderr
+    [record] = json_lines(run(["--hf", tiny_hf, "--prompt", long_prompt, "--max_new_tokens", "5", "--temperature", "0",
+                               "--truncate", "left", "--json"]))
+    assert len(record["tokens"]) == 5
