@@ -149,22 +149,8 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
 
 
 def mesh_shape(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
-    """config.mesh resolved for `num_devices` devices, without devices: the rules of sharding.make_mesh."""
-    sizes = {axis: mesh_cfg[axis] for axis in sharding.MESH_AXES}
-    shown = " x ".join(f"{axis}={size}" for axis, size in sizes.items())
-    for axis, size in sizes.items():
-        if not isinstance(size, int) or isinstance(size, bool) or size == 0 or size < -1:
-            raise ValueError(f"config.mesh.{axis}={size!r} must be a positive integer or -1 (all remaining devices)")
-    fill = [axis for axis, size in sizes.items() if size == -1]
-    if len(fill) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1, got {shown} ({', '.join(fill)} are -1)")
-    known = math.prod(size for size in sizes.values() if size != -1)
-    if fill and num_devices % known == 0:
-        sizes[fill[0]] = num_devices // known
-    if math.prod(sizes.values()) != num_devices:
-        raise ValueError(f"config.mesh: {shown} cannot be laid out on {num_devices} devices "
-                         "(data x fsdp x tensor must equal the device count)")
-    return sizes
+    """config.mesh resolved for `num_devices` devices, without devices (sharding.make_mesh's rules)."""
+    return sharding.mesh_shape(mesh_cfg, num_devices)
 
 
 def bytes_per_device(tree: Any) -> int:

@@ -58,14 +58,12 @@ _RULES: dict[str, MeshAxes] = dict(LOGICAL_AXIS_RULES)
 
 
 # --------------------------------------------------------------------------- mesh
-def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh from `config.mesh`; -1 takes all remaining devices.
+def mesh_shape(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
+    """`config.mesh` resolved for `num_devices` devices (-1 takes all remaining ones), or ValueError.
 
-    `mesh_cfg` is the `config.mesh` ConfigDict (or a dict) with integer keys data, fsdp, tensor.
-    The product must equal the number of devices (all of `jax.devices()` by default).
+    Needs no devices, so preflight can lay out meshes larger than this machine.
     """
-    devices = list(jax.devices() if devices is None else devices)
-    n = len(devices)
+    n = num_devices
     sizes = {axis: mesh_cfg[axis] for axis in MESH_AXES}
     shown = " x ".join(f"{axis}={size}" for axis, size in sizes.items())
 
@@ -91,6 +89,17 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
             f"config.mesh: data x fsdp x tensor = {total} ({shown}) must equal the device count {n}; "
             "set one axis to -1 to take the remaining devices"
         )
+    return sizes
+
+
+def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh from `config.mesh`; -1 takes all remaining devices.
+
+    `mesh_cfg` is the `config.mesh` ConfigDict (or a dict) with integer keys data, fsdp, tensor.
+    The product must equal the number of devices (all of `jax.devices()` by default).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(mesh_cfg, len(devices))
     # jax.make_mesh orders devices along the physical topology (rings on TPU). Auto axes: the
     # compiler propagates shardings from our explicit in/out shardings and constraints.
     return jax.make_mesh(

@@ -313,5 +313,5 @@ def test_preflight_warns_about_memory_overflow_and_replicated_state():
 def test_preflight_refuses_a_mesh_that_cannot_exist():
     config = gpt2_config()
     config.mesh.fsdp = 3
-    with pytest.raises(ValueError, match="cannot be laid out on 64 devices"):
+    with pytest.raises(ValueError, match="must equal the device count 64"):
         preflight.report(config, 64)
