@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -69,6 +70,26 @@ def incomplete_steps(directory: str) -> list[str]:
     if not os.path.isdir(directory):
         return []
     return sorted(n for n in os.listdir(directory) if re.search(r"orbax-checkpoint-tmp", n))
+
+
+def restore_newest_usable(directory: str, steps: list[int], restore: Callable[[int], Any]) -> tuple[Any, list[str]]:
+    """Tries `restore(step)` from the newest step back; returns (result or None, problems met).
+
+    A step whose files do not match their recorded sizes, or whose restore raises, is named on
+    stderr and skipped in favour of the previous one.
+    """
+    problems = []
+    for step in sorted(steps, reverse=True):
+        problem = verify_step(directory, step)
+        if problem is None:
+            try:
+                return restore(step), problems
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for bad bytes
+                problem = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        problems.append(f"step {step}: {problem}")
+        logging.error("checkpoint at step %d is unusable (%s); trying the previous one", step, problem)
+        print(f"checkpoint at step {step} is unusable ({problem}); trying the previous one", file=sys.stderr, flush=True)
+    return None, problems
 
 
 class Checkpointer:
@@ -166,16 +187,8 @@ class Checkpointer:
         `abstract_state` is a TrainState of jax.ShapeDtypeStruct with shardings: each device reads
         only its own shards, whatever mesh the checkpoint was written from.
         """
-        for step in reversed(self.all_steps()):
-            problem = verify_step(self.directory, step)
-            if problem is None:
-                try:
-                    return self._restore(step, abstract_state)
-                except Exception as e:  # orbax/tensorstore raise many types for bad bytes
-                    problem = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-            logging.error("checkpoint at step %d is unusable (%s); trying the previous one", step, problem)
-            print(f"checkpoint at step {step} is unusable ({problem}); trying the previous one", file=sys.stderr, flush=True)
-        return None
+        result, _ = restore_newest_usable(self.directory, self.all_steps(), lambda step: self._restore(step, abstract_state))
+        return result
 
     def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
         restored = self.manager.restore(
@@ -236,29 +249,24 @@ def restore_params(path: str, *, dtype: str | None = None) -> tuple[ModelConfig,
     from gpt2_jax.model import abstract_params
 
     directory, step = find_checkpoint_step_dir(path)
-    steps = [step] if step is not None else sorted(
-        (int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True
-    )
-    errors = []
+    steps = [step] if step is not None else [int(n) for n in os.listdir(directory) if n.isdigit()]
     with ocp.CheckpointManager(directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
-        for s in steps:
-            problem = verify_step(directory, s)
-            if problem is None:
-                try:
-                    meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-                    config = ModelConfig.from_dict(meta["model"])
-                    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-                    shapes = jax.tree_util.tree_map(
-                        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        nn.meta.unbox(abstract_params(config)),
-                    )
-                    params = mngr.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(shapes)))["params"]
-                    if dtype is not None:
-                        params = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(dtype)), params)
-                        config = config.replace(dtype=dtype, param_dtype=dtype)
-                    return config, params
-                except Exception as e:  # noqa: BLE001 - report and fall back to an older step
-                    problem = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-            errors.append(f"step {s}: {problem}")
-            print(f"checkpoint at step {s} is unusable ({problem}); trying the previous one", file=sys.stderr, flush=True)
-    raise ValueError(f"no usable checkpoint in {directory}: " + "; ".join(errors))
+
+        def restore(s: int) -> tuple[ModelConfig, Any]:
+            meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            config = ModelConfig.from_dict(meta["model"])
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shapes = jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                nn.meta.unbox(abstract_params(config)),
+            )
+            params = mngr.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(shapes)))["params"]
+            if dtype is not None:
+                params = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(dtype)), params)
+                config = config.replace(dtype=dtype, param_dtype=dtype)
+            return config, params
+
+        result, problems = restore_newest_usable(directory, steps, restore)
+    if result is None:
+        raise ValueError(f"no usable checkpoint in {directory}: " + "; ".join(problems))
+    return result
