@@ -157,7 +157,7 @@ def plot_loss_curve(workdir: str) -> str | None:
     return out
 
 
-def _prepare_data(config: Any, block_size: int):
+def _prepare_data(config: Any):
     """(train tokens, val tokens) for config.data, prepared by process 0 first, then the others."""
     d = config.data
     cache_dir = os.path.expanduser(d.cache_dir)
@@ -218,9 +218,8 @@ def train(config: Any, workdir: str) -> dict:
     sharding_lib.validate_mesh_for(model_config, t, mesh)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
-    is_main = jax.process_index() == 0
 
-    train_tokens, val_tokens = _prepare_data(config, model_config.block_size)
+    train_tokens, val_tokens = _prepare_data(config)
     data_lib.check_enough_tokens(train_tokens, model_config.block_size, t.global_batch_size, name="training split")
     train_iter = data_lib.make_batch_iterator(
         train_tokens, block_size=model_config.block_size, global_batch_size=t.global_batch_size,
@@ -233,29 +232,31 @@ def train(config: Any, workdir: str) -> dict:
     if num_steps <= 0:
         raise ValueError(f"config.train.num_steps={t.num_steps} (num_epochs={t.num_epochs}) gives no step to train")
 
-    step_lib.abstract_train_state(model_config, t, mesh, num_steps)  # validates; allocates nothing
+    # Validates the optimizer settings and gives the restore target; allocates nothing.
+    abstract = step_lib.abstract_train_state(model_config, t, mesh, num_steps)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
     try:
-        return _train_loop(config, workdir, model_config, mesh, num_steps, checkpointer, train_iter, val_tokens)
+        return _train_loop(config, workdir, model_config, mesh, num_steps, checkpointer, train_iter, val_tokens, abstract)
     finally:
         checkpointer.close()
         train_iter.close()
 
 
-def _train_loop(config, workdir, model_config, mesh, num_steps, checkpointer, train_iter, val_tokens) -> dict:
+def _train_loop(config, workdir, model_config, mesh, num_steps, checkpointer, train_iter, val_tokens, abstract) -> dict:
     t = config.train
     is_main = jax.process_index() == 0
     do_eval = t.eval_every > 0 and t.eval_steps > 0
-    if checkpointer.all_steps():
+    saved_steps = checkpointer.all_steps()
+    if saved_steps:
         try:  # refuse a different model before trying to read its arrays
-            saved_model = checkpointer.read_meta(checkpointer.all_steps()[-1])["model"]
+            saved_model = checkpointer.read_meta(saved_steps[-1])["model"]
         except Exception:  # noqa: BLE001 - an unreadable newest checkpoint is handled by restore_latest
             saved_model = None
         if saved_model is not None:
             _check_model_matches(saved_model, model_config)
         # Restore straight into the sharded layout of this run's mesh: never whole on one device.
-        abstract, state_shardings = step_lib.abstract_train_state(model_config, t, mesh, num_steps)
-        restored = checkpointer.restore_latest(abstract)
+        abstract_state, state_shardings = abstract
+        restored = checkpointer.restore_latest(abstract_state)
         if restored is None:
             raise ValueError(f"{checkpointer.directory} holds checkpoints but none is usable (see messages above)")
         _check_model_matches(restored[2]["model"], model_config)  # an older step may differ too
