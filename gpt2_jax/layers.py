@@ -3,10 +3,11 @@
 Einsum letters: B batch, T query length, S key length, E n_embd, N query heads, K kv heads,
 G = N // K query heads per kv head, H head_dim, F mlp width.
 
-Positions are explicit: every token carries its position, and -1 marks padding. The attention
+Positions: `positions=None` means token t sits at position t with no padding (training,
+evaluation of full rows); attention then runs by query blocks that skip the masked half
+(gpt2_jax/attention.py). Otherwise every token carries its position, -1 marks padding, and the
 mask is derived from positions alone (key visible iff 0 <= k_pos <= q_pos and, with a window,
-q_pos - k_pos < window), so training, left-padded prompts and a ring-buffer KV cache all share
-one rule.
+q_pos - k_pos < window), so left-padded prompts and a ring-buffer KV cache share one rule.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from gpt2_jax.attention import causal_attention
 from gpt2_jax.config import ModelConfig
 
 # Logical names of activation axes, used for sharding constraints at block boundaries.
@@ -27,6 +29,9 @@ ACTIVATION_AXES = (BATCH, LENGTH, ACT_EMBED)
 # Scores of masked keys. Finite, so a query with no visible key (a padding token) gives a
 # uniform distribution instead of NaN; such outputs are ignored.
 _MASKED = float(jnp.finfo(jnp.float32).min)
+# Query block of the blockwise causal attention: measured fastest of 64 / 128 / 256 / 512 for
+# GPT-2 small shapes at T = 256 and 1024 on a CPU (bench/README.md).
+QUERY_BLOCK = 128
 
 
 def param_init(std: float, axes: tuple[str | None, ...]):
@@ -138,9 +143,15 @@ class Attention(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array | None) -> jax.Array:
         cfg = self.config
         B, T, _ = x.shape
+        drop = None
+        if cfg.dropout > 0.0 and not self.deterministic:
+            drop = nn.Dropout(rate=cfg.dropout, deterministic=False)
+        blockwise = positions is None and not self.decode and drop is None
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         N, K, H = cfg.n_head, cfg.kv_heads, cfg.head_dim
         G = N // K
         def dense(out_shape, axes, name):
@@ -154,10 +165,9 @@ class Attention(nn.Module):
             k = apply_rotary(k, positions, cfg.rope_theta)
         q = q.reshape(B, T, K, G, H)  # query heads grouped by the kv head they share
 
-        drop = None
-        if cfg.dropout > 0.0 and not self.deterministic:
-            drop = nn.Dropout(rate=cfg.dropout, deterministic=False)
-        if not self.decode:
+        if blockwise:
+            out = causal_attention(q, k, v, cfg.sliding_window, QUERY_BLOCK)
+        elif not self.decode:
             out = attend(cfg, q, positions, [(k, v, positions)], drop)
         else:
             initializing = not self.has_variable("cache", "k")
@@ -206,7 +216,7 @@ class Block(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array):
+    def __call__(self, x: jax.Array, positions: jax.Array | None):
         cfg = self.config
         drop = lambda y: nn.Dropout(rate=cfg.dropout)(y, deterministic=self.deterministic)  # noqa: E731
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)

@@ -21,8 +21,9 @@ def embed(table: nn.Embed, ids: jax.Array, dtype: str) -> jax.Array:
 class GPT2(nn.Module):
     """tokens [B, T] int32 -> logits [B, T, vocab_size].
 
-    `positions` [B, T] (default 0..T-1) gives each token its position; -1 marks padding, which
-    no token attends to. With `decode=True` the blocks read and extend a KV cache in the
+    `positions` [B, T] gives each token its position; -1 marks padding, which no token attends
+    to. Left out, token t is at position t, and attention skips the masked half of the scores
+    (gpt2_jax/attention.py): the layout of training and of evaluating whole rows. With `decode=True` the blocks read and extend a KV cache in the
     "cache" collection (see `init_cache`); pass `mutable=["cache"]` to `apply`.
     """
 
@@ -41,7 +42,7 @@ class GPT2(nn.Module):
         B, T = tokens.shape
         if not decode and T > cfg.block_size:
             raise ValueError(f"Cannot forward sequence of length {T}, block size is only {cfg.block_size}")
-        if positions is None:
+        if positions is None and decode:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
 
         wte = nn.Embed(
@@ -62,7 +63,10 @@ class GPT2(nn.Module):
                 embedding_init=param_init(0.02, ("position", "embed")),
                 name="wpe",
             )
-            x = x + embed(wpe, jnp.clip(positions, 0, cfg.block_size - 1), cfg.dtype)
+            if positions is None:
+                x = x + embed(wpe, jnp.arange(T, dtype=jnp.int32)[None], cfg.dtype)
+            else:
+                x = x + embed(wpe, jnp.clip(positions, 0, cfg.block_size - 1), cfg.dtype)
         x = nn.Dropout(rate=cfg.dropout)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
 
