@@ -215,7 +215,6 @@ def make_train_step(
 
     def step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         step_rng = jax.random.fold_in(state.rng, state.step)
-        micro = {k: split_micro(batch[k]) for k in BATCH_KEYS}
 
         def accumulate(carry, xs):
             loss_sum, grad_sum = carry
@@ -224,16 +223,20 @@ def make_train_step(
             grad_sum = jax.tree.map(lambda total, g: total + g.astype(jnp.float32), grad_sum, grads)
             return (loss_sum + loss, grad_sum), None
 
-        # The running sum is fp32 whatever param_dtype is, and sharded like the params (under
-        # fsdp each device keeps only its shard: gradients are reduce-scattered, not all-reduced).
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        zeros = jax.lax.with_sharding_constraint(zeros, state_shardings.params)
-        (loss_sum, grad_sum), _ = jax.lax.scan(
-            accumulate, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(accum), micro)
-        )
-        # Equal-sized micro-batches: the mean of their mean losses (and grads) is the full batch's.
-        loss = loss_sum / accum
-        grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, state.params)
+        if accum == 1:  # no running sum to keep: one pass, gradients straight to the optimizer
+            loss, grads = grad_fn(state.params, batch, jax.random.fold_in(step_rng, 0))
+        else:
+            # The running sum is fp32 whatever param_dtype is, and sharded like the params (under
+            # fsdp each device keeps only its shard: gradients are reduce-scattered, not all-reduced).
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            zeros = jax.lax.with_sharding_constraint(zeros, state_shardings.params)
+            micro = {k: split_micro(batch[k]) for k in BATCH_KEYS}
+            (loss_sum, grad_sum), _ = jax.lax.scan(
+                accumulate, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(accum), micro)
+            )
+            # Equal-sized micro-batches: the mean of their mean losses (and grads) is the full batch's.
+            loss = loss_sum / accum
+            grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, state.params)
         grad_norm = optax.tree.norm(grads)
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

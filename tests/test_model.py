@@ -10,7 +10,7 @@ import pytest
 
 from gpt2_jax import GPT2, ModelConfig
 from gpt2_jax.config import PRESETS, count_params
-from gpt2_jax.layers import apply_rotary
+from gpt2_jax.layers import apply_rotary, gelu
 from gpt2_jax.model import abstract_params, init_params
 
 HF_COUNTS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
@@ -296,3 +296,15 @@ def test_dropout_is_active_only_when_not_deterministic():
     a = model.apply({"params": params}, tokens, deterministic=False, rngs=rngs(1))
     b = model.apply({"params": params}, tokens, deterministic=False, rngs=rngs(2))
     assert not np.allclose(a, det) and not np.allclose(a, b)
+
+
+def test_gelu_hand_written_backward_matches_autodiff():
+    x = jnp.concatenate([jnp.linspace(-10.0, 10.0, 2001), jax.random.normal(jax.random.PRNGKey(0), (500,)) * 3])
+    reference = lambda x: jax.nn.gelu(x, approximate=True)  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(gelu(x)), np.asarray(reference(x)))
+    got = jax.vmap(jax.grad(gelu))(x)
+    want = jax.vmap(jax.grad(reference))(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    low = jax.grad(lambda x: jnp.sum(gelu(x)))(x.astype(jnp.bfloat16))
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(low, np.float32), np.asarray(want), atol=2e-2)
