@@ -5,14 +5,21 @@
 Both sides get the GPT-2 small shape (124M, GPT2Config() defaults) with one random
 initialisation, saved by transformers' save_pretrained and read by gpt2_jax.hf.load_hf_gpt2,
 the same random prompts, greedy decoding and exactly --new_tokens new tokens per row (no stop
-at <|endoftext|>). Each side runs once to warm up (compilation, allocator), then the two sides
-take turns for --repeats timed runs each (so a change in machine load hits both); the best run
-is reported as new tokens per second (batch x new_tokens / wall time of the whole generate
-call, prefill included). Needs torch and transformers.
+at <|endoftext|>). Ours runs with fp32 weights and, as a second entry, bf16 weights and compute
+(generate.py --dtype bfloat16); HF runs fp32. Each entry runs once to warm up (compilation,
+allocator), then the entries take turns for --repeats timed runs each (so a change in machine
+load hits all); the MEDIAN run is reported as new tokens per second (batch x new_tokens / wall
+time of the whole generate call, prefill included). Needs torch and transformers.
+
+For batch 1 the table also shows the weight traffic this rate implies (weight bytes x tokens/s:
+a decode step reads every weight once) beside the machine's memory bandwidth measured with a
+large array copy; the rate above which decoding cannot go from DRAM is bandwidth / weight bytes.
+A CPU whose last-level cache holds much of the weights can beat that figure.
 """
 
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -25,21 +32,37 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to time.")
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per row.")
 flags.DEFINE_integer("new_tokens", 128, "New tokens per row.")
-flags.DEFINE_integer("repeats", 3, "Timed runs per side after the warm-up; the fastest counts.")
+flags.DEFINE_integer("repeats", 5, "Timed runs per entry after the warm-up; the median counts.")
+flags.DEFINE_list("ours_dtypes", ["float32", "bfloat16"], "Weight/compute dtypes to run gpt2_jax with.")
 flags.DEFINE_integer("seed", 0, "Seed of the weights and the prompts.")
 flags.DEFINE_bool("json", False, "Print one JSON object per batch size instead of a table.")
 
 
-def best_times(fns, repeats: int) -> list[tuple[float, object]]:
-    """(fastest wall time, output) of each function: one warm-up each, then timed runs in turn."""
+def median_times(fns, repeats: int) -> list[tuple[float, object]]:
+    """(median wall time, output) of each function: one warm-up each, then timed runs in turn."""
     outs = [fn() for fn in fns]
-    best = [float("inf")] * len(fns)
+    times = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
             start = time.perf_counter()
             outs[i] = fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return list(zip(best, outs))
+            times[i].append(time.perf_counter() - start)
+    return [(statistics.median(t), out) for t, out in zip(times, outs)]
+
+
+def copy_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
+    """GB/s of a large array copy (read + write), median of 5: the DRAM bandwidth decoding sees."""
+    import numpy as np
+
+    src = np.ones(n_bytes // 4, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - start)
+    return 2 * n_bytes / statistics.median(times) / 1e9
 
 
 def main(argv) -> None:
@@ -60,16 +83,26 @@ def main(argv) -> None:
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
         config, params = load_hf_gpt2(folder)
+    import jax
+    import jax.numpy as jnp
+
+    variants = {}  # dtype -> (config, params)
+    for dtype in FLAGS.ours_dtypes:
+        cast = jax.tree_util.tree_map(lambda x, d=dtype: jnp.asarray(x, jnp.dtype(d)), params)
+        variants[dtype] = (config.replace(dtype=dtype, param_dtype=dtype), cast)
+    weight_bytes = {d: sum(x.nbytes for x in jax.tree_util.tree_leaves(p)) for d, (_, p) in variants.items()}
+    bandwidth = copy_bandwidth_gbs()
     rng = np.random.default_rng(FLAGS.seed)
     N = FLAGS.new_tokens
-    print(f"GPT-2 124M fp32, prompt {FLAGS.prompt_len}, {N} new tokens, greedy; "
-          f"torch threads {torch.get_num_threads()}", file=sys.stderr)
+    print(f"GPT-2 124M, prompt {FLAGS.prompt_len}, {N} new tokens, greedy; torch threads "
+          f"{torch.get_num_threads()}; copy bandwidth {bandwidth:.1f} GB/s", file=sys.stderr)
 
     for batch_size in map(int, FLAGS.batch_sizes):
         prompts = rng.integers(0, config.vocab_size, (batch_size, FLAGS.prompt_len))
 
-        def ours():
-            return generate(config, params, prompts.tolist(), max_new_tokens=N, temperature=0, eos_id=None)
+        def ours(dtype):
+            cfg, p = variants[dtype]
+            return lambda: generate(cfg, p, prompts.tolist(), max_new_tokens=N, temperature=0, eos_id=None)
 
         def theirs():
             ids = torch.as_tensor(prompts)
@@ -78,25 +111,34 @@ def main(argv) -> None:
                                   max_new_tokens=N, min_new_tokens=N)
             return out[:, FLAGS.prompt_len :].tolist()
 
-        (t_ours, tokens_ours), (t_hf, tokens_hf) = best_times([ours, theirs], FLAGS.repeats)
-        # Random 0.02-scale weights give near-uniform logits, so fp rounding may flip a near-tie:
-        # agreement is reported, not required (tests/test_generate_cli.py checks exact parity).
-        agree = float(np.mean([a == b for x, y in zip(tokens_ours, tokens_hf) for a, b in zip(x, y)]))
-        record = {
-            "batch_size": batch_size,
-            "prompt_len": FLAGS.prompt_len,
-            "new_tokens": N,
-            "ours_tokens_per_s": batch_size * N / t_ours,
-            "hf_tokens_per_s": batch_size * N / t_hf,
-            "speedup": t_hf / t_ours,
-            "token_agreement": agree,
-        }
+        results = median_times([theirs] + [ours(d) for d in variants], FLAGS.repeats)
+        t_hf, tokens_hf = results[0]
+        record = {"batch_size": batch_size, "prompt_len": FLAGS.prompt_len, "new_tokens": N,
+                  "hf_tokens_per_s": batch_size * N / t_hf, "copy_bandwidth_gbs": bandwidth}
+        for dtype, (t_ours, tokens_ours) in zip(variants, results[1:]):
+            # Random 0.02-scale weights give near-uniform logits, so rounding may flip a near-tie:
+            # agreement is reported, not required (tests/test_generate_cli.py checks exact parity).
+            agree = float(np.mean([a == b for x, y in zip(tokens_ours, tokens_hf) for a, b in zip(x, y)]))
+            rate = batch_size * N / t_ours
+            record[dtype] = {
+                "ours_tokens_per_s": rate,
+                "speedup_over_hf_fp32": t_hf / t_ours,
+                "weight_bytes": weight_bytes[dtype],
+                "dram_limit_tokens_per_s": bandwidth * 1e9 / weight_bytes[dtype] * batch_size,
+                "implied_weight_traffic_gbs": weight_bytes[dtype] * rate / batch_size / 1e9,
+                "token_agreement_with_hf": agree,
+            }
         if FLAGS.json:
             print(json.dumps(record), flush=True)
-        else:
-            print(f"batch {batch_size:3d}: gpt2_jax {record['ours_tokens_per_s']:8.1f} tok/s | "
-                  f"HF generate {record['hf_tokens_per_s']:8.1f} tok/s | ours/HF {record['speedup']:.2f}x | "
-                  f"greedy tokens agree {agree:.0%}", flush=True)
+            continue
+        print(f"batch {batch_size:3d}: HF generate fp32 {record['hf_tokens_per_s']:8.1f} tok/s", flush=True)
+        for dtype in variants:
+            r = record[dtype]
+            print(f"           gpt2_jax {dtype:<8} {r['ours_tokens_per_s']:8.1f} tok/s | ours/HF "
+                  f"{r['speedup_over_hf_fp32']:.2f}x | weights {r['weight_bytes'] / 1e6:.0f} MB -> "
+                  f"{r['implied_weight_traffic_gbs']:.1f} GB/s of weight reads (DRAM limit "
+                  f"{r['dram_limit_tokens_per_s']:.0f} tok/s) | greedy tokens agree with HF "
+                  f"{r['token_agreement_with_hf']:.0%}", flush=True)
 
 
 if __name__ == "__main__":

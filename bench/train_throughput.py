@@ -1,6 +1,7 @@
 """Training throughput: gpt2_jax's train step vs Hugging Face GPT2LMHeadModel + torch AdamW, same shapes.
 
-    python bench/train_throughput.py [--shapes small,124m_t256,124m_t1024] [--steps 5] [--warmup 2] [--json]
+    python bench/train_throughput.py [--shapes small,124m_t256,124m_t1024] [--steps 5] [--warmup 2]
+                                     [--rounds 2] [--scan_layers] [--json]
 
 Ours is the real step of train.py: gpt2_jax.train_step.make_train_step on a 1-device mesh (fp32,
 AdamW, global-norm clipping, the hyper-parameters of configs/base.py), vocabulary padded to 50304
@@ -8,11 +9,12 @@ rows. Theirs is transformers' GPT2LMHeadModel (vocabulary 50257, its default att
 torch.optim.AdamW under the same hyper-parameters: forward, cross-entropy over all T positions,
 loss.backward, clip_grad_norm_, step, zero_grad; torch uses one thread per core.
 
-Both get the same random token batch. Per shape: build both, compile ours (its first call), then
-`warmup + steps` rounds of one step each, ours then theirs, so a change in machine load lands on
-both; the first `warmup` rounds are dropped and the MEDIAN of the rest is reported. An fp32 GEMM
-ceiling (XLA, 2048^3) is measured before each shape, in the same process. Needs torch and
-transformers.
+Both get the same random token batch. Per shape, `rounds` rounds; in each, ours runs in a fresh
+process (GEMM ceiling, build, compile = first call, then `warmup + steps` steps), then theirs in
+another. Warm-up steps are dropped and the MEDIAN over all rounds' timed steps is reported. One
+process per side keeps either framework's allocator state from slowing the other (see
+bench/README.md). The fp32 GEMM ceiling (XLA, 2048^3) is measured in each of our processes.
+Needs torch and transformers.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -65,6 +68,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", list(SHAPES), f"Shapes to time, any of {list(SHAPES)}.")
 flags.DEFINE_integer("steps", 5, "Timed steps per implementation and shape; the median is reported.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps per implementation before the timed ones (after ours compiles).")
+flags.DEFINE_integer("rounds", 2, "Rounds of (ours, then theirs), each side a fresh process running warmup + steps "
+                     "steps; the median is over all rounds' timed steps.")
+flags.DEFINE_float("pause", 1.0, "Seconds of idle before each side's process starts.")
+flags.DEFINE_bool("scan_layers", False, "Our model's scan_layers switch (configs/small.py's choice on CPU: False). "
+                  "The compile time of the scanned step is measured either way.")
+flags.DEFINE_enum("side", None, ["ours", "hf"], "Internal: run one side of one shape and print its JSON record.")
 flags.DEFINE_integer("seed", 0, "Seed of the weights and the token batch.")
 flags.DEFINE_bool("json", False, "Print a JSON list of records (one per shape) instead of a table.")
 
@@ -138,8 +147,11 @@ def compile_seconds() -> Iterator[list[float]]:
 
 
 # --------------------------------------------------------------------------- the two sides
-def build_ours(shape: Shape, train_cfg, tokens, num_steps: int):
-    """(step() -> loss, non-embedding parameter count, padded vocab) for our jitted train step."""
+def build_ours(shape: Shape, train_cfg, tokens, num_steps: int, scan_layers: bool, compile_only: bool = False):
+    """(step() -> loss, non-embedding parameter count, padded vocab) for our jitted train step.
+
+    compile_only: only trace, lower and compile the step for abstract inputs; returns None.
+    """
     import jax
     import numpy as np
 
@@ -147,13 +159,14 @@ def build_ours(shape: Shape, train_cfg, tokens, num_steps: int):
     from gpt2_jax import sharding
     from gpt2_jax.config import count_params, model_config_from
     from gpt2_jax.model import abstract_params
-    from gpt2_jax.train_step import create_train_state, make_train_step
+    from gpt2_jax.train_step import abstract_train_state, create_train_state, make_train_step
 
     c = base.get_config()
     c.model.n_layer, c.model.n_head, c.model.n_embd = shape.n_layer, shape.n_head, shape.n_embd
     c.model.block_size, c.model.vocab_size = BLOCK_SIZE, VOCAB_SIZE
     c.model.pad_vocab_to_multiple = PAD_VOCAB_TO
     c.model.dtype = c.model.param_dtype = "float32"
+    c.model.scan_layers = scan_layers
     c.mesh.data = c.mesh.fsdp = c.mesh.tensor = 1
     model_config = model_config_from(c.model)
     mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
@@ -162,6 +175,13 @@ def build_ours(shape: Shape, train_cfg, tokens, num_steps: int):
     embeddings = count_params({"wte": params["wte"], "wpe": params["wpe"]})
     n_nonembedding = count_params(params) - embeddings
 
+    if compile_only:
+        abstract, shardings = abstract_train_state(model_config, train_cfg, mesh, num_steps)
+        train_step = make_train_step(model_config, train_cfg, mesh, shardings, num_steps)
+        batch = jax.ShapeDtypeStruct((shape.batch_size, shape.seq_len), np.int32)
+        with sharding.sharding_context(mesh):
+            train_step.jitted.lower(abstract, {"inputs": batch, "targets": batch}).compile()
+        return None
     state, shardings = create_train_state(model_config, train_cfg, mesh, num_steps)
     train_step = make_train_step(model_config, train_cfg, mesh, shardings, num_steps)
     batch_spec = sharding.batch_sharding(mesh)
@@ -220,49 +240,92 @@ def build_hf(shape: Shape, train_cfg, tokens, dropout: float):
     return step, n_nonembedding, model.config._attn_implementation
 
 
-# --------------------------------------------------------------------------- one shape
-def run_shape(name: str, shape: Shape, env: dict) -> dict:
-    import jax
-    import numpy as np
-    import torch
-
+# --------------------------------------------------------------------------- one side, in its own process
+def _train_cfg(shape: Shape):
     from configs import base
 
-    num_steps = 1 + FLAGS.warmup + FLAGS.steps  # the schedule's length; it does not change the work
     train_cfg = base.get_config().train
     train_cfg.global_batch_size = shape.batch_size
-    train_cfg.num_steps = num_steps
-    dropout = base.get_config().model.dropout
+    train_cfg.num_steps = 1 + FLAGS.warmup + FLAGS.steps  # the schedule's length; it does not change the work
+    return train_cfg
+
+
+def run_side(name: str, side: str) -> dict:
+    """One side at one shape: build, first step, `warmup` + `steps` steps. Runs in a child process."""
+    import numpy as np
+
+    shape = SHAPES[name]
+    train_cfg = _train_cfg(shape)
     tokens = np.random.default_rng(FLAGS.seed).integers(0, VOCAB_SIZE, (shape.batch_size, shape.seq_len + 1))
+    if side == "ours":
+        record = {"gemm_gflops": xla_gemm_gflops()}
+        step, record["n_nonembedding"], record["vocab_rows"] = build_ours(
+            shape, train_cfg, tokens, train_cfg.num_steps, FLAGS.scan_layers)
+        with compile_seconds() as compiled:
+            record["first_step_s"], record["first_loss"] = _timed(step)
+        record["compile_s"] = compiled[0]
+    else:
+        import torch
 
-    load_before = os.getloadavg()[0]
-    print(f"[{name}] {shape.describe()}: GEMM ceiling ...", file=sys.stderr, flush=True)
-    gemm, gemm_torch = xla_gemm_gflops(), torch_gemm_gflops()
+        from configs import base
 
-    print(f"[{name}] building and compiling gpt2_jax ...", file=sys.stderr, flush=True)
-    ours, n_ours, padded_vocab = build_ours(shape, train_cfg, tokens, num_steps)
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        torch.manual_seed(FLAGS.seed)
+        record = {"gemm_gflops": torch_gemm_gflops()}
+        step, record["n_nonembedding"], record["attn_implementation"] = build_hf(
+            shape, train_cfg, tokens, base.get_config().model.dropout)
+        record["first_step_s"], record["first_loss"] = _timed(step)
+        record["vocab_rows"] = VOCAB_SIZE
+    times = [_timed(step)[0] for _ in range(FLAGS.warmup + FLAGS.steps)]
+    record["step_times_s"] = times[FLAGS.warmup :]
+    return record
+
+
+def scan_compile_seconds(name: str) -> float:
+    """Trace + lower + compile of the train step with scan_layers=True (compiled, not run)."""
+    import numpy as np
+
+    shape = SHAPES[name]
+    train_cfg = _train_cfg(shape)
+    tokens = np.zeros((shape.batch_size, shape.seq_len + 1), np.int64)
     with compile_seconds() as compiled:
-        ours_first, ours_first_loss = _timed(ours)
-    torch.manual_seed(FLAGS.seed)
-    theirs, n_hf, attn = build_hf(shape, train_cfg, tokens, dropout)
-    if n_ours != n_hf:
-        raise RuntimeError(f"[{name}] non-embedding parameters differ: gpt2_jax {n_ours:,} vs HF {n_hf:,}")
+        build_ours(shape, train_cfg, tokens, train_cfg.num_steps, True, compile_only=True)
+    return compiled[0]
 
-    print(f"[{name}] timing {FLAGS.warmup} + {FLAGS.steps} steps each, interleaved ...", file=sys.stderr, flush=True)
-    t_ours, t_hf = [], []
-    for i in range(FLAGS.warmup + FLAGS.steps):
-        step_ours, _ = _timed(ours)
-        step_hf, loss_hf = _timed(theirs)
-        if i == 0:
-            hf_first, hf_first_loss = step_hf, loss_hf
-        if i >= FLAGS.warmup:
-            t_ours.append(step_ours)
-            t_hf.append(step_hf)
+
+def _child(name: str, side: str) -> dict:
+    """Runs `run_side` in a fresh interpreter and returns its record."""
+    argv = [sys.executable, os.path.abspath(__file__), f"--side={side}", f"--shapes={name}",
+            f"--steps={FLAGS.steps}", f"--warmup={FLAGS.warmup}", f"--seed={FLAGS.seed}",
+            f"--scan_layers={FLAGS.scan_layers}"]
+    done = subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- one shape
+def run_shape(name: str, env: dict) -> dict:
+    """Rounds of (ours, then theirs), each side in its own process; medians over all timed steps."""
+    shape = SHAPES[name]
+    load_before = os.getloadavg()[0]
+    runs: dict[str, list[dict]] = {"ours": [], "hf": []}
+    for r in range(FLAGS.rounds):
+        for side in ("ours", "hf"):
+            print(f"[{name}] {shape.describe()}: round {r + 1}/{FLAGS.rounds}, {side} "
+                  f"({FLAGS.warmup} + {FLAGS.steps} steps) ...", file=sys.stderr, flush=True)
+            time.sleep(FLAGS.pause)
+            runs[side].append(_child(name, side))
     load_after = os.getloadavg()[0]
-    del ours, theirs  # frees both models and optimizer states before the next shape
-    gc.collect()
-    jax.clear_caches()
+    ours, hf = runs["ours"], runs["hf"]
+    if ours[0]["n_nonembedding"] != hf[0]["n_nonembedding"]:
+        raise RuntimeError(f"[{name}] non-embedding parameters differ: gpt2_jax {ours[0]['n_nonembedding']:,} "
+                           f"vs HF {hf[0]['n_nonembedding']:,}")
+    scan_compile = scan_compile_seconds(name) if not FLAGS.scan_layers else ours[0]["compile_s"]
 
+    t_ours = [t for run in ours for t in run["step_times_s"]]
+    t_hf = [t for run in hf for t in run["step_times_s"]]
+    gemm = statistics.median(run["gemm_gflops"] for run in ours)
+    gemm_torch = statistics.median(run["gemm_gflops"] for run in hf)
+    n_ours = ours[0]["n_nonembedding"]
     tokens_per_step = shape.batch_size * shape.seq_len
     flops_per_step = train_flops_per_token(n_ours, shape) * tokens_per_step
     step_ours, step_hf = statistics.median(t_ours), statistics.median(t_hf)
@@ -272,17 +335,19 @@ def run_shape(name: str, shape: Shape, env: dict) -> dict:
         "tokens_per_step": tokens_per_step,
         "n_nonembedding": n_ours,
         "model_flops_per_step": flops_per_step,
-        "ours_vocab_rows": padded_vocab,
+        "ours_scan_layers": FLAGS.scan_layers,
+        "ours_vocab_rows": ours[0]["vocab_rows"],
         "hf_vocab_rows": VOCAB_SIZE,
-        "hf_attn_implementation": attn,
+        "hf_attn_implementation": hf[0]["attn_implementation"],
         # A load above `cores` means other work shared the machine: absolute figures sink with
-        # it, the interleaved ratio much less.
+        # it, the ratio of alternating rounds much less.
         "load_avg_1m": [load_before, load_after],
         "xla_gemm_gflops": gemm,
         "torch_gemm_gflops": gemm_torch,
-        "ours_compile_s": compiled[0],
-        "ours_first_step_s": ours_first,
-        "hf_first_step_s": hf_first,
+        "ours_compile_s": ours[0]["compile_s"],
+        "ours_scan_compile_s": scan_compile,
+        "ours_first_step_s": ours[0]["first_step_s"],
+        "hf_first_step_s": hf[0]["first_step_s"],
         "ours_step_s": step_ours,
         "hf_step_s": step_hf,
         "ours_step_times_s": t_ours,
@@ -295,8 +360,8 @@ def run_shape(name: str, shape: Shape, env: dict) -> dict:
         "hf_fraction_of_gemm": flops_per_step / step_hf / 1e9 / gemm,
         "speed_ours_over_hf": step_hf / step_ours,
         # Losses of each side's first step, before its optimizer moved: both ~ln(50257) = 10.8.
-        "ours_first_loss": ours_first_loss,
-        "hf_first_loss": hf_first_loss,
+        "ours_first_loss": ours[0]["first_loss"],
+        "hf_first_loss": hf[0]["first_loss"],
         **env,
     }
 
@@ -308,6 +373,7 @@ def environment() -> dict:
     import torch
     import transformers
 
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # what each HF child process sets
     cpu = "unknown"
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
@@ -327,16 +393,17 @@ def environment() -> dict:
 def print_table(records: list[dict], env: dict) -> None:
     print(f"{env['cpu']}, {env['cores']} cores | jax {env['jax']} ({env['jax_device']}), flax {env['flax']} | "
           f"torch {env['torch']} ({env['torch_threads']} threads), transformers {env['transformers']}")
-    print(f"fp32, AdamW + clipping, median of {FLAGS.steps} steps after {FLAGS.warmup} warm-up, interleaved per step. "
-          f"Vocab rows: gpt2_jax {records[0]['ours_vocab_rows']} (padded), HF {VOCAB_SIZE}.")
+    print(f"fp32, AdamW + clipping. Median of {FLAGS.rounds} rounds x {FLAGS.steps} steps (after {FLAGS.warmup} "
+          f"warm-up) per side; each round runs each side in a fresh process, ours first. gpt2_jax scan_layers="
+          f"{FLAGS.scan_layers}. Vocab rows: gpt2_jax {records[0]['ours_vocab_rows']} (padded), HF {VOCAB_SIZE}.")
     print("model FLOPs = 6 (N_nonembedding + V E) + 12 L E T per token, V = 50257 for both; "
-          f"'of GEMM' = share of XLA's fp32 {GEMM_N}^3 matmul rate measured before each shape.")
+          f"'of GEMM' = share of XLA's fp32 {GEMM_N}^3 matmul rate (measured in each of our processes).")
     print()
     print(f"{'shape':<12} {'':<22} {'impl':<9} {'step ms':>9} {'min-max ms':>15} {'tokens/s':>9} "
-          f"{'GFLOP/s':>8} {'of GEMM':>8} {'compile s':>10}")
+          f"{'GFLOP/s':>8} {'of GEMM':>8} {'compile s':>10} {'(scan)':>7}")
     for r in records:
         rows = (("gpt2_jax", r["ours_step_s"], r["ours_step_times_s"], r["ours_tokens_per_s"], r["ours_gflops"],
-                 r["ours_fraction_of_gemm"], f"{r['ours_compile_s']:10.1f}"),
+                 r["ours_fraction_of_gemm"], f"{r['ours_compile_s']:10.1f} {r['ours_scan_compile_s']:7.1f}"),
                 ("HF torch", r["hf_step_s"], r["hf_step_times_s"], r["hf_tokens_per_s"], r["hf_gflops"],
                  r["hf_fraction_of_gemm"], f"{'-':>10}"))
         shape = Shape(**{f.name: r[f.name] for f in dataclasses.fields(Shape)}).describe()
@@ -356,13 +423,14 @@ def main(argv) -> None:
     unknown = [s for s in FLAGS.shapes if s not in SHAPES]
     if unknown:
         raise app.UsageError(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
-    if FLAGS.steps < 1 or FLAGS.warmup < 0:
-        raise app.UsageError(f"--steps={FLAGS.steps} must be >= 1 and --warmup={FLAGS.warmup} >= 0")
-    import torch
-
-    torch.set_num_threads(len(os.sched_getaffinity(0)))  # XLA's CPU client also uses every core
+    if FLAGS.steps < 1 or FLAGS.warmup < 0 or FLAGS.rounds < 1:
+        raise app.UsageError(f"--steps={FLAGS.steps} and --rounds={FLAGS.rounds} must be >= 1, "
+                             f"--warmup={FLAGS.warmup} >= 0")
+    if FLAGS.side:
+        print(json.dumps(run_side(FLAGS.shapes[0], FLAGS.side)))
+        return
     env = environment()
-    records = [run_shape(name, SHAPES[name], env) for name in FLAGS.shapes]
+    records = [run_shape(name, env) for name in FLAGS.shapes]
     if FLAGS.json:
         print(json.dumps(records, indent=1))
     else:

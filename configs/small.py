@@ -13,6 +13,7 @@ def get_config():
     c.model.n_head = 4
     c.model.n_embd = 192
     c.model.block_size = 128
+    c.model.scan_layers = False  # on a CPU the unrolled step runs ~10% faster; 4 layers compile fast
     c.train.num_steps = 200
     c.train.global_batch_size = 16
     c.train.learning_rate = 2e-3  # small models take a larger step than GPT-2's 6e-4

@@ -36,6 +36,7 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -217,6 +218,7 @@ def next_token(logits: jax.Array, keys: jax.Array, sp: SamplingParams) -> jax.Ar
 # ----------------------------------------------------------------------------- decode state and loop
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _unstack(tree, n: int) -> tuple:
     """A tree of arrays stacked along a leading axis of size n -> n trees of separate arrays."""
     return tuple(jax.tree_util.tree_map(lambda x: x[i], tree) for i in range(n))
@@ -229,7 +231,8 @@ class DecodeWeights:
     GPT2 scans one block over weights stacked along a layer axis. A decode step is bound by
     reading the weights, and each scan iteration first copies its layer's slice out of the
     stack: on a CPU the 124M model's step takes ~46 ms that way and ~25 ms with the layers
-    apart (Hugging Face: ~24 ms). Unstacking once per call costs one copy of the block weights.
+    apart (Hugging Face: ~24 ms). Unstacking once per call costs one copy of the block weights,
+    done by one jitted program (as separate slicing ops, one dispatch each, it took ~170 ms).
     """
 
     top: dict  # wte, wpe (learned positions only), ln_f
