@@ -95,11 +95,6 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | Non
     return _forward(q, k, v, window, block)[0]
 
 
-def _fwd(q, k, v, window, block):
-    out, residuals = _forward(q, k, v, window, block)
-    return out, residuals
-
-
 def _bwd(window, block, residuals, d_out):
     qt, kt, vt, o, lse = residuals
     B, K, TG, H = qt.shape
@@ -129,4 +124,4 @@ def _bwd(window, block, residuals, d_out):
     return (dq.astype(qt.dtype), dk.transpose(0, 2, 1, 3).astype(kt.dtype), dv.transpose(0, 2, 1, 3).astype(vt.dtype))
 
 
-causal_attention.defvjp(_fwd, _bwd)
+causal_attention.defvjp(_forward, _bwd)  # _forward returns (out, residuals)

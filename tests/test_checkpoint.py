@@ -2,7 +2,6 @@
 corrupt and incomplete checkpoints, NaN losses, and refusing a different model."""
 
 import glob
-import json
 import os
 import shutil
 import signal
@@ -19,6 +18,7 @@ from gpt2_jax import sharding as sharding_lib
 from gpt2_jax import train_step as step_lib
 from gpt2_jax import trainer as trainer_lib
 from gpt2_jax.config import model_config_from
+from helpers import final_params, losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 60  # steps before the interruption; runs go to 2N (enough that a kill lands mid-run)
@@ -49,22 +49,6 @@ def env():
     e = dict(os.environ)
     e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     return e
-
-
-def losses(workdir):
-    """step -> loss, the latest record of each step (a resumed run logs some steps again)."""
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            if "loss" in r:
-                out[r["step"]] = r["loss"]
-    return out
-
-
-def final_params(workdir):
-    _, params = ckpt_lib.restore_params(str(workdir))
-    return jax.tree_util.tree_map(np.asarray, params)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,28 +16,15 @@ import pytest
 from gpt2_jax import GPT2, ModelConfig
 from gpt2_jax.evaluate import MultipleChoice, load_hellaswag, perplexity, score_multiple_choice, sliding_windows
 from gpt2_jax.hf import save_hf_gpt2
-from gpt2_jax.model import abstract_params
 from gpt2_jax.sampling import generate
+from helpers import random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 97
 
 
-def random_params(cfg: ModelConfig, seed: int = 0, std: float = 0.1):
-    """Weights N(0, std), biases 0, LayerNorm scales 1 (numpy: no initialiser to compile)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = path[-1].key
-        if name in ("scale", "bias"):
-            return jnp.full(leaf.shape, 1.0 if name == "scale" else 0.0, jnp.float32)
-        return jnp.asarray(rng.normal(0.0, std, leaf.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(abstract_params(cfg)))
-
-
 CFG = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=32, vocab_size=V)
-PARAMS = random_params(CFG)
+PARAMS = random_params(CFG, std=0.1)
 TEXT = np.random.default_rng(1).integers(0, V, 100).tolist()
 
 
@@ -155,7 +141,7 @@ def hf_folder(tmp_path_factory):
     """A tiny GPT-2 with the real 50257-token vocabulary, as a Hugging Face folder."""
     cfg = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50257)
     folder = tmp_path_factory.mktemp("hf_eval")
-    save_hf_gpt2(cfg, random_params(cfg, seed=4), str(folder))
+    save_hf_gpt2(cfg, random_params(cfg, seed=4, std=0.1), str(folder))
     return str(folder)
 
 

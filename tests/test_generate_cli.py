@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,32 +16,13 @@ import pytest
 
 from gpt2_jax import ModelConfig
 from gpt2_jax.hf import load_hf_gpt2, save_hf_gpt2
-from gpt2_jax.model import abstract_params
 from gpt2_jax.sampling import generate
 from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
+from helpers import random_params, require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "The quick brown fox jumps over the lazy dog"
 TIMEOUT = 120
-
-
-def _require(module: str):
-    if os.environ.get("CI"):
-        return __import__(module)  # in CI the reference must be there: never skip silently
-    return pytest.importorskip(module)
-
-
-def random_params(cfg: ModelConfig, seed: int = 0, std: float = 0.3):
-    """Weights N(0, std), biases 0, LayerNorm scales 1: peaked predictions, no greedy near-ties."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = path[-1].key
-        if name in ("scale", "bias"):
-            return jnp.full(leaf.shape, 1.0 if name == "scale" else 0.0, jnp.float32)
-        return jnp.asarray(rng.normal(0.0, std, leaf.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(abstract_params(cfg)))
 
 
 def run(script_args: list[str], *, module: str | None = None, stdin: str | None = None):
@@ -73,7 +53,7 @@ TINY = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=502
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("tiny_hf")
-    save_hf_gpt2(TINY, random_params(TINY), str(folder))
+    save_hf_gpt2(TINY, random_params(TINY, std=0.3), str(folder))
     return str(folder)
 
 
@@ -89,8 +69,8 @@ def make_checkpoint(workdir, cfg: ModelConfig, params, step: int = 3) -> str:
 
 
 def test_greedy_json_equals_hugging_face_generate(tmp_path):
-    torch = _require("torch")
-    _require("transformers")
+    torch = require("torch")
+    require("transformers")
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -123,7 +103,7 @@ def test_streamed_text_equals_the_json_completion(tiny_hf):
     [record] = json_lines(run(args + ["--prompt", PROMPT, "--json"]))
     assert streamed.stdout == PROMPT + record["completion"] + "\n"
     assert "tokens/s" in streamed.stderr
-    assert record["tokens"] == generate(TINY, random_params(TINY), [get_tokenizer().encode(PROMPT)], max_new_tokens=12,
+    assert record["tokens"] == generate(TINY, random_params(TINY, std=0.3), [get_tokenizer().encode(PROMPT)], max_new_tokens=12,
                                         temperature=0.8, top_k=40, top_p=0.95, seed=3)[0]
 
 
@@ -136,7 +116,7 @@ def test_several_samples_are_json_lines_from_a_prompt_file(tiny_hf, tmp_path):
 
 
 def test_a_checkpoint_generates_and_exports_to_an_equal_hf_folder(tmp_path):
-    params = random_params(TINY, seed=1)
+    params = random_params(TINY, seed=1, std=0.3)
     workdir = make_checkpoint(tmp_path / "run", TINY, params)
     greedy = ["--prompt", PROMPT, "--max_new_tokens", "10", "--temperature", "0", "--json"]
     [from_ckpt] = json_lines(run(["--ckpt", workdir] + greedy))
@@ -154,7 +134,7 @@ def test_a_checkpoint_generates_and_exports_to_an_equal_hf_folder(tmp_path):
 
 def test_export_refuses_a_rotary_model_and_writes_nothing(tmp_path):
     rotary = TINY.replace(position_embedding="rotary")
-    workdir = make_checkpoint(tmp_path / "run", rotary, random_params(rotary))
+    workdir = make_checkpoint(tmp_path / "run", rotary, random_params(rotary, std=0.3))
     out = run(["--ckpt", workdir, "--out", str(tmp_path / "hf")], module="gpt2_jax.export")
     assert_one_line_error(out, "cannot be exported as a Hugging Face GPT-2: position_embedding='rotary'")
     assert not (tmp_path / "hf").exists()

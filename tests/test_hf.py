@@ -16,20 +16,15 @@ from gpt2_jax import GPT2, ModelConfig
 from gpt2_jax.config import count_params
 from gpt2_jax.hf import load_hf_gpt2, save_hf_gpt2
 from gpt2_jax.model import init_params
+from helpers import require
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf_tiny")
 
 
-def _require(module: str):
-    if os.environ.get("CI"):
-        return __import__(module)  # in CI the reference must be there: never skip silently
-    return pytest.importorskip(module)
-
-
 @pytest.fixture(scope="module")
 def torch():
-    t = _require("torch")
-    _require("transformers")
+    t = require("torch")
+    require("transformers")
     t.manual_seed(0)
     return t
 

@@ -6,7 +6,6 @@ exactly, and stop within a bounded time when the other dies. Each subprocess pay
 start-up and compilation, so the runs are few and short and shared through module fixtures.
 """
 
-import json
 import os
 import shutil
 import signal
@@ -19,11 +18,11 @@ import jax
 import numpy as np
 import pytest
 
-from gpt2_jax import checkpoint as ckpt_lib
 from gpt2_jax import preflight
 from gpt2_jax import sharding as sharding_lib
 from gpt2_jax import train_step as step_lib
 from gpt2_jax.config import model_config_from
+from helpers import final_params, losses
 from gpt2_jax.distributed import HEARTBEAT_TIMEOUT_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,22 +110,6 @@ def run(workdir, cache, count: int, logdir) -> Processes:
         codes = procs.wait()
         assert codes == [0] * count, procs.tails()
         return procs
-
-
-def losses(workdir) -> dict[int, float]:
-    """step -> loss, the latest record of each step (a resumed run logs some steps again)."""
-    out = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            if "loss" in r:
-                out[r["step"]] = r["loss"]
-    return out
-
-
-def final_params(workdir):
-    _, params = ckpt_lib.restore_params(str(workdir))
-    return jax.tree_util.tree_map(np.asarray, params)
 
 
 def assert_close_to(workdir, reference, steps):

@@ -1,0 +1,51 @@
+"""Helpers shared by several test files (pytest puts tests/ on sys.path: `from helpers import ...`)."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt2_jax import checkpoint as ckpt_lib
+from gpt2_jax.config import ModelConfig
+from gpt2_jax.model import abstract_params
+
+
+def require(module: str):
+    """Imports a reference package (torch, transformers); skips the test where it is missing."""
+    if os.environ.get("CI"):
+        return __import__(module)  # in CI the reference must be there: never skip silently
+    return pytest.importorskip(module)
+
+
+def random_params(cfg: ModelConfig, *, seed: int = 0, std: float):
+    """Weights N(0, std), biases 0, LayerNorm scales 1 (numpy: no initialiser to compile)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name in ("scale", "bias"):
+            return jnp.full(leaf.shape, 1.0 if name == "scale" else 0.0, jnp.float32)
+        return jnp.asarray(rng.normal(0.0, std, leaf.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(abstract_params(cfg)))
+
+
+def losses(workdir) -> dict[int, float]:
+    """step -> loss, the latest record of each step (a resumed run logs some steps again)."""
+    out = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "loss" in r:
+                out[r["step"]] = r["loss"]
+    return out
+
+
+def final_params(workdir):
+    """The newest good checkpoint's parameters in `workdir`, as numpy arrays."""
+    _, params = ckpt_lib.restore_params(str(workdir))
+    return jax.tree_util.tree_map(np.asarray, params)
