@@ -9,7 +9,7 @@ One non-JSON sample is streamed to the terminal as it is produced; tokens/s go t
     {"prompt": str, "completion": str, "tokens": [new token ids], "tokens_per_s": float}
 tokens/s counts new tokens over prefill + decode time, compilation excluded. An empty prompt
 starts from <|endoftext|> (unconditional samples). Sampling stops at <|endoftext|>, which is not
-printed, or when the model's context is full. Logic lives in gpt2_jax.sampling.
+printed, or when the model's context is full. Logic lives in gpt2_jax.inference.sampling.
 """
 
 import codecs
@@ -72,9 +72,9 @@ def main(argv) -> None:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # keep library chatter (orbax, jax) off the terminal
-    from gpt2_jax.export import check_source, load_model
-    from gpt2_jax.sampling import PromptTooLongError, generate_with_stats, stream, validate_sampling
-    from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
+    from gpt2_jax.inference.export import check_source, load_model
+    from gpt2_jax.inference.sampling import PromptTooLongError, generate_with_stats, stream, validate_sampling
+    from gpt2_jax.data.tokenizer import EOT_ID, get_tokenizer
 
     sampling = dict(
         max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,

@@ -35,11 +35,11 @@ def main(argv):
     import jax
 
     if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.tpu_pod:
-        from gpt2_jax.distributed import initialize
+        from gpt2_jax.training.distributed import initialize
 
         initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if FLAGS.preflight:
-        from gpt2_jax.preflight import format_report, report
+        from gpt2_jax.training.preflight import format_report, report
 
         try:
             figures = report(FLAGS.config, FLAGS.preflight_devices, device_memory_gb=FLAGS.preflight_device_memory_gb)
@@ -49,7 +49,7 @@ def main(argv):
         if jax.process_index() == 0:
             print(format_report(figures))
         return
-    from gpt2_jax.trainer import NonFiniteLossError, train
+    from gpt2_jax.training.trainer import NonFiniteLossError, train
 
     workdir = FLAGS.workdir
     if workdir is None:

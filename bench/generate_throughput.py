@@ -73,8 +73,8 @@ def main(argv) -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from gpt2_jax.hf import load_hf_gpt2
-    from gpt2_jax.sampling import generate
+    from gpt2_jax.model.hf import load_hf_gpt2
+    from gpt2_jax.inference.sampling import generate
 
     torch.manual_seed(FLAGS.seed)
     hf = GPT2LMHeadModel(GPT2Config()).eval()

@@ -155,10 +155,10 @@ def build_ours(shape: Shape, train_cfg, tokens, num_steps: int, scan_layers: boo
     import numpy as np
 
     from configs import base
-    from gpt2_jax import sharding
-    from gpt2_jax.config import count_params, model_config_from
-    from gpt2_jax.model import abstract_params
-    from gpt2_jax.train_step import abstract_train_state, create_train_state, make_train_step
+    from gpt2_jax.training import sharding
+    from gpt2_jax.model.config import count_params, model_config_from
+    from gpt2_jax.model.gpt2 import abstract_params
+    from gpt2_jax.training.step import abstract_train_state, create_train_state, make_train_step
 
     c = base.get_config()
     c.model.n_layer, c.model.n_head, c.model.n_embd = shape.n_layer, shape.n_head, shape.n_embd

@@ -12,7 +12,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
-    # ---- model: gpt2_jax.config.ModelConfig. A non-empty `preset` sets n_layer, n_head and
+    # ---- model: gpt2_jax.model.config.ModelConfig. A non-empty `preset` sets n_layer, n_head and
     # n_embd (overriding those three keys); the other keys apply as written.
     c.model = m = ml_collections.ConfigDict()
     m.preset = ""  # '' | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl'

@@ -1,103 +1,11 @@
-"""Weights in and out of the command-line tools: load a model for generate.py / evaluate, and
-export a training checkpoint as a Hugging Face GPT-2 folder.
+"""`python -m gpt2_jax.export --ckpt WORKDIR --out FOLDER`: a checkpoint as a Hugging Face GPT-2 folder.
 
-    python -m gpt2_jax.export --ckpt WORKDIR --out hf_folder [--dtype float32|bfloat16]
-
-The exported folder loads with `transformers.GPT2LMHeadModel.from_pretrained(folder)` and with
-`gpt2_jax.hf.load_hf_gpt2`. Models HF GPT-2 cannot represent (rotary positions, grouped-query
-attention, a sliding window) are refused with the reason, and nothing is written.
+The public name of gpt2_jax/inference/export.py.
 """
 
-from __future__ import annotations
+from gpt2_jax.inference.export import export_checkpoint, load_model, run
 
-import os
-import sys
-from typing import Any
-
-from gpt2_jax.config import ModelConfig
-
-DTYPES = ("float32", "bfloat16")
-
-
-def check_source(ckpt: str | None, hf: str | None) -> None:
-    """ValueError unless exactly one model source is given (cheap: call it before slow work)."""
-    if (ckpt is None) == (hf is None):
-        raise ValueError("give exactly one of --ckpt DIR (a training checkpoint) or --hf DIR (a Hugging Face folder)")
-
-
-def load_model(*, ckpt: str | None = None, hf: str | None = None, dtype: str = "float32") -> tuple[ModelConfig, Any]:
-    """(ModelConfig, params) from a training checkpoint (`ckpt`) or a Hugging Face folder (`hf`).
-
-    Exactly one source must be given. `dtype='bfloat16'` casts the weights and the model's compute
-    to bfloat16. Raises ValueError / FileNotFoundError with a message fit for a command line.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    check_source(ckpt, hf)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} must be one of {DTYPES}")
-    path = ckpt if ckpt is not None else hf
-    flag = "--ckpt" if ckpt is not None else "--hf"
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{flag} {path}: no such folder")
-    if not os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a file, not a folder")
-    if not os.listdir(path):
-        raise FileNotFoundError(f"{flag} {path}: the folder is empty (nothing to load)")
-    if ckpt is not None:
-        from gpt2_jax.checkpoint import restore_params
-
-        config, params = restore_params(ckpt)
-    else:
-        from gpt2_jax.hf import load_hf_gpt2
-
-        config, params = load_hf_gpt2(hf)
-    if dtype != config.param_dtype or dtype != config.dtype:
-        config = config.replace(dtype=dtype, param_dtype=dtype)
-        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.dtype(dtype)), params)
-    return config, params
-
-
-def export_checkpoint(ckpt: str, out: str, dtype: str = "float32") -> ModelConfig:
-    """Writes the checkpoint at `ckpt` as a Hugging Face GPT-2 folder `out`; returns its ModelConfig."""
-    from gpt2_jax.hf import config_to_hf, save_hf_gpt2
-
-    config, params = load_model(ckpt=ckpt)
-    config_to_hf(config)  # refuses (ValueError, with the reason) before anything is written
-    save_hf_gpt2(config, params, out, dtype=dtype)
-    return config
-
-
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_string("ckpt", None, "Training workdir (newest good checkpoint) or one checkpoint step folder.")
-    flags.DEFINE_string("out", None, "Folder to write config.json + model.safetensors into.")
-    flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Dtype of the written weights.")
-    flags.mark_flags_as_required(["ckpt", "out"])
-
-
-def main(argv: list[str]) -> None:
-    from absl import flags, logging
-
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {argv[1:]}")
-    FLAGS = flags.FLAGS
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.ERROR)  # keep library chatter (orbax, jax) off the terminal
-    try:
-        config = export_checkpoint(FLAGS.ckpt, FLAGS.out, FLAGS.dtype)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    print(
-        f"wrote {FLAGS.out} ({FLAGS.dtype}): GPT-2 with n_layer={config.n_layer} n_head={config.n_head} "
-        f"n_embd={config.n_embd} block_size={config.block_size} vocab_size={config.vocab_size}"
-    )
-
+__all__ = ["export_checkpoint", "load_model"]
 
 if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)
+    run()

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt2_jax import checkpoint as ckpt_lib
-from gpt2_jax.config import ModelConfig
-from gpt2_jax.model import abstract_params
+from gpt2_jax.training import checkpoint as ckpt_lib
+from gpt2_jax.model.config import ModelConfig
+from gpt2_jax.model.gpt2 import abstract_params
 
 
 def require(module: str):

@@ -1,14 +1,14 @@
-"""Blockwise causal attention (gpt2_jax/attention.py) against the dense, position-masked rule."""
+"""Blockwise causal attention (gpt2_jax/model/attention.py) against the dense, position-masked rule."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt2_jax.attention import causal_attention
-from gpt2_jax.config import ModelConfig
-from gpt2_jax.layers import attend
-from gpt2_jax.model import GPT2, init_params
+from gpt2_jax.model.attention import causal_attention
+from gpt2_jax.model.config import ModelConfig
+from gpt2_jax.model.layers import attend
+from gpt2_jax.model.gpt2 import GPT2, init_params
 
 
 def _inputs(B, T, K, G, H, seed=0):

@@ -13,11 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from gpt2_jax import checkpoint as ckpt_lib
-from gpt2_jax import sharding as sharding_lib
-from gpt2_jax import train_step as step_lib
-from gpt2_jax import trainer as trainer_lib
-from gpt2_jax.config import model_config_from
+from gpt2_jax.training import checkpoint as ckpt_lib
+from gpt2_jax.training import sharding as sharding_lib
+from gpt2_jax.training import step as step_lib
+from gpt2_jax.training import trainer as trainer_lib
+from gpt2_jax.model.config import model_config_from
 from helpers import final_params, losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

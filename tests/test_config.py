@@ -7,7 +7,7 @@ import os
 import pytest
 
 from gpt2_jax import ModelConfig
-from gpt2_jax.config import PRESETS, model_config_from
+from gpt2_jax.model.config import PRESETS, model_config_from
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from gpt2_jax import data
-from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
+from gpt2_jax.data import corpus
+from gpt2_jax.data.tokenizer import EOT_ID, get_tokenizer
 
 EOT = "<|endoftext|>"
 
@@ -27,13 +28,13 @@ def _window_ids(batch, block_size):
 
 def _count_tokenize_calls(monkeypatch):
     calls = []
-    original = data._tokenize_to_shards
+    original = corpus._tokenize_to_shards
 
     def counting(*args, **kwargs):
         calls.append(args[0].key)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(data, "_tokenize_to_shards", counting)
+    monkeypatch.setattr(corpus, "_tokenize_to_shards", counting)
     return calls
 
 
@@ -103,7 +104,7 @@ def test_safe_pieces_keep_tokens_identical():
     for text in texts:
         for target in (5, 16, 100):
             blocks = [text[i : i + 7] for i in range(0, len(text), 7)]
-            pieces = list(data._safe_pieces(blocks, target))
+            pieces = list(corpus._safe_pieces(blocks, target))
             assert "".join(pieces) == text
             assert [t for p in pieces for t in enc.encode_ordinary(p)] == enc.encode_ordinary(text)
 
@@ -170,7 +171,7 @@ def test_many_shards_concatenate(tmp_path):
     for shard in many.manifest["shards"]:
         path = many.path / shard["file"]
         assert len(data.read_llmc_shard(path)) == shard["tokens"] <= 37
-        assert data._sha256_file(path) == shard["sha256"]
+        assert corpus._sha256_file(path) == shard["sha256"]
     assert sum(s["tokens"] for s in many.manifest["shards"]) == many.manifest["total_tokens"]
     assert json.loads((many.path / "manifest.json").read_text()) == many.manifest
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from gpt2_jax import GPT2, ModelConfig
-from gpt2_jax.evaluate import MultipleChoice, load_hellaswag, perplexity, score_multiple_choice, sliding_windows
-from gpt2_jax.hf import save_hf_gpt2
-from gpt2_jax.sampling import generate
+from gpt2_jax.inference.evaluate import MultipleChoice, load_hellaswag, perplexity, score_multiple_choice, sliding_windows
+from gpt2_jax.model.hf import save_hf_gpt2
+from gpt2_jax.inference.sampling import generate
 from helpers import random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,7 +125,7 @@ def test_load_hellaswag(tmp_path):
     examples = load_hellaswag(str(path))
     assert len(examples) == 2 and examples[0].label == 1 and len(examples[0].endings) == 2
     assert load_hellaswag(str(path), limit=1) == examples[:1]
-    from gpt2_jax.tokenizer import get_tokenizer
+    from gpt2_jax.data.tokenizer import get_tokenizer
 
     assert examples[0].endings[1] == get_tokenizer().encode(" starts pulling.")
     path.write_text('{"ctx": "no endings"}\n')
@@ -155,8 +155,8 @@ def run_cli(*args, timeout=120):
 
 
 def test_cli_perplexity_and_hellaswag_json(hf_folder, tmp_path):
-    from gpt2_jax.hf import load_hf_gpt2
-    from gpt2_jax.tokenizer import get_tokenizer
+    from gpt2_jax.model.hf import load_hf_gpt2
+    from gpt2_jax.data.tokenizer import get_tokenizer
 
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 8)

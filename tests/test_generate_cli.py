@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from gpt2_jax import ModelConfig
-from gpt2_jax.hf import load_hf_gpt2, save_hf_gpt2
-from gpt2_jax.sampling import generate
-from gpt2_jax.tokenizer import EOT_ID, get_tokenizer
+from gpt2_jax.model.hf import load_hf_gpt2, save_hf_gpt2
+from gpt2_jax.inference.sampling import generate
+from gpt2_jax.data.tokenizer import EOT_ID, get_tokenizer
 from helpers import random_params, require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,8 +58,8 @@ def tiny_hf(tmp_path_factory) -> str:
 
 
 def make_checkpoint(workdir, cfg: ModelConfig, params, step: int = 3) -> str:
-    from gpt2_jax.checkpoint import Checkpointer
-    from gpt2_jax.train_step import TrainState
+    from gpt2_jax.training.checkpoint import Checkpointer
+    from gpt2_jax.training.step import TrainState
 
     checkpointer = Checkpointer(str(workdir))
     state = TrainState(step=jnp.int32(step), params=params, opt_state={}, rng=jax.random.PRNGKey(0))

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from gpt2_jax import GPT2, ModelConfig
-from gpt2_jax.config import count_params
-from gpt2_jax.hf import load_hf_gpt2, save_hf_gpt2
-from gpt2_jax.model import init_params
+from gpt2_jax.model.config import count_params
+from gpt2_jax.model.hf import load_hf_gpt2, save_hf_gpt2
+from gpt2_jax.model.gpt2 import init_params
 from helpers import require
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf_tiny")

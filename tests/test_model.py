@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from gpt2_jax import GPT2, ModelConfig
-from gpt2_jax.config import PRESETS, count_params
-from gpt2_jax.layers import apply_rotary, gelu
-from gpt2_jax.model import abstract_params, init_params
+from gpt2_jax.model.config import PRESETS, count_params
+from gpt2_jax.model.layers import apply_rotary, gelu
+from gpt2_jax.model.gpt2 import abstract_params, init_params
 
 HF_COUNTS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
 

@@ -18,12 +18,12 @@ import jax
 import numpy as np
 import pytest
 
-from gpt2_jax import preflight
-from gpt2_jax import sharding as sharding_lib
-from gpt2_jax import train_step as step_lib
-from gpt2_jax.config import model_config_from
+from gpt2_jax.training import preflight
+from gpt2_jax.training import sharding as sharding_lib
+from gpt2_jax.training import step as step_lib
+from gpt2_jax.model.config import model_config_from
 from helpers import final_params, losses
-from gpt2_jax.distributed import HEARTBEAT_TIMEOUT_S
+from gpt2_jax.training.distributed import HEARTBEAT_TIMEOUT_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 4  # steps before the interruption; every run's schedule is for 2N steps
@@ -199,7 +199,7 @@ def test_one_process_resumes_a_two_process_checkpoint(killed, single, cache, log
 
 
 def test_distributed_flags_are_checked_before_jax_is_touched():
-    from gpt2_jax.distributed import initialize
+    from gpt2_jax.training.distributed import initialize
 
     with pytest.raises(ValueError, match="go together"):
         initialize("127.0.0.1:1234", 2, None)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from gpt2_jax import GPT2, ModelConfig
-from gpt2_jax import sampling
-from gpt2_jax.model import abstract_params
-from gpt2_jax.sampling import PromptTooLongError, SamplingParams, filter_logits, generate, next_token, stream
+from gpt2_jax.inference import sampling
+from gpt2_jax.model.gpt2 import abstract_params
+from gpt2_jax.inference.sampling import PromptTooLongError, SamplingParams, filter_logits, generate, next_token, stream
 
 V = 97
 

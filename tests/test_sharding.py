@@ -11,11 +11,11 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from gpt2_jax import sharding
-from gpt2_jax import train_step as step_lib
-from gpt2_jax.config import model_config_from
-from gpt2_jax.layers import ACTIVATION_AXES
-from gpt2_jax.model import abstract_params
+from gpt2_jax.training import sharding
+from gpt2_jax.training import step as step_lib
+from gpt2_jax.model.config import model_config_from
+from gpt2_jax.model.layers import ACTIVATION_AXES
+from gpt2_jax.model.gpt2 import abstract_params
 
 _BASE = os.path.join(os.path.dirname(__file__), "..", "configs", "base.py")
 TINY = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16, vocab_size=97, pad_vocab_to_multiple=8)

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from gpt2_jax import tokenizer as tok
+from gpt2_jax.data import tokenizer as tok
 
 # Varied texts for parity: contractions, digits, punctuation runs, odd whitespace, unicode, emoji, code.
 PARITY_TEXTS = [

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gpt2_jax import data as data_lib
-from gpt2_jax import trainer as trainer_lib
+from gpt2_jax.training import trainer as trainer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

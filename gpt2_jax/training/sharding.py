@@ -27,8 +27,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gpt2_jax.config import ModelConfig
-from gpt2_jax.layers import ACTIVATION_AXES, BATCH, LENGTH
+from gpt2_jax.model.config import ModelConfig
+from gpt2_jax.model.layers import ACTIVATION_AXES, BATCH, LENGTH
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -128,7 +128,7 @@ def logical_spec(names: Sequence[str | None], where: str = "") -> PartitionSpec:
     if unknown:
         raise ValueError(
             f"{where or 'array'}: logical axis names {unknown} have no rule in "
-            f"gpt2_jax.sharding.LOGICAL_AXIS_RULES (known: {sorted(_RULES)})"
+            f"gpt2_jax.training.sharding.LOGICAL_AXIS_RULES (known: {sorted(_RULES)})"
         )
     spec = [None if name is None else _RULES[name] for name in names]
     used = [axis for axes in spec if axes is not None for axis in ((axes,) if isinstance(axes, str) else axes)]
@@ -250,4 +250,4 @@ def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
 
 # Every activation name the model constrains must have a rule: checked at import time, so a new
 # constant in layers.py without a rule fails loudly here.
-logical_spec(ACTIVATION_AXES, "gpt2_jax.layers.ACTIVATION_AXES")
+logical_spec(ACTIVATION_AXES, "gpt2_jax.model.layers.ACTIVATION_AXES")

@@ -41,10 +41,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gpt2_jax import sharding
-from gpt2_jax import train_step as step_lib
-from gpt2_jax.config import ModelConfig, count_params, model_config_from
-from gpt2_jax.trainer import flops_per_token
+from gpt2_jax.training import sharding
+from gpt2_jax.training import step as step_lib
+from gpt2_jax.model.config import ModelConfig, count_params, model_config_from
+from gpt2_jax.training.trainer import flops_per_token
 
 REPLICATED_STATE_WARN_BYTES = 1 << 30  # 1 GiB: below this, replicating the state costs little
 

@@ -1,6 +1,6 @@
 """Sampling: a jitted prefill over left-padded prompts, then a decode loop over the KV cache.
 
-    from gpt2_jax.sampling import generate
+    from gpt2_jax.inference.sampling import generate
     new_tokens = generate(config, params, [prompt_ids], max_new_tokens=64, temperature=0.8, top_k=200)
 
 How one call runs. The prompts (each repeated `num_samples` times, prompt-major) are left-padded to a
@@ -48,11 +48,11 @@ import numpy as np
 import flax.linen as nn
 from flax import struct
 
-from gpt2_jax.config import ModelConfig
-from gpt2_jax.layers import Block, layer_norm
-from gpt2_jax.model import GPT2
+from gpt2_jax.model.config import ModelConfig
+from gpt2_jax.model.layers import Block, layer_norm
+from gpt2_jax.model.gpt2 import GPT2
 
-EOT_ID = 50256  # GPT-2's <|endoftext|>; the same number as gpt2_jax.tokenizer.EOT_ID
+EOT_ID = 50256  # GPT-2's <|endoftext|>; the same number as gpt2_jax.data.tokenizer.EOT_ID
 MIN_BUCKET = 16
 TRUNCATE_MODES = ("none", "left")
 

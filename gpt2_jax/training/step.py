@@ -1,7 +1,7 @@
 """Train state, its sharded creation, and the pure train / eval steps (each jitted once).
 
 The state is built from abstract shapes: `jax.eval_shape` of the init gives shapes, the logical
-axis names give shardings (gpt2_jax/sharding.py), and `jax.jit(init, out_shardings=...)` creates
+axis names give shardings (gpt2_jax/training/sharding.py), and `jax.jit(init, out_shardings=...)` creates
 every array directly in its shards, so a large model is never whole on one device.
 """
 
@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gpt2_jax import sharding
-from gpt2_jax.config import ModelConfig
-from gpt2_jax.model import GPT2, abstract_params, init_params
-from gpt2_jax.optim import make_optimizer, make_schedule
+from gpt2_jax.training import sharding
+from gpt2_jax.model.config import ModelConfig
+from gpt2_jax.model.gpt2 import GPT2, abstract_params, init_params
+from gpt2_jax.training.optim import make_optimizer, make_schedule
 
 Batch = dict[str, jax.Array]  # {"inputs": int32 [B, T], "targets": int32 [B, T]}
 BATCH_KEYS = ("inputs", "targets")
@@ -81,7 +81,7 @@ def _opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh
             return sharding.replicated(mesh)
         raise ValueError(
             f"optimizer state leaf {sharding.path_str(path)} with shape {leaf.shape} mirrors no parameter; "
-            "give it a sharding in gpt2_jax/train_step.py"
+            "give it a sharding in gpt2_jax/training/step.py"
         )
 
     return jax.tree_util.tree_map_with_path(pick, opt_state)

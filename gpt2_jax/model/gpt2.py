@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from gpt2_jax.config import ModelConfig
-from gpt2_jax.layers import ACT_EMBED, ACTIVATION_AXES, Block, layer_norm, param_init
+from gpt2_jax.model.config import ModelConfig
+from gpt2_jax.model.layers import ACT_EMBED, ACTIVATION_AXES, Block, layer_norm, param_init
 
 
 def embed(table: nn.Embed, ids: jax.Array, dtype: str) -> jax.Array:
@@ -23,7 +23,7 @@ class GPT2(nn.Module):
 
     `positions` [B, T] gives each token its position; -1 marks padding, which no token attends
     to. Left out, token t is at position t, and attention skips the masked half of the scores
-    (gpt2_jax/attention.py): the layout of training and of evaluating whole rows. With `decode=True` the blocks read and extend a KV cache in the
+    (gpt2_jax/model/attention.py): the layout of training and of evaluating whole rows. With `decode=True` the blocks read and extend a KV cache in the
     "cache" collection (see `init_cache`); pass `mutable=["cache"]` to `apply`.
     """
 

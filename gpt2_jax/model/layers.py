@@ -5,7 +5,7 @@ G = N // K query heads per kv head, H head_dim, F mlp width.
 
 Positions: `positions=None` means token t sits at position t with no padding (training,
 evaluation of full rows); attention then runs by query blocks that skip the masked half
-(gpt2_jax/attention.py). Otherwise every token carries its position, -1 marks padding, and the
+(gpt2_jax/model/attention.py). Otherwise every token carries its position, -1 marks padding, and the
 mask is derived from positions alone (key visible iff 0 <= k_pos <= q_pos and, with a window,
 q_pos - k_pos < window), so left-padded prompts and a ring-buffer KV cache share one rule.
 """
@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from gpt2_jax.attention import causal_attention
-from gpt2_jax.config import ModelConfig
+from gpt2_jax.model.attention import causal_attention
+from gpt2_jax.model.config import ModelConfig
 
 # Logical names of activation axes, used for sharding constraints at block boundaries.
 # Parameter axes are named where each parameter is created. sharding.py maps both to mesh axes.

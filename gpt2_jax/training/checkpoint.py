@@ -27,7 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from gpt2_jax.config import ModelConfig
+from gpt2_jax.model.config import ModelConfig
 
 ITEMS = ("params", "train_state", "data", "meta")
 
@@ -246,7 +246,7 @@ def restore_params(path: str, *, dtype: str | None = None) -> tuple[ModelConfig,
     import flax.linen as nn
     import jax.numpy as jnp
 
-    from gpt2_jax.model import abstract_params
+    from gpt2_jax.model.gpt2 import abstract_params
 
     directory, step = find_checkpoint_step_dir(path)
     steps = [step] if step is not None else [int(n) for n in os.listdir(directory) if n.isdigit()]

@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from gpt2_jax import checkpoint as ckpt_lib
+from gpt2_jax.training import checkpoint as ckpt_lib
 from gpt2_jax import data as data_lib
-from gpt2_jax import sharding as sharding_lib
-from gpt2_jax import train_step as step_lib
-from gpt2_jax.config import ModelConfig, count_params, model_config_from
+from gpt2_jax.training import sharding as sharding_lib
+from gpt2_jax.training import step as step_lib
+from gpt2_jax.model.config import ModelConfig, count_params, model_config_from
 
 # Keys that may differ between a checkpoint and the config resuming it: they change how the
 # model is computed, not what its parameters are.
@@ -380,8 +380,8 @@ def _train_loop(config, workdir, model_config, mesh, num_steps, checkpointer, tr
 
 
 def _sample(model_config: ModelConfig, params: Any, t: Any) -> str:
-    from gpt2_jax.sampling import generate
-    from gpt2_jax.tokenizer import get_tokenizer
+    from gpt2_jax.inference.sampling import generate
+    from gpt2_jax.data.tokenizer import get_tokenizer
 
     tok = get_tokenizer()
     prompt = tok.encode(t.sample_prompt, allowed_special="all") or [tok.eot_token]

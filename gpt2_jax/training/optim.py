@@ -64,7 +64,7 @@ def decay_mask(params: Any) -> Any:
             return False
         raise ValueError(
             f"decay_mask: parameter {jax.tree_util.keystr(path, simple=True, separator='/')} has leaf name "
-            f"{name!r}; add it to DECAYED_LEAVES or UNDECAYED_LEAVES in gpt2_jax/optim.py"
+            f"{name!r}; add it to DECAYED_LEAVES or UNDECAYED_LEAVES in gpt2_jax/training/optim.py"
         )
 
     return jax.tree_util.tree_map_with_path(decide, params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
