@@ -1,4 +1,4 @@
-"""Decoding throughput: gpt2_jax.sampling vs Hugging Face `generate(use_cache=True)`, same weights.
+"""Decoding throughput: gpt2_jax.inference.sampling vs Hugging Face `generate(use_cache=True)`, same weights.
 
     python bench/generate_throughput.py [--batch_sizes 1,8] [--prompt_len 32] [--new_tokens 128] [--json]
 

@@ -3,7 +3,7 @@
     python bench/train_throughput.py [--shapes small,124m_t256,124m_t1024] [--steps 5] [--warmup 2]
                                      [--rounds 2] [--scan_layers] [--json]
 
-Ours is the real step of train.py: gpt2_jax.train_step.make_train_step on a 1-device mesh (fp32,
+Ours is the real step of train.py: gpt2_jax.training.step.make_train_step on a 1-device mesh (fp32,
 AdamW, global-norm clipping, the hyper-parameters of configs/base.py), vocabulary padded to 50304
 rows. Theirs is transformers' GPT2LMHeadModel (vocabulary 50257, its default attention) with
 torch.optim.AdamW under the same hyper-parameters: forward, cross-entropy over all T positions,
@@ -78,20 +78,16 @@ flags.DEFINE_bool("json", False, "Print a JSON list of records (one per shape) i
 
 
 # --------------------------------------------------------------------------- FLOPs
-def train_flops_per_token(n_nonembedding: int, shape: Shape, vocab_size: int = VOCAB_SIZE) -> float:
-    """Model FLOPs of one trained token: 6 N + 12 L H Q T (PaLM, Chowdhery et al. 2022, app. B).
+def train_flops_per_token(shape: Shape) -> float:
+    """Model FLOPs of one trained token, by the formula the trainer's MFU and preflight use
+    (`ModelConfig.train_flops_per_token`: 6 per matmul weight, the head at the true vocabulary,
+    plus the causal half of the attention square). Both sides are counted the same way, so the
+    GFLOP/s columns compare like with like."""
+    from gpt2_jax.model.config import ModelConfig
 
-    N = non-embedding parameters (blocks + final LayerNorm) + the head's vocab_size x E matmul:
-    the head is tied to wte, so it is no extra parameter, but it costs like one. Each weight
-    does one multiply-add (2 FLOPs) forward and two backward (input and weight gradients): 6.
-    12 L H Q T = 12 L E T: the scores Q K^T and the mix A V, 2 FLOPs a multiply-add, x3 for
-    forward + backward, over the full T x T square (the causal mask makes half of it wasted work
-    that the formula still counts; gpt2_jax.trainer.flops_per_token counts only that half).
-    The TRUE vocabulary is counted for both sides: rows padded for speed are not model work.
-    """
-    head = vocab_size * shape.n_embd
-    attention = 12 * shape.n_layer * shape.n_embd * shape.seq_len
-    return 6.0 * (n_nonembedding + head) + attention
+    config = ModelConfig(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
+                         block_size=BLOCK_SIZE, vocab_size=VOCAB_SIZE)
+    return config.train_flops_per_token(shape.seq_len)
 
 
 # --------------------------------------------------------------------------- timing helpers
@@ -155,10 +151,11 @@ def build_ours(shape: Shape, train_cfg, tokens, num_steps: int, scan_layers: boo
     import numpy as np
 
     from configs import base
-    from gpt2_jax.training import sharding
+    from gpt2_jax.model import abstract_params
     from gpt2_jax.model.config import count_params, model_config_from
-    from gpt2_jax.model.gpt2 import abstract_params
-    from gpt2_jax.training.step import abstract_train_state, create_train_state, make_train_step
+    from gpt2_jax.training import sharding
+    from gpt2_jax.training.run import build_run, create_train_state
+    from gpt2_jax.training.step import make_train_step
 
     c = base.get_config()
     c.model.n_layer, c.model.n_head, c.model.n_embd = shape.n_layer, shape.n_head, shape.n_embd
@@ -175,15 +172,16 @@ def build_ours(shape: Shape, train_cfg, tokens, num_steps: int, scan_layers: boo
     n_nonembedding = count_params(params) - embeddings
 
     if compile_only:
-        abstract, shardings = abstract_train_state(model_config, train_cfg, mesh, num_steps)
-        train_step = make_train_step(model_config, train_cfg, mesh, shardings, num_steps)
+        run = build_run(model_config, train_cfg, mesh, num_steps)
+        train_step = make_train_step(run)
         batch = jax.ShapeDtypeStruct((shape.batch_size, shape.seq_len), np.int32)
         with sharding.sharding_context(mesh):
-            train_step.jitted.lower(abstract, {"inputs": batch, "targets": batch}).compile()
+            train_step.jitted.lower(run.abstract_state, {"inputs": batch, "targets": batch}).compile()
         return None
-    state, shardings = create_train_state(model_config, train_cfg, mesh, num_steps)
-    train_step = make_train_step(model_config, train_cfg, mesh, shardings, num_steps)
-    batch_spec = sharding.batch_sharding(mesh)
+    run = build_run(model_config, train_cfg, mesh, num_steps)
+    state = create_train_state(run)
+    train_step = make_train_step(run)
+    batch_spec = run.batch_sharding
     batch = {
         "inputs": jax.device_put(np.asarray(tokens[:, :-1], np.int32), batch_spec),
         "targets": jax.device_put(np.asarray(tokens[:, 1:], np.int32), batch_spec),
@@ -326,7 +324,7 @@ def run_shape(name: str, env: dict) -> dict:
     gemm_torch = statistics.median(run["gemm_gflops"] for run in hf)
     n_ours = ours[0]["n_nonembedding"]
     tokens_per_step = shape.batch_size * shape.seq_len
-    flops_per_step = train_flops_per_token(n_ours, shape) * tokens_per_step
+    flops_per_step = train_flops_per_token(shape) * tokens_per_step
     step_ours, step_hf = statistics.median(t_ours), statistics.median(t_hf)
     return {
         "shape": name,
@@ -395,7 +393,8 @@ def print_table(records: list[dict], env: dict) -> None:
     print(f"fp32, AdamW + clipping. Median of {FLAGS.rounds} rounds x {FLAGS.steps} steps (after {FLAGS.warmup} "
           f"warm-up) per side; each round runs each side in a fresh process, ours first. gpt2_jax scan_layers="
           f"{FLAGS.scan_layers}. Vocab rows: gpt2_jax {records[0]['ours_vocab_rows']} (padded), HF {VOCAB_SIZE}.")
-    print("model FLOPs = 6 (N_nonembedding + V E) + 12 L E T per token, V = 50257 for both; "
+    print("model FLOPs = 6 (N_matmul + V E) + 12 L E (T+1)/2 per token (ModelConfig.train_flops_per_token), "
+          "V = 50257 for both; "
           f"'of GEMM' = share of XLA's fp32 {GEMM_N}^3 matmul rate (measured in each of our processes).")
     print()
     print(f"{'shape':<12} {'':<22} {'impl':<9} {'step ms':>9} {'min-max ms':>15} {'tokens/s':>9} "

@@ -13,11 +13,12 @@ import jax
 import numpy as np
 import pytest
 
+from gpt2_jax.model.config import model_config_from
 from gpt2_jax.training import checkpoint as ckpt_lib
+from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding as sharding_lib
 from gpt2_jax.training import step as step_lib
 from gpt2_jax.training import trainer as trainer_lib
-from gpt2_jax.model.config import model_config_from
 from helpers import final_params, losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,26 +138,20 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path, cache, straig
         assert got[s] == want[s]
 
 
-def _state_on(mesh_cfg, config):
-    model_config = model_config_from(config.model)
-    mesh = sharding_lib.make_mesh(mesh_cfg)
-    return model_config, mesh
-
-
 @pytest.mark.parametrize("target", [dict(data=1, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1),
                                     dict(data=8, fsdp=1, tensor=1)], ids=["1-device", "data2xfsdp4", "data8"])
 def test_restore_onto_another_mesh(tmp_path, target):
     config = tiny_config()
     model_config = model_config_from(config.model)
     source = sharding_lib.make_mesh(dict(data=1, fsdp=8, tensor=1))
-    state, _ = step_lib.create_train_state(model_config, config.train, source, 10)
+    state = run_lib.create_train_state(run_lib.build_run(model_config, config.train, source, 10))
     saver = ckpt_lib.Checkpointer(str(tmp_path))
     saver.save(3, state, {"step": 3}, {"model": model_config.to_dict()})
     saver.close()
 
     devices = jax.devices()[:1] if target["data"] * target["fsdp"] == 1 else None
     mesh = sharding_lib.make_mesh(target, devices=devices)
-    abstract, _ = step_lib.abstract_train_state(model_config, config.train, mesh, 10)
+    abstract = run_lib.build_run(model_config, config.train, mesh, 10).abstract_state
     loader = ckpt_lib.Checkpointer(str(tmp_path))
     restored, data_state, meta = loader.restore_latest(abstract)
     loader.close()
@@ -177,14 +172,14 @@ def _two_checkpoints(tmp_path):
     config = tiny_config()
     model_config = model_config_from(config.model)
     mesh = sharding_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    state, _ = step_lib.create_train_state(model_config, config.train, mesh, 10)
+    run = run_lib.build_run(model_config, config.train, mesh, 10)
+    state = run_lib.create_train_state(run)
     saver = ckpt_lib.Checkpointer(str(tmp_path))
     saver.save(1, state, {"step": 1}, {"model": model_config.to_dict()})
     saver.wait()
     saver.save(2, state, {"step": 2}, {"model": model_config.to_dict()})
     saver.close()
-    abstract, _ = step_lib.abstract_train_state(model_config, config.train, mesh, 10)
-    return abstract
+    return run.abstract_state
 
 
 def test_truncated_checkpoint_is_reported_and_the_previous_one_used(tmp_path, capsys):

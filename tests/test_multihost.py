@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 
 from gpt2_jax.training import preflight
+from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding as sharding_lib
-from gpt2_jax.training import step as step_lib
-from gpt2_jax.model.config import model_config_from
 from helpers import final_params, losses
 from gpt2_jax.training.distributed import HEARTBEAT_TIMEOUT_S
 
@@ -235,9 +234,7 @@ def test_preflight_matches_the_real_sharded_state_of_gpt2_on_fsdp8():
     figures = preflight.report(config)
     assert figures["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and figures["compiled"]
 
-    model_config = model_config_from(config.model)
-    mesh = sharding_lib.make_mesh(config.mesh)
-    state, _ = step_lib.create_train_state(model_config, config.train, mesh, config.train.num_steps)
+    state = run_lib.create_train_state(run_lib.run_from_config(config, sharding_lib.make_mesh(config.mesh)))
     for key, tree in (("params_bytes", state.params), ("opt_state_bytes", state.opt_state), ("state_bytes", state)):
         measured = sharding_lib.bytes_per_device(tree)
         assert len(measured) == 8 and set(measured.values()) == {figures[key]}, (key, measured, figures[key])

@@ -11,11 +11,12 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from gpt2_jax.training import sharding
-from gpt2_jax.training import step as step_lib
+from gpt2_jax.model import abstract_params
 from gpt2_jax.model.config import model_config_from
 from gpt2_jax.model.layers import ACTIVATION_AXES
-from gpt2_jax.model.gpt2 import abstract_params
+from gpt2_jax.training import run as run_lib
+from gpt2_jax.training import sharding
+from gpt2_jax.training import step as step_lib
 
 _BASE = os.path.join(os.path.dirname(__file__), "..", "configs", "base.py")
 TINY = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16, vocab_size=97, pad_vocab_to_multiple=8)
@@ -159,10 +160,10 @@ def test_validate_mesh_for_names_key_value_and_rule(mesh_axes, model, train, mes
         sharding.validate_mesh_for(model_config_from(cfg.model), cfg.train, mesh_of(**mesh_axes))
 
 
-def test_bad_mesh_fails_before_any_state_is_created():
+def test_bad_mesh_fails_before_any_state_is_laid_out():
     cfg = make_config(dict(n_kv_head=4))
     with pytest.raises(ValueError, match=r"n_head=4 is not divisible by config.mesh.tensor=8"):
-        step_lib.create_train_state(model_config_from(cfg.model), cfg.train, mesh_of(tensor=8), NUM_STEPS)
+        run_lib.build_run(model_config_from(cfg.model), cfg.train, mesh_of(tensor=8), NUM_STEPS)
 
 
 def test_sharding_context_applies_activation_rules():
@@ -185,9 +186,10 @@ def reference_run():
         cfg = make_config()
         model_config = model_config_from(cfg.model)
         mesh = mesh_of()
-        state, shardings = step_lib.create_train_state(model_config, cfg.train, mesh, NUM_STEPS)
+        run = run_lib.build_run(model_config, cfg.train, mesh, NUM_STEPS)
+        state = run_lib.create_train_state(run)
         initial = jax.device_get(state)
-        step = step_lib.make_train_step(model_config, cfg.train, mesh, shardings, NUM_STEPS)
+        step = step_lib.make_train_step(run)
         state, metrics = step(state, token_batch(mesh))
         _CACHE["reference"] = (initial, jax.device_get(state), jax.device_get(metrics))
     return _CACHE["reference"]
@@ -198,7 +200,8 @@ def born_on_fsdp8():
     if "fsdp8" not in _CACHE:
         cfg = make_config()
         model_config = model_config_from(cfg.model)
-        _CACHE["fsdp8"] = step_lib.create_train_state(model_config, cfg.train, mesh_of(fsdp=8), NUM_STEPS)
+        run = run_lib.build_run(model_config, cfg.train, mesh_of(fsdp=8), NUM_STEPS)
+        _CACHE["fsdp8"] = (run_lib.create_train_state(run), run.state_shardings)
     return _CACHE["fsdp8"]
 
 
@@ -212,8 +215,9 @@ def test_one_step_on_a_mesh_equals_one_device(mesh_axes):
     cfg = make_config()
     model_config = model_config_from(cfg.model)
     mesh = mesh_of(**mesh_axes)
-    _, shardings = step_lib.abstract_train_state(model_config, cfg.train, mesh, NUM_STEPS)
-    step = step_lib.make_train_step(model_config, cfg.train, mesh, shardings, NUM_STEPS)
+    run = run_lib.build_run(model_config, cfg.train, mesh, NUM_STEPS)
+    shardings = run.state_shardings
+    step = step_lib.make_train_step(run)
     # The same starting point on every mesh (test_state_is_born_sharded_... shows creation agrees too).
     state, metrics = step(jax.device_put(initial, shardings), token_batch(mesh))
 
@@ -266,8 +270,9 @@ def test_train_step_traces_the_model_activation_constraints():
     cfg = make_config()
     model_config = model_config_from(cfg.model)
     mesh = mesh_of(data=2, fsdp=4)
-    abstract, shardings = step_lib.abstract_train_state(model_config, cfg.train, mesh, NUM_STEPS)
-    step = step_lib.make_train_step(model_config, cfg.train, mesh, shardings, NUM_STEPS)
+    run = run_lib.build_run(model_config, cfg.train, mesh, NUM_STEPS)
+    abstract = run.abstract_state
+    step = step_lib.make_train_step(run)
     tokens = jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=sharding.batch_sharding(mesh))
     batch = {"inputs": tokens, "targets": tokens}
 
@@ -287,7 +292,7 @@ def test_optimizer_state_leaves_follow_their_parameter_or_raise():
     param_shardings = {"dense": {"kernel": jax.sharding.NamedSharding(mesh, P("fsdp", None))}}
     count = jax.ShapeDtypeStruct((), jnp.int32)
     adam = optax.ScaleByAdamState(count=count, mu=params, nu=params)
-    got = step_lib._opt_state_shardings((optax.EmptyState(), adam), params, param_shardings, mesh)
+    got = run_lib.opt_state_shardings((optax.EmptyState(), adam), params, param_shardings, mesh)
     assert got[1].mu == param_shardings and got[1].nu == param_shardings and got[1].count.spec == P()
     with pytest.raises(ValueError, match=r"optimizer state leaf 1/extra with shape \(4, 2\) mirrors no parameter"):
-        step_lib._opt_state_shardings((adam, {"extra": kernel}), params, param_shardings, mesh)
+        run_lib.opt_state_shardings((adam, {"extra": kernel}), params, param_shardings, mesh)

@@ -11,10 +11,11 @@ import numpy as np
 import optax
 import pytest
 
+from gpt2_jax.model import abstract_params
+from gpt2_jax.model.config import model_config_from
+from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding
 from gpt2_jax.training import step as step_lib
-from gpt2_jax.model.config import model_config_from
-from gpt2_jax.model.gpt2 import abstract_params
 from gpt2_jax.training.optim import decay_mask, make_optimizer, make_schedule
 
 _BASE = os.path.join(os.path.dirname(__file__), "..", "configs", "base.py")
@@ -58,9 +59,8 @@ def shared_state():
     """(initial state, its shardings) on the shared mesh. Pass `fresh(...)` copies to steps."""
     if "state" not in _CACHE:
         cfg = make_config(global_batch_size=SHARED_BATCH)
-        _CACHE["state"] = step_lib.create_train_state(
-            model_config_from(cfg.model), cfg.train, mesh_of(**SHARED_MESH), cfg.train.num_steps
-        )
+        run = run_lib.run_from_config(cfg, mesh_of(**SHARED_MESH))
+        _CACHE["state"] = (run_lib.create_train_state(run), run.state_shardings)
     return _CACHE["state"]
 
 
@@ -69,10 +69,7 @@ def shared_step(model=None, **train):
     cfg = make_config(model, global_batch_size=SHARED_BATCH, **train)
     key = repr(cfg.to_dict())  # equal configs share one compiled step
     if key not in _CACHE:
-        _, shardings = shared_state()
-        _CACHE[key] = step_lib.make_train_step(
-            model_config_from(cfg.model), cfg.train, mesh_of(**SHARED_MESH), shardings, cfg.train.num_steps
-        )
+        _CACHE[key] = step_lib.make_train_step(run_lib.run_from_config(cfg, mesh_of(**SHARED_MESH)))
     return _CACHE[key]
 
 
@@ -158,7 +155,7 @@ def test_adamw_decays_only_the_masked_leaves():
             "ln": {"scale": ones(2, 3), "bias": ones(2, 3)},
         },
     }
-    tx = make_optimizer(cfg.train, num_steps=10)
+    tx = make_optimizer(cfg.train, make_schedule(cfg.train, num_steps=10))
 
     @jax.jit
     def decay_only(params):
@@ -246,9 +243,8 @@ def test_skip_nonfinite_keeps_params_and_optimizer_state():
 def shared_eval_loss() -> float:
     """The eval step's loss of the shared initial state on the shared batch."""
     if "eval_loss" not in _CACHE:
-        state, shardings = shared_state()
-        model_config = model_config_from(make_config().model)
-        eval_step = step_lib.make_eval_step(model_config, mesh_of(**SHARED_MESH), shardings)
+        state, _ = shared_state()
+        eval_step = step_lib.make_eval_step(run_lib.run_from_config(make_config(), mesh_of(**SHARED_MESH)))
         _CACHE["eval_loss"] = float(eval_step(state.params, shared_batch())["loss"])
     return _CACHE["eval_loss"]
 
@@ -271,9 +267,9 @@ def test_bfloat16_compute_keeps_fp32_params_and_close_loss():
 def test_bad_batch_raises_before_compute():
     cfg = make_config()
     mesh = mesh_of(data=2)
-    model_config = model_config_from(cfg.model)
-    state, shardings = step_lib.abstract_train_state(model_config, cfg.train, mesh, 10)  # allocates nothing
-    step = step_lib.make_train_step(model_config, cfg.train, mesh, shardings, 10)
+    run = run_lib.run_from_config(cfg, mesh, num_steps=10)
+    state = run.abstract_state  # allocates nothing
+    step = step_lib.make_train_step(run)
     good = token_batch(mesh)
     with pytest.raises(ValueError, match=r"batch must be a dict with keys \('inputs', 'targets'\)"):
         step(state, {"inputs": good["inputs"]})

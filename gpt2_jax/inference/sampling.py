@@ -45,12 +45,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 from flax import struct
 
 from gpt2_jax.model.config import ModelConfig
+from gpt2_jax.model.gpt2 import GPT2, embed_inputs, output_logits, position_embedding, token_embedding
 from gpt2_jax.model.layers import Block, layer_norm
-from gpt2_jax.model.gpt2 import GPT2
 
 EOT_ID = 50256  # GPT-2's <|endoftext|>; the same number as gpt2_jax.data.tokenizer.EOT_ID
 MIN_BUCKET = 16
@@ -250,20 +249,18 @@ def _decode_logits(config: ModelConfig, weights: DecodeWeights, caches: tuple, t
     GPT2(config).apply(..., decode=True) computed from the model's own modules, layer by layer
     (see DecodeWeights for why); tests hold it to GPT2's full forward.
     """
-    cfg = config
-    wte = nn.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    x = wte.apply({"params": weights.top["wte"]}, tokens)  # [B, 1, E]
-    if cfg.position_embedding == "learned":
-        wpe = nn.Embed(cfg.block_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        x = x + wpe.apply({"params": weights.top["wpe"]}, jnp.clip(positions, 0, cfg.block_size - 1))
+    cfg, top = config, weights.top
+    wte = token_embedding(cfg, name=None).bind({"params": top["wte"]})
+    wpe = position_embedding(cfg, name=None)
+    wpe = None if wpe is None else wpe.bind({"params": top["wpe"]})
+    x = embed_inputs(cfg, wte, wpe, tokens, positions)  # [B, 1, E]
     block = Block(cfg, deterministic=True, decode=True)
     new_caches = []
     for layer, cache in zip(weights.layers, caches):
         (x, _), mut = block.apply({"params": layer, "cache": cache}, x, positions, mutable=["cache"])
         new_caches.append(mut["cache"])
-    x = layer_norm(cfg, "ln_f").apply({"params": weights.top["ln_f"]}, x)
-    logits = wte.apply({"params": weights.top["wte"]}, x, method="attend")  # [B, 1, V_padded], tied head
-    return logits[:, 0, : cfg.vocab_size], tuple(new_caches)
+    ln_f = layer_norm(cfg, None).bind({"params": top["ln_f"]})
+    return output_logits(cfg, ln_f, wte, x[:, 0]), tuple(new_caches)  # [B, V]
 
 
 @struct.dataclass

@@ -69,6 +69,30 @@ class ModelConfig:
         m = self.pad_vocab_to_multiple
         return int(math.ceil(self.vocab_size / m) * m)
 
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """Model FLOPs of one trained token at sequence length `seq_len`: the one formula for MFU,
+        preflight and the benchmarks.
+
+        6 per matmul weight (a multiply-add forward, two backward: input and weight gradients) over
+        q, k, v, the attention output, the MLP and the head's vocab_size x n_embd matmul (tied to
+        wte, so no extra parameter, but it costs like one; padded vocabulary rows are not model
+        work), plus the attention scores Q K^T and the mix A V: 12 n_embd FLOPs per (query, key)
+        pair attended, forward and backward. A causal query at t attends to t + 1 keys, so on average
+        about seq_len / 2 (the masked half is not model work, and the blockwise kernel skips it),
+        and at most sliding_window + 1 with a window. Biases, norms and embedding lookups are
+        left out, as in PaLM's count (Chowdhery et al. 2022, app. B).
+        """
+        E, H = self.n_embd, self.head_dim
+        per_layer = E * H * (self.n_head + 2 * self.kv_heads) + self.n_head * H * E + 2 * E * self.mlp_dim
+        matmul_weights = self.n_layer * per_layer + self.vocab_size * E
+        T = seq_len
+        if self.sliding_window is None or self.sliding_window + 1 >= T:
+            keys_per_query = (T + 1) / 2
+        else:  # the first w queries see 1..w keys, the rest w + 1 each
+            w = self.sliding_window
+            keys_per_query = (w * (w + 1) / 2 + (T - w) * (w + 1)) / T
+        return 6.0 * matmul_weights + 12.0 * self.n_layer * self.n_head * H * keys_per_query
+
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":

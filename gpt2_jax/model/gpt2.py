@@ -10,6 +10,51 @@ from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.layers import ACT_EMBED, ACTIVATION_AXES, Block, layer_norm, param_init
 
 
+def token_embedding(cfg: ModelConfig, name: str | None = "wte") -> nn.Embed:
+    """wte: [padded_vocab, E], also the (tied) output head."""
+    return nn.Embed(
+        num_embeddings=cfg.padded_vocab_size,
+        features=cfg.n_embd,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        embedding_init=param_init(0.02, ("vocab", "embed")),
+        name=name,
+    )
+
+
+def position_embedding(cfg: ModelConfig, name: str | None = "wpe") -> nn.Embed | None:
+    """wpe: [block_size, E] for learned positions; None for rotary (positions enter attention)."""
+    if cfg.position_embedding != "learned":
+        return None
+    return nn.Embed(
+        num_embeddings=cfg.block_size,
+        features=cfg.n_embd,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        embedding_init=param_init(0.02, ("position", "embed")),
+        name=name,
+    )
+
+
+def embed_inputs(cfg: ModelConfig, wte: nn.Embed, wpe: nn.Embed | None, tokens: jax.Array,
+                 positions: jax.Array | None) -> jax.Array:
+    """tokens [B, T] (+ positions [B, T], None = 0..T-1) -> the first residual stream [B, T, E]."""
+    x = embed(wte, tokens, cfg.dtype)  # [B, T, E]
+    if wpe is not None:
+        if positions is None:
+            x = x + embed(wpe, jnp.arange(tokens.shape[1], dtype=jnp.int32)[None], cfg.dtype)
+        else:  # padding (-1) is clipped to a real row: no token attends to it anyway
+            x = x + embed(wpe, jnp.clip(positions, 0, cfg.block_size - 1), cfg.dtype)
+    return x
+
+
+def output_logits(cfg: ModelConfig, ln_f: nn.LayerNorm, wte: nn.Embed, x: jax.Array) -> jax.Array:
+    """The last residual stream [..., E] -> logits [..., vocab_size]: final LayerNorm, tied head."""
+    logits = wte.attend(ln_f(x))  # [..., V_padded]
+    # Padded vocabulary rows are cut here, so they can never win a softmax or a sample.
+    return logits[..., : cfg.vocab_size]
+
+
 def embed(table: nn.Embed, ids: jax.Array, dtype: str) -> jax.Array:
     """Row lookup. Under FSDP the table is sharded along "embed"; gathering it first (as ZeRO-3
     does for every weight) makes the looked-up rows come out batch-sharded, where looking up
@@ -45,28 +90,8 @@ class GPT2(nn.Module):
         if positions is None and decode:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
 
-        wte = nn.Embed(
-            num_embeddings=cfg.padded_vocab_size,
-            features=cfg.n_embd,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            embedding_init=param_init(0.02, ("vocab", "embed")),
-            name="wte",
-        )
-        x = embed(wte, tokens, cfg.dtype)  # [B, T, E]
-        if cfg.position_embedding == "learned":
-            wpe = nn.Embed(
-                num_embeddings=cfg.block_size,
-                features=cfg.n_embd,
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                embedding_init=param_init(0.02, ("position", "embed")),
-                name="wpe",
-            )
-            if positions is None:
-                x = x + embed(wpe, jnp.arange(T, dtype=jnp.int32)[None], cfg.dtype)
-            else:
-                x = x + embed(wpe, jnp.clip(positions, 0, cfg.block_size - 1), cfg.dtype)
+        wte = token_embedding(cfg)
+        x = embed_inputs(cfg, wte, position_embedding(cfg), tokens, positions)  # [B, T, E]
         x = nn.Dropout(rate=cfg.dropout)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
 
@@ -86,10 +111,7 @@ class GPT2(nn.Module):
         )(cfg, deterministic, decode, name="blocks")
         x, _ = blocks(x, positions)
 
-        x = layer_norm(cfg, "ln_f")(x)
-        logits = wte.attend(x)  # [B, T, V_padded], tied to the input embedding
-        # Padded vocabulary rows are cut here, so they can never win a softmax or a sample.
-        return logits[..., : cfg.vocab_size]
+        return output_logits(cfg, layer_norm(cfg, "ln_f"), wte, x)  # [B, T, vocab_size]
 
     def init_cache(self, batch_size: int, max_len: int):
         """An empty KV cache for `batch_size` sequences of up to `max_len` tokens in all.

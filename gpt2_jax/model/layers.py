@@ -46,7 +46,7 @@ def ones_init(axes: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
 
 
-def layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
+def layer_norm(config: ModelConfig, name: str | None) -> nn.LayerNorm:
     return nn.LayerNorm(
         epsilon=config.layer_norm_eps,
         dtype=config.dtype,

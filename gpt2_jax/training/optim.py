@@ -70,13 +70,13 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decide, params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def make_optimizer(train_cfg: Any, num_steps: int | None = None) -> optax.GradientTransformation:
-    """Global-norm clipping (grad_clip; 0 disables), then AdamW on the warmup + cosine schedule."""
+def make_optimizer(train_cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Global-norm clipping (grad_clip; 0 disables), then AdamW on `schedule` (see make_schedule)."""
     clip = train_cfg.grad_clip
     if clip < 0:
         raise ValueError(f"config.train.grad_clip={clip} must be >= 0 (0 disables clipping)")
     adamw = optax.adamw(
-        learning_rate=make_schedule(train_cfg, num_steps),
+        learning_rate=schedule,
         b1=train_cfg.adam_b1,
         b2=train_cfg.adam_b2,
         eps=train_cfg.adam_eps,

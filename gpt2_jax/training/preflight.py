@@ -41,10 +41,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from gpt2_jax.model.config import ModelConfig, count_params, model_config_from
+from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding
 from gpt2_jax.training import step as step_lib
-from gpt2_jax.model.config import ModelConfig, count_params, model_config_from
-from gpt2_jax.training.trainer import flops_per_token
 
 REPLICATED_STATE_WARN_BYTES = 1 << 30  # 1 GiB: below this, replicating the state costs little
 
@@ -82,7 +82,8 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
     # build the state against one that does (model dimensions are still checked, and raise).
     state_train_cfg = _replaced(t, global_batch_size=sharding.batch_divisor(mesh) * accum)
     num_steps = max(int(t.num_steps), 1)  # shapes only; the schedule does not change them
-    abstract, shardings = step_lib.abstract_train_state(model_config, state_train_cfg, mesh, num_steps)
+    run = run_lib.build_run(model_config, state_train_cfg, mesh, num_steps)
+    abstract = run.abstract_state
     params_bytes = bytes_per_device(abstract.params)
     opt_state_bytes = bytes_per_device(abstract.opt_state)
     state_bytes = bytes_per_device(abstract)
@@ -109,7 +110,7 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
         "device_memory_bytes": memory_limit,
         "device_memory_source": memory_source,
         "flops_per_step": None,
-        "flops_per_step_analytic": flops_per_token(model_config, model_config.block_size) * tokens_per_step,
+        "flops_per_step_analytic": model_config.train_flops_per_token(model_config.block_size) * tokens_per_step,
         "compiled": False,
         "compile_note": "",
         "compile_s": None,
@@ -125,7 +126,7 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
         figures["compile_note"] = "compilation skipped: the batch does not divide (see warnings)"
     else:
         start = time.perf_counter()
-        figures.update(_compiled_figures(model_config, t, mesh, abstract, shardings, num_steps))
+        figures.update(_compiled_figures(run, t))
         figures["compile_s"] = time.perf_counter() - start
         figures["compiled"] = True
 
@@ -176,21 +177,23 @@ def _batch_warnings(t: Any, mesh_sizes: dict[str, int]) -> list[str]:
     return out
 
 
-def _compiled_figures(model_config: ModelConfig, t: Any, mesh: Any, abstract: Any, shardings: Any,
-                      num_steps: int) -> dict[str, Any]:
-    """Activation / peak bytes and FLOPs from the compiled train step (abstract inputs only)."""
+def _compiled_figures(run: run_lib.Run, t: Any) -> dict[str, Any]:
+    """Activation / peak bytes and FLOPs from the compiled train step (abstract inputs only).
+
+    `t` is the config.train block as written: its global_batch_size may differ from the run's,
+    whose state was laid out for a batch that divides the mesh.
+    """
     accum = t.grad_accum_steps
 
-    def compile_step(model_cfg: ModelConfig, train_cfg: Any, batch_size: int):
-        step = step_lib.make_train_step(model_cfg, train_cfg, mesh, shardings, num_steps)
-        spec = sharding.batch_sharding(mesh)
-        batch = {k: jax.ShapeDtypeStruct((batch_size, model_cfg.block_size), jnp.int32, sharding=spec)
+    def compile_step(step_run: run_lib.Run, batch_size: int):
+        spec = step_run.batch_sharding
+        batch = {k: jax.ShapeDtypeStruct((batch_size, step_run.model_config.block_size), jnp.int32, sharding=spec)
                  for k in step_lib.BATCH_KEYS}
-        with sharding.sharding_context(mesh):
-            return step.jitted.lower(abstract, batch).compile()
+        with sharding.sharding_context(step_run.mesh):
+            return step_lib.make_train_step(step_run).jitted.lower(step_run.abstract_state, batch).compile()
 
     figures: dict[str, Any] = {}
-    compiled = compile_step(model_config, t, t.global_batch_size)
+    compiled = compile_step(run, t.global_batch_size)
     memory = compiled.memory_analysis()
     if memory is not None:  # None where a backend does not report it
         # The state is donated: outputs alias arguments, so they are counted once.
@@ -198,12 +201,14 @@ def _compiled_figures(model_config: ModelConfig, t: Any, mesh: Any, abstract: An
                 + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
         figures.update(activation_bytes=int(memory.temp_size_in_bytes), peak_bytes=int(peak))
 
+    model_config = run.model_config
     if model_config.scan_layers or accum > 1:  # loops whose bodies XLA's cost analysis counts once
         one_micro = _replaced(t, global_batch_size=t.global_batch_size // accum, grad_accum_steps=1)
-        compiled = compile_step(model_config.replace(scan_layers=False), one_micro, one_micro.global_batch_size)
+        unrolled = run_lib.build_run(model_config.replace(scan_layers=False), one_micro, run.mesh, run.num_steps)
+        compiled = compile_step(unrolled, one_micro.global_batch_size)
     flops = _flops(compiled.cost_analysis())
     if flops is not None:  # the per-device (SPMD) program, run by every device, for one micro-batch
-        figures["flops_per_step"] = accum * flops * mesh.size
+        figures["flops_per_step"] = accum * flops * run.mesh.size
     return figures
 
 

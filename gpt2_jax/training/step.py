@@ -1,8 +1,7 @@
-"""Train state, its sharded creation, and the pure train / eval steps (each jitted once).
+"""The pure train and eval steps, each jitted once with the shardings of a `Run` (training/run.py).
 
-The state is built from abstract shapes: `jax.eval_shape` of the init gives shapes, the logical
-axis names give shardings (gpt2_jax/training/sharding.py), and `jax.jit(init, out_shardings=...)` creates
-every array directly in its shards, so a large model is never whole on one device.
+`make_train_step(run)` returns `train_step(state, batch) -> (state, metrics)` with the state
+donated; `make_eval_step(run)` returns `eval_step(params, batch) -> {"loss"}`.
 """
 
 from __future__ import annotations
@@ -11,27 +10,17 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gpt2_jax.model import GPT2, ModelConfig
 from gpt2_jax.training import sharding
-from gpt2_jax.model.config import ModelConfig
-from gpt2_jax.model.gpt2 import GPT2, abstract_params, init_params
-from gpt2_jax.training.optim import make_optimizer, make_schedule
+from gpt2_jax.training.run import Run, TrainState
 
 Batch = dict[str, jax.Array]  # {"inputs": int32 [B, T], "targets": int32 [B, T]}
 BATCH_KEYS = ("inputs", "targets")
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array  # int32 [], optimizer steps taken (skipped non-finite updates included)
-    params: Any  # unboxed parameter tree, param_dtype (fp32 by default)
-    opt_state: optax.OptState  # mirrors params leaf by leaf, and so shares their shardings
-    rng: jax.Array  # uint32 [2]: root of the dropout keys, fold_in(rng, step) per step
 
 
 # --------------------------------------------------------------------------- loss
@@ -54,87 +43,6 @@ def loss_fn(
         rngs=None if dropout_rng is None else {"dropout": dropout_rng},
     )  # [B, T, V]
     return cross_entropy(logits, batch["targets"])
-
-
-# --------------------------------------------------------------------------- state
-def _opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
-    """Shardings for an (abstract) optimizer state: each leaf follows the parameter it mirrors.
-
-    Matched by key path: optax keeps moments as copies of the params tree (…/mu/blocks/attn/q/kernel),
-    so a state leaf whose path ends with a parameter's path and has that parameter's shape gets
-    that parameter's sharding. Scalars (step counts) are replicated. Anything else raises rather
-    than being silently replicated. This does not depend on how optax nests its states.
-    """
-    by_path: dict[tuple[str, ...], tuple[tuple[int, ...], NamedSharding]] = {}
-    for (path, leaf), s in zip(
-        jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(param_shardings)
-    ):
-        by_path[_keys(path)] = (tuple(leaf.shape), s)
-
-    def pick(path, leaf):
-        keys = _keys(path)
-        for start in range(len(keys)):  # longest suffix first
-            hit = by_path.get(keys[start:])
-            if hit is not None and hit[0] == tuple(leaf.shape):
-                return hit[1]
-        if leaf.ndim == 0:
-            return sharding.replicated(mesh)
-        raise ValueError(
-            f"optimizer state leaf {sharding.path_str(path)} with shape {leaf.shape} mirrors no parameter; "
-            "give it a sharding in gpt2_jax/training/step.py"
-        )
-
-    return jax.tree_util.tree_map_with_path(pick, opt_state)
-
-
-def _keys(path: jax.tree_util.KeyPath) -> tuple[str, ...]:
-    return tuple(jax.tree_util.keystr((k,), simple=True) for k in path)
-
-
-def _init_fn(model_config: ModelConfig, tx: optax.GradientTransformation, batch_size: int) -> Callable:
-    def init(seed_key: jax.Array) -> TrainState:
-        params_rng, dropout_rng = jax.random.split(seed_key)
-        params = init_params(model_config, params_rng, batch_size=batch_size)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=dropout_rng)
-
-    return init
-
-
-def abstract_train_state(
-    model_config: ModelConfig, train_cfg: Any, mesh: Mesh, num_steps: int
-) -> tuple[TrainState, TrainState]:
-    """(state of jax.ShapeDtypeStruct with .sharding set, state of NamedSharding); allocates nothing.
-
-    The first is what a checkpoint restores into; the second is what jit takes as shardings.
-    """
-    sharding.validate_mesh_for(model_config, train_cfg, mesh)
-    tx = make_optimizer(train_cfg, num_steps)
-    init = _init_fn(model_config, tx, sharding.batch_divisor(mesh))
-    shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
-    param_shardings = sharding.logical_to_sharding(abstract_params(model_config), mesh)
-    shardings = TrainState(
-        step=sharding.replicated(mesh),
-        params=param_shardings,
-        opt_state=_opt_state_shardings(shapes.opt_state, shapes.params, param_shardings, mesh),
-        rng=sharding.replicated(mesh),
-    )
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-    return abstract, shardings
-
-
-def create_train_state(
-    model_config: ModelConfig, train_cfg: Any, mesh: Mesh, num_steps: int
-) -> tuple[TrainState, TrainState]:
-    """A freshly initialised state born sharded on `mesh`, and its shardings (a TrainState of them).
-
-    Parameters come from `PRNGKey(train_cfg.seed)` split into (params, dropout) keys.
-    """
-    _, shardings = abstract_train_state(model_config, train_cfg, mesh, num_steps)
-    tx = make_optimizer(train_cfg, num_steps)
-    init = jax.jit(_init_fn(model_config, tx, sharding.batch_divisor(mesh)), out_shardings=shardings)
-    with sharding.sharding_context(mesh):  # the parameters' own logical constraints apply inside init too
-        state = init(jax.random.PRNGKey(train_cfg.seed))
-    return state, shardings
 
 
 # --------------------------------------------------------------------------- steps
@@ -183,9 +91,7 @@ def _batch_checker(model_config: ModelConfig, mesh: Mesh, batch_size: int | None
     return check
 
 
-def make_train_step(
-    model_config: ModelConfig, train_cfg: Any, mesh: Mesh, state_shardings: TrainState, num_steps: int
-) -> OnMesh:
+def make_train_step(run: Run) -> OnMesh:
     """`train_step(state, batch) -> (state, metrics)`, jitted once; the state is donated.
 
     The batch (global [B, T] arrays, B = global_batch_size) is split into grad_accum_steps
@@ -196,9 +102,8 @@ def make_train_step(
     skip_nonfinite_updates=True a non-finite loss or gradient norm leaves params and opt_state
     as they were (the optimizer's own count, hence its schedule position, does not advance; step does).
     """
-    sharding.validate_mesh_for(model_config, train_cfg, mesh)
-    tx = make_optimizer(train_cfg, num_steps)
-    schedule = make_schedule(train_cfg, num_steps)
+    model_config, train_cfg, mesh, state_shardings = run.model_config, run.train_cfg, run.mesh, run.state_shardings
+    tx, schedule = run.tx, run.schedule
     accum = train_cfg.grad_accum_steps
     skip_nonfinite = bool(train_cfg.skip_nonfinite_updates)
     batch_spec = sharding.batch_sharding(mesh)
@@ -267,8 +172,9 @@ def make_train_step(
     return OnMesh(jitted, mesh, checker)
 
 
-def make_eval_step(model_config: ModelConfig, mesh: Mesh, state_shardings: TrainState) -> OnMesh:
+def make_eval_step(run: Run) -> OnMesh:
     """`eval_step(params, batch) -> {"loss": fp32 mean loss}`, deterministic, jitted once per batch shape."""
+    model_config, mesh, state_shardings = run.model_config, run.mesh, run.state_shardings
     batch_spec = sharding.batch_sharding(mesh)
 
     def eval_fn(params: Any, batch: Batch) -> dict[str, jax.Array]:

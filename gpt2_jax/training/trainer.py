@@ -19,11 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from gpt2_jax.training import checkpoint as ckpt_lib
 from gpt2_jax import data as data_lib
+from gpt2_jax.model.config import ModelConfig, count_params, model_config_from
+from gpt2_jax.training import checkpoint as ckpt_lib
+from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding as sharding_lib
 from gpt2_jax.training import step as step_lib
-from gpt2_jax.model.config import ModelConfig, count_params, model_config_from
 
 # Keys that may differ between a checkpoint and the config resuming it: they change how the
 # model is computed, not what its parameters are.
@@ -60,17 +61,6 @@ class _Signals:
     def uninstall(self) -> None:
         for sig, old in self.previous.items():
             signal.signal(sig, old)
-
-
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per parameter (forward + backward) plus attention scores."""
-    n = config.n_layer * (
-        config.n_embd * config.head_dim * (config.n_head + 2 * config.kv_heads)  # q, k, v
-        + config.n_head * config.head_dim * config.n_embd  # out
-        + 2 * config.n_embd * config.mlp_dim  # mlp
-    ) + config.padded_vocab_size * config.n_embd  # the tied head's matmul
-    attn = 12 * config.n_layer * config.n_head * config.head_dim * seq_len / 2  # causal half
-    return 6.0 * n + attn
 
 
 def peak_flops_per_device(override: float = 0.0) -> float:
@@ -215,7 +205,6 @@ def train(config: Any, workdir: str) -> dict:
     t = config.train
     model_config = model_config_from(config.model)
     mesh = sharding_lib.make_mesh(config.mesh)
-    sharding_lib.validate_mesh_for(model_config, t, mesh)
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
 
@@ -232,18 +221,20 @@ def train(config: Any, workdir: str) -> dict:
     if num_steps <= 0:
         raise ValueError(f"config.train.num_steps={t.num_steps} (num_epochs={t.num_epochs}) gives no step to train")
 
-    # Validates the optimizer settings and gives the restore target; allocates nothing.
-    abstract = step_lib.abstract_train_state(model_config, t, mesh, num_steps)
+    # Checks the mesh against the model and batch, builds the optimizer, schedule and the state's
+    # layout, once (the schedule's length needs the corpus when training by epochs); allocates nothing.
+    run = run_lib.build_run(model_config, t, mesh, num_steps)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
     try:
-        return _train_loop(config, workdir, model_config, mesh, num_steps, checkpointer, train_iter, val_tokens, abstract)
+        return _train_loop(config, workdir, run, checkpointer, train_iter, val_tokens)
     finally:
         checkpointer.close()
         train_iter.close()
 
 
-def _train_loop(config, workdir, model_config, mesh, num_steps, checkpointer, train_iter, val_tokens, abstract) -> dict:
+def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val_tokens) -> dict:
     t = config.train
+    model_config, mesh, num_steps = run.model_config, run.mesh, run.num_steps
     is_main = jax.process_index() == 0
     do_eval = t.eval_every > 0 and t.eval_steps > 0
     saved_steps = checkpointer.all_steps()
@@ -255,8 +246,7 @@ def _train_loop(config, workdir, model_config, mesh, num_steps, checkpointer, tr
         if saved_model is not None:
             _check_model_matches(saved_model, model_config)
         # Restore straight into the sharded layout of this run's mesh: never whole on one device.
-        abstract_state, state_shardings = abstract
-        restored = checkpointer.restore_latest(abstract_state)
+        restored = checkpointer.restore_latest(run.abstract_state)
         if restored is None:
             raise ValueError(f"{checkpointer.directory} holds checkpoints but none is usable (see messages above)")
         _check_model_matches(restored[2]["model"], model_config)  # an older step may differ too
@@ -265,12 +255,12 @@ def _train_loop(config, workdir, model_config, mesh, num_steps, checkpointer, tr
         if is_main:
             print(f"resumed from step {saved_meta['step']} ({checkpointer.directory})", flush=True)
     else:
-        state, state_shardings = step_lib.create_train_state(model_config, t, mesh, num_steps)
+        state = run_lib.create_train_state(run)
     start_step = int(jax.device_get(state.step))
 
-    train_step = step_lib.make_train_step(model_config, t, mesh, state_shardings, num_steps)
-    eval_step = step_lib.make_eval_step(model_config, mesh, state_shardings) if do_eval else None
-    batch_sharding = sharding_lib.batch_sharding(mesh)
+    train_step = step_lib.make_train_step(run)
+    eval_step = step_lib.make_eval_step(run) if do_eval else None
+    batch_sharding = run.batch_sharding
     meta = {"model": model_config.to_dict(), "config": json.loads(config.to_json())}
 
     def save(step: int) -> None:
@@ -291,7 +281,7 @@ def _train_loop(config, workdir, model_config, mesh, num_steps, checkpointer, tr
 
     n_params = count_params(state.params)
     tokens_per_step = t.global_batch_size * model_config.block_size
-    flops_per_step = flops_per_token(model_config, model_config.block_size) * tokens_per_step
+    flops_per_step = model_config.train_flops_per_token(model_config.block_size) * tokens_per_step
     peak = peak_flops_per_device(t.peak_flops_per_device) * jax.device_count()
     logger = _Logger(workdir)
     if is_main:
