@@ -72,9 +72,12 @@ def main(argv) -> None:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # keep library chatter (orbax, jax) off the terminal
+    from gpt2_jax import compilation_cache
+    from gpt2_jax.data.tokenizer import EOT_ID, get_tokenizer
     from gpt2_jax.inference.export import check_source, load_model
     from gpt2_jax.inference.sampling import PromptTooLongError, generate_with_stats, stream, validate_sampling
-    from gpt2_jax.data.tokenizer import EOT_ID, get_tokenizer
+
+    compilation_cache.enable()  # a second call loads the prefill and decode programs instead of compiling
 
     sampling = dict(
         max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,

@@ -32,8 +32,14 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and jax log a lot at INFO
+    import os
+
     import jax
 
+    from gpt2_jax import compilation_cache
+
+    # Beside the corpus cache: a second run of the same config loads its programs instead of compiling.
+    compilation_cache.enable(default=os.path.join(FLAGS.config.data.cache_dir, "jax_cache"))
     if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.tpu_pod:
         from gpt2_jax.training.distributed import initialize
 
@@ -53,8 +59,6 @@ def main(argv):
 
     workdir = FLAGS.workdir
     if workdir is None:
-        import os
-
         name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
         workdir = os.path.join("workdir", name)
     try:

@@ -1,12 +1,33 @@
-"""Test set-up: 8 simulated CPU devices, configured before jax is first imported."""
+"""Test set-up: 8 simulated CPU devices, configured before jax is first imported, and one persistent
+compilation cache for the whole session.
+
+Most of the suite's time is XLA compiling small programs, many of them the same program built again
+(a new jit wrapper in another test, or a train.py subprocess compiling the tiny config's step once
+more). JAX's persistent cache serves each repeat from disk. The folder is new each session (so the
+suite's time is that of a cold start, as in CI), shared with every subprocess through the
+environment; set GPT2_JAX_COMPILATION_CACHE to a folder of your own to keep it between runs.
+"""
 
 import os
+import shutil
+import tempfile
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_OWN_CACHE = None
+if "GPT2_JAX_COMPILATION_CACHE" not in os.environ:
+    _OWN_CACHE = os.environ["GPT2_JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="gpt2_jax_test_compile_cache_")
 
 import jax  # noqa: E402
 
+from gpt2_jax import compilation_cache  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
+compilation_cache.enable()
+
+
+def pytest_unconfigure(config):  # noqa: ARG001
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -8,7 +8,7 @@ import pytest
 from gpt2_jax.model.attention import causal_attention
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.layers import attend
-from gpt2_jax.model.gpt2 import GPT2, init_params
+from gpt2_jax.model import GPT2, init_params
 
 
 def _inputs(B, T, K, G, H, seed=0):
@@ -42,8 +42,8 @@ def _dense(q, k, v, window):
 def test_blockwise_equals_dense_forward_and_gradients(B, T, K, G, H, window, block):
     q, k, v, w = _inputs(B, T, K, G, H)
 
-    def loss(fn):
-        return jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
+    def loss(fn):  # jitted: traced once, where eager would dispatch each block's ops one by one
+        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2)))(q, k, v)
 
     got = loss(lambda q, k, v: causal_attention(q, k, v, window, block))
     want = loss(lambda q, k, v: _dense(q, k, v, window))
@@ -54,18 +54,20 @@ def test_blockwise_equals_dense_forward_and_gradients(B, T, K, G, H, window, blo
 def test_blockwise_output_ignores_future_tokens():
     """Changing tokens after t leaves outputs up to t (and their gradients wrt the past) unchanged."""
     q, k, v, _ = _inputs(1, 30, 2, 1, 4)
-    out = causal_attention(q, k, v, None, 8)
+    attention = jax.jit(lambda q, k, v: causal_attention(q, k, v, None, 8))
+    out = attention(q, k, v)
     k2 = k.at[:, 20:].set(-k[:, 20:])
     v2 = v.at[:, 20:].add(3.0)
-    out2 = causal_attention(q, k2, v2, None, 8)
+    out2 = attention(q, k2, v2)
     np.testing.assert_array_equal(np.asarray(out[:, :20]), np.asarray(out2[:, :20]))
     assert not np.allclose(np.asarray(out[:, 20:]), np.asarray(out2[:, 20:]))
 
 
 def test_blockwise_bfloat16_close_to_float32():
     q, k, v, _ = _inputs(2, 50, 2, 2, 8)
-    ref = causal_attention(q, k, v, None, 16)
-    low = causal_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), None, 16)
+    attention = jax.jit(lambda q, k, v: causal_attention(q, k, v, None, 16))
+    ref = attention(q, k, v)
+    low = attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
     assert low.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(low, np.float32), np.asarray(ref), atol=5e-2)
 
@@ -77,7 +79,7 @@ def test_model_default_positions_equal_explicit_positions(extra):
     params = init_params(cfg, jax.random.PRNGKey(1))
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 300), 0, 97)
     positions = jnp.broadcast_to(jnp.arange(300), (2, 300))
-    model = GPT2(cfg)
-    got = model.apply({"params": params}, tokens)
-    want = model.apply({"params": params}, tokens, positions)
+    apply = jax.jit(GPT2(cfg).apply)
+    got = apply({"params": params}, tokens)
+    want = apply({"params": params}, tokens, positions)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -1,5 +1,10 @@
-"""Properties of the model: causality, cache == full forward, attention variants, rotary, scan/remat."""
+"""Properties of the model: causality, cache == full forward, attention variants, rotary, scan/remat.
 
+Every model call here is jitted with the config static: equal configs share one compiled program
+across tests, where un-jitted calls would dispatch op by op and trace again each time.
+"""
+
+import functools
 import itertools
 
 import flax.linen as nn
@@ -25,8 +30,13 @@ def random_tokens(seed, shape, vocab=97):
     return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, vocab, dtype=jnp.int32)
 
 
-def forward(cfg, params, tokens, positions=None):
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(cfg, params, tokens, positions):
     return GPT2(cfg).apply({"params": params}, tokens, positions)
+
+
+def forward(cfg, params, tokens, positions=None):
+    return _forward(cfg, params, tokens, positions)
 
 
 # All attention switches: position encoding x (MHA, GQA, MQA) x window.
@@ -233,6 +243,7 @@ def test_left_padding_does_not_change_real_tokens(switches):
     np.testing.assert_allclose(out, forward(cfg, params, tokens), atol=1e-5)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _loss_and_grads(cfg, params, tokens):
     def loss(p):
         logits = GPT2(cfg).apply({"params": p}, tokens[:, :-1])
@@ -290,11 +301,15 @@ def test_dropout_is_active_only_when_not_deterministic():
     params = init_params(cfg, jax.random.PRNGKey(0))
     tokens = random_tokens(1, (2, 8))
     model = GPT2(cfg)
-    det = model.apply({"params": params}, tokens)
-    np.testing.assert_array_equal(det, model.apply({"params": params}, tokens, deterministic=True))
-    rngs = lambda s: {"dropout": jax.random.PRNGKey(s)}  # noqa: E731
-    a = model.apply({"params": params}, tokens, deterministic=False, rngs=rngs(1))
-    b = model.apply({"params": params}, tokens, deterministic=False, rngs=rngs(2))
+    det = forward(cfg, params, tokens)
+    explicit = jax.jit(lambda p: model.apply({"params": p}, tokens, deterministic=True))(params)
+    np.testing.assert_array_equal(det, explicit)
+
+    @jax.jit
+    def dropped(seed):
+        return model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.PRNGKey(seed)})
+
+    a, b = dropped(1), dropped(2)
     assert not np.allclose(a, det) and not np.allclose(a, b)
 
 

@@ -242,7 +242,10 @@ def _define_flags() -> None:
 def main(argv: list[str]) -> None:
     from absl import flags, logging
 
+    from gpt2_jax import compilation_cache
     from gpt2_jax.inference.export import check_source, load_model
+
+    compilation_cache.enable()
 
     FLAGS = flags.FLAGS
     if len(argv) > 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -130,8 +132,9 @@ class GPT2(nn.Module):
         return jax.tree_util.tree_map_with_path(empty, shapes)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "batch_size"))
 def init_params(config: ModelConfig, rng: jax.Array, batch_size: int = 1):
-    """Unboxed parameters (plain arrays) of a freshly initialised model."""
+    """Unboxed parameters (plain arrays) of a freshly initialised model (compiled once per config)."""
     tokens = jnp.zeros((batch_size, min(8, config.block_size)), jnp.int32)
     variables = GPT2(config).init(rng, tokens)
     return nn.meta.unbox(variables["params"])
