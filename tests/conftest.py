@@ -1,7 +1,7 @@
 """Test set-up: 8 simulated CPU devices, configured before jax is first imported, and one persistent
 compilation cache for the whole session.
 
-Most of the suite's time is XLA compiling small programs, many of them the same program built again
+Most of the suite's time is XLA compiling small programs (so LLVM runs at -O0, below), many of them the same program built again
 (a new jit wrapper in another test, or a train.py subprocess compiling the tiny config's step once
 more). JAX's persistent cache serves each repeat from disk. The folder is new each session (so the
 suite's time is that of a cold start, as in CI), shared with every subprocess through the
@@ -12,9 +12,12 @@ import os
 import shutil
 import tempfile
 
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+# LLVM at -O0 halves XLA:CPU compile times; the programs here are tiny, so they run as fast, and
+# XLA's own (HLO) optimisations, which decide the numerics, are the same at any level.
+_FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0")
+for _flag in _FLAGS:
+    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _OWN_CACHE = None
 if "GPT2_JAX_COMPILATION_CACHE" not in os.environ:
@@ -26,6 +29,16 @@ from gpt2_jax import compilation_cache  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 compilation_cache.enable()
+
+
+# Files with long subprocess runs first, so the two workers finish together instead of one
+# starting a long file at the end.
+_SLOW_FIRST = ("test_multihost.py", "test_checkpoint.py", "test_model.py", "test_sampling.py", "test_generate_cli.py")
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ARG001
+    rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file is kept
 
 
 def pytest_unconfigure(config):  # noqa: ARG001

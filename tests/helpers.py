@@ -14,6 +14,14 @@ from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.gpt2 import abstract_params
 
 
+def subprocess_env(devices: int, **extra: str) -> dict[str, str]:
+    """This process's environment for a subprocess with `devices` simulated CPU devices: the other
+    XLA flags (conftest's) and the shared compilation cache carry over."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+    return dict(os.environ, XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", *flags]),
+                **extra)
+
+
 def require(module: str):
     """Imports a reference package (torch, transformers); skips the test where it is missing."""
     if os.environ.get("CI"):

@@ -19,10 +19,10 @@ from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding as sharding_lib
 from gpt2_jax.training import step as step_lib
 from gpt2_jax.training import trainer as trainer_lib
-from helpers import final_params, losses
+from helpers import final_params, losses, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N = 60  # steps before the interruption; runs go to 2N (enough that a kill lands mid-run)
+N = 30  # steps before the interruption; runs go to 2N (enough that a kill lands mid-run)
 
 
 def tiny_config(**train):
@@ -42,14 +42,12 @@ def train_cmd(workdir, cache, *extra):
     return [
         sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
         "--workdir", str(workdir), f"--config.train.num_steps={2 * N}", f"--config.train.checkpoint_every={N}",
-        "--config.train.eval_every=0", f"--config.data.cache_dir={cache}", *extra,
+        "--config.train.eval_every=0", "--config.model.block_size=16", f"--config.data.cache_dir={cache}", *extra,
     ]
 
 
 def env():
-    e = dict(os.environ)
-    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    return e
+    return subprocess_env(1)
 
 
 @pytest.fixture(scope="module")

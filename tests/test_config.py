@@ -93,3 +93,16 @@ def test_model_config_from_rejects_unknown_keys():
         config.model.n_layers = 4
     with pytest.raises(ValueError, match=r"config.model has unknown keys \['n_layers'\]"):
         model_config_from(config.model)
+
+
+def test_train_flops_per_token_counts_matmul_weights_and_the_causal_attention_half():
+    # GPT-2 small at T=1024: 6 x (12 layers x 12 E^2 + V E) + 12 L E (T + 1) / 2, by hand.
+    gpt2 = ModelConfig.from_preset("gpt2", pad_vocab_to_multiple=64)  # padded rows are not model work
+    assert gpt2.train_flops_per_token(1024) == 6 * (12 * 12 * 768**2 + 50257 * 768) + 12 * 12 * 768 * 512.5
+    # Grouped queries shrink k and v; a window caps the keys each query attends to.
+    small = ModelConfig(n_layer=2, n_head=4, n_kv_head=1, n_embd=32, vocab_size=100, block_size=64)
+    per_layer = 32 * 8 * (4 + 2) + 4 * 8 * 32 + 2 * 32 * 128
+    assert small.train_flops_per_token(8) == 6 * (2 * per_layer + 100 * 32) + 12 * 2 * 32 * 4.5
+    windowed = small.replace(sliding_window=3)  # queries 0..2 see 1..3 keys (self included), the other 5 see 3
+    assert windowed.train_flops_per_token(8) == 6 * (2 * per_layer + 100 * 32) + 12 * 2 * 32 * (6 + 5 * 3) / 8
+    assert small.replace(sliding_window=8).train_flops_per_token(8) == small.train_flops_per_token(8)

@@ -17,7 +17,7 @@ from gpt2_jax import GPT2, ModelConfig
 from gpt2_jax.inference.evaluate import MultipleChoice, load_hellaswag, perplexity, score_multiple_choice, sliding_windows
 from gpt2_jax.model.hf import save_hf_gpt2
 from gpt2_jax.inference.sampling import generate
-from helpers import random_params
+from helpers import random_params, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 97
@@ -146,8 +146,7 @@ def hf_folder(tmp_path_factory):
 
 
 def run_cli(*args, timeout=120):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"  # the batch split over 2 devices
+    env = subprocess_env(2)  # the batch split over 2 devices
     return subprocess.run(
         [sys.executable, "-m", "gpt2_jax.evaluate", *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,

@@ -18,7 +18,7 @@ from gpt2_jax import ModelConfig
 from gpt2_jax.model.hf import load_hf_gpt2, save_hf_gpt2
 from gpt2_jax.inference.sampling import generate
 from gpt2_jax.data.tokenizer import EOT_ID, get_tokenizer
-from helpers import random_params, require
+from helpers import random_params, require, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "The quick brown fox jumps over the lazy dog"
@@ -27,7 +27,7 @@ TIMEOUT = 120
 
 def run(script_args: list[str], *, module: str | None = None, stdin: str | None = None):
     """Runs generate.py (or `python -m module`) on one CPU device; returns the CompletedProcess."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env(1)
     cmd = [sys.executable, "-m", module] if module else [sys.executable, os.path.join(ROOT, "generate.py")]
     return subprocess.run(
         cmd + script_args, cwd=ROOT, env=env, input=stdin or "", capture_output=True, text=True, timeout=TIMEOUT

@@ -17,6 +17,7 @@ from gpt2_jax import GPT2, ModelConfig
 from gpt2_jax.model.config import PRESETS, count_params
 from gpt2_jax.model.layers import apply_rotary, gelu
 from gpt2_jax.model.gpt2 import abstract_params, init_params
+from helpers import random_params
 
 HF_COUNTS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
 
@@ -83,7 +84,7 @@ def test_initialisation_follows_gpt2():
 @pytest.mark.parametrize("switches", SWITCHES, ids=SWITCH_IDS)
 def test_causality(switches):
     cfg = tiny(**switches)
-    params = init_params(cfg, jax.random.PRNGKey(1))
+    params = random_params(cfg, seed=1, std=0.02)
     tokens = random_tokens(2, (2, 16))
     base = forward(cfg, params, tokens)
     for t in (0, 7, 14):
@@ -97,16 +98,18 @@ def test_causality(switches):
 def test_cached_decoding_equals_full_forward(switches):
     cfg = tiny(**switches)
     model = GPT2(cfg)
-    params = init_params(cfg, jax.random.PRNGKey(3))
+    params = random_params(cfg, seed=3, std=0.02)
     B, T = 2, 14
     tokens = random_tokens(4, (B, T))
     full = forward(cfg, params, tokens)
 
-    step = jax.jit(
-        lambda cache, tok, pos: model.apply(
+    # params as an argument, not a closed-over constant: XLA compiles constants into the program slowly.
+    apply = jax.jit(
+        lambda params, cache, tok, pos: model.apply(
             {"params": params, "cache": cache}, tok, pos, decode=True, mutable=["cache"]
         )
     )
+    step = lambda cache, tok, pos: apply(params, cache, tok, pos)  # noqa: E731
     for prefill in (1, 6):  # token by token, and a prompt then tokens
         cache = model.init_cache(B, T)
         if cfg.sliding_window:
@@ -164,7 +167,7 @@ def reference_attention_model(cfg, params, tokens):
 @pytest.mark.parametrize("switches", SWITCHES, ids=SWITCH_IDS)
 def test_grouped_attention_equals_textbook_attention_with_repeated_kv(switches):
     cfg = tiny(**switches)
-    params = init_params(cfg, jax.random.PRNGKey(5))
+    params = random_params(cfg, seed=5, std=0.02)
     params = jax.tree_util.tree_map(lambda a: a * 5.0, params)  # sharper attention: a stronger test
     tokens = random_tokens(6, (2, 16))
     np.testing.assert_allclose(
@@ -183,7 +186,7 @@ def test_gqa_with_n_kv_head_equal_n_head_is_mha():
 @pytest.mark.parametrize("pe", ["learned", "rotary"])
 def test_window_at_least_sequence_length_is_full_attention(pe):
     full = tiny(position_embedding=pe)
-    params = init_params(full, jax.random.PRNGKey(9))
+    params = random_params(full, seed=9, std=0.02)
     tokens = random_tokens(10, (2, 16))
     for w in (16, 32):
         np.testing.assert_array_equal(
@@ -197,7 +200,7 @@ def test_window_at_least_sequence_length_is_full_attention(pe):
 def test_tokens_beyond_the_window_have_no_influence(n_layer):
     w = 4
     cfg = tiny(n_layer=n_layer, sliding_window=w, position_embedding="rotary")
-    params = init_params(cfg, jax.random.PRNGKey(11))
+    params = random_params(cfg, seed=11, std=0.02)
     T = 24
     tokens = random_tokens(12, (1, T))
     base = forward(cfg, params, tokens)
@@ -225,7 +228,7 @@ def test_rotary_scores_depend_only_on_relative_position():
 
 def test_rotary_model_is_invariant_to_shifting_all_positions():
     cfg = tiny(position_embedding="rotary")
-    params = init_params(cfg, jax.random.PRNGKey(13))
+    params = random_params(cfg, seed=13, std=0.02)
     tokens = random_tokens(14, (2, 12))
     pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
     np.testing.assert_allclose(forward(cfg, params, tokens, pos + 9), forward(cfg, params, tokens, pos), atol=1e-4)
@@ -234,7 +237,7 @@ def test_rotary_model_is_invariant_to_shifting_all_positions():
 @pytest.mark.parametrize("switches", SWITCHES[:4], ids=SWITCH_IDS[:4])
 def test_left_padding_does_not_change_real_tokens(switches):
     cfg = tiny(**switches)
-    params = init_params(cfg, jax.random.PRNGKey(15))
+    params = random_params(cfg, seed=15, std=0.02)
     tokens = random_tokens(16, (1, 10))
     pad = 5
     padded = jnp.concatenate([jnp.zeros((1, pad), jnp.int32), tokens], axis=1)
@@ -254,7 +257,7 @@ def _loss_and_grads(cfg, params, tokens):
 
 def test_scan_and_remat_leave_outputs_and_gradients_unchanged():
     base = tiny(n_layer=3, n_kv_head=2)
-    params = init_params(base, jax.random.PRNGKey(17))
+    params = random_params(base, seed=17, std=0.02)
     tokens = random_tokens(18, (2, 17))
     ref_loss, ref_grads = _loss_and_grads(base, params, tokens)
     for scan, remat in [(False, False), (True, True), (False, True)]:
@@ -265,7 +268,7 @@ def test_scan_and_remat_leave_outputs_and_gradients_unchanged():
 
 def test_bfloat16_compute_runs_and_stays_close():
     cfg = tiny(n_kv_head=2, position_embedding="rotary")
-    params = init_params(cfg, jax.random.PRNGKey(19))
+    params = random_params(cfg, seed=19, std=0.02)
     tokens = random_tokens(20, (2, 16))
     ref = forward(cfg, params, tokens)
     out = forward(cfg.replace(dtype="bfloat16"), params, tokens)
@@ -279,7 +282,7 @@ def test_bfloat16_compute_runs_and_stays_close():
 def test_padded_vocabulary_never_reaches_the_logits():
     cfg = tiny(vocab_size=50, pad_vocab_to_multiple=64)
     assert cfg.padded_vocab_size == 64
-    params = init_params(cfg, jax.random.PRNGKey(21))
+    params = random_params(cfg, seed=21, std=0.02)
     assert params["wte"]["embedding"].shape == (64, 32)
     # Make the padded rows as attractive as possible: they still cannot be chosen.
     params["wte"]["embedding"] = params["wte"]["embedding"].at[50:].set(100.0)
@@ -291,14 +294,14 @@ def test_padded_vocabulary_never_reaches_the_logits():
 
 def test_sequence_longer_than_block_size_is_refused():
     cfg = tiny(block_size=8)
-    params = init_params(cfg, jax.random.PRNGKey(0))
+    params = random_params(cfg, seed=0, std=0.02)
     with pytest.raises(ValueError, match="Cannot forward sequence of length 9, block size is only 8"):
         forward(cfg, params, random_tokens(0, (1, 9)))
 
 
 def test_dropout_is_active_only_when_not_deterministic():
     cfg = tiny(dropout=0.5)
-    params = init_params(cfg, jax.random.PRNGKey(0))
+    params = random_params(cfg, seed=0, std=0.02)
     tokens = random_tokens(1, (2, 8))
     model = GPT2(cfg)
     det = forward(cfg, params, tokens)

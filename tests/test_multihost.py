@@ -21,7 +21,7 @@ import pytest
 from gpt2_jax.training import preflight
 from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding as sharding_lib
-from helpers import final_params, losses
+from helpers import final_params, losses, subprocess_env
 from gpt2_jax.training.distributed import HEARTBEAT_TIMEOUT_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,7 @@ def train_cmd(workdir, cache, *extra):
 
 
 def env(local_devices: int) -> dict:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}", JAX_PLATFORMS="cpu")
+    return subprocess_env(local_devices, JAX_PLATFORMS="cpu")
 
 
 class Processes:

@@ -11,6 +11,7 @@ import pytest
 
 from gpt2_jax import data as data_lib
 from gpt2_jax.training import trainer as trainer_lib
+from helpers import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +40,7 @@ def test_train_py_end_to_end_on_a_sharded_mesh(tmp_path, cache):
         "--config.train.warmup_steps=2", "--config.train.sample_tokens=8", "--config.mesh.data=2",
         "--config.mesh.fsdp=4", f"--config.data.cache_dir={cache}",
     ]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = subprocess_env(8)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "---- sample ----" in out.stdout and "done: step 6" in out.stdout

@@ -79,18 +79,18 @@ class ModelConfig:
         work), plus the attention scores Q K^T and the mix A V: 12 n_embd FLOPs per (query, key)
         pair attended, forward and backward. A causal query at t attends to t + 1 keys, so on average
         about seq_len / 2 (the masked half is not model work, and the blockwise kernel skips it),
-        and at most sliding_window + 1 with a window. Biases, norms and embedding lookups are
+        and at most sliding_window (the query itself included) with a window. Biases, norms and embedding lookups are
         left out, as in PaLM's count (Chowdhery et al. 2022, app. B).
         """
         E, H = self.n_embd, self.head_dim
         per_layer = E * H * (self.n_head + 2 * self.kv_heads) + self.n_head * H * E + 2 * E * self.mlp_dim
         matmul_weights = self.n_layer * per_layer + self.vocab_size * E
         T = seq_len
-        if self.sliding_window is None or self.sliding_window + 1 >= T:
+        if self.sliding_window is None or self.sliding_window >= T:
             keys_per_query = (T + 1) / 2
-        else:  # the first w queries see 1..w keys, the rest w + 1 each
+        else:  # the first w queries see 1..w keys, the rest w each
             w = self.sliding_window
-            keys_per_query = (w * (w + 1) / 2 + (T - w) * (w + 1)) / T
+            keys_per_query = (w * (w + 1) / 2 + (T - w) * w) / T
         return 6.0 * matmul_weights + 12.0 * self.n_layer * self.n_head * H * keys_per_query
 
     # ----------------------------------------------------------------- construction

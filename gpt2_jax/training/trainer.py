@@ -85,6 +85,22 @@ def peak_flops_per_device(override: float = 0.0) -> float:
     return reps * 2 * n**3 / (time.perf_counter() - t) / max(1, jax.local_device_count())
 
 
+def _summary_writer(logdir: str):
+    """tensorboardX's SummaryWriter. tensorboardX imports torch, where it is installed, only to accept
+    torch tensors (1-2 s of start-up); we log Python floats, so torch stays hidden while it loads."""
+    import sys
+
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while this is in place
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter(logdir)
+
+
 class _Logger:
     """metrics.jsonl + TensorBoard, written by process 0 only."""
 
@@ -94,9 +110,7 @@ class _Logger:
         self.tb = None
         if self.enabled:
             try:
-                from tensorboardX import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self.tb = _summary_writer(os.path.join(workdir, "tensorboard"))
             except ImportError:  # TensorBoard files are optional
                 logging.warning("tensorboardX is not installed: no TensorBoard event files")
 
