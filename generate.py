@@ -72,10 +72,23 @@ def main(argv) -> None:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # keep library chatter (orbax, jax) off the terminal
+    from gpt2_jax.inference.export import check_source
+    from gpt2_jax.inference.options import validate_sampling
+
+    try:
+        # Cheap checks first, before jax loads, so a typo fails at once.
+        validate_sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                          num_samples=FLAGS.num_samples)
+        if FLAGS.max_new_tokens < 0:
+            raise ValueError(f"--max_new_tokens={FLAGS.max_new_tokens} must be >= 0")
+        check_source(FLAGS.ckpt, FLAGS.hf)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
     from gpt2_jax import compilation_cache
     from gpt2_jax.data.tokenizer import EOT_ID, get_tokenizer
-    from gpt2_jax.inference.export import check_source, load_model
-    from gpt2_jax.inference.sampling import PromptTooLongError, generate_with_stats, stream, validate_sampling
+    from gpt2_jax.inference.export import load_model
+    from gpt2_jax.inference.sampling import PromptTooLongError, generate_with_stats, stream
 
     compilation_cache.enable()  # a second call loads the prefill and decode programs instead of compiling
 
@@ -84,12 +97,6 @@ def main(argv) -> None:
         top_p=FLAGS.top_p, seed=FLAGS.seed, truncate=FLAGS.truncate,
     )
     try:
-        # Cheap checks first, so a typo fails before the model loads.
-        validate_sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-                          num_samples=FLAGS.num_samples)
-        if FLAGS.max_new_tokens < 0:
-            raise ValueError(f"--max_new_tokens={FLAGS.max_new_tokens} must be >= 0")
-        check_source(FLAGS.ckpt, FLAGS.hf)
         prompt = read_prompt()
         enc = get_tokenizer()
         prompt_ids = enc.encode(prompt, allowed_special="all") or [EOT_ID]

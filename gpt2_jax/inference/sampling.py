@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable
@@ -47,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from gpt2_jax.inference.options import validate_sampling
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.gpt2 import GPT2, embed_inputs, output_logits, position_embedding, token_embedding
 from gpt2_jax.model.layers import Block, layer_norm
@@ -110,18 +110,6 @@ class SamplingParams:
             top_k_bucket=0 if greedy or top_k == 0 else 1 << (int(top_k) - 1).bit_length(),
             use_top_p=not greedy and top_p < 1.0,
         )
-
-
-def validate_sampling(*, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1) -> None:
-    """Raises ValueError naming the argument, its value and the rule it breaks."""
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
-    if not (isinstance(top_k, (int, np.integer)) and not isinstance(top_k, bool) and top_k >= 0):
-        raise ValueError(f"top_k={top_k!r} must be an integer >= 0 (0 = no top-k filter)")
-    if not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p={top_p!r} must be in (0, 1] (1 = no nucleus filter)")
-    if not (isinstance(num_samples, (int, np.integer)) and not isinstance(num_samples, bool) and num_samples >= 1):
-        raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1")
 
 
 def _top_k_candidates(logits: jax.Array, bucket: int, top_k, top_p) -> tuple[jax.Array, jax.Array]:
