@@ -14,12 +14,13 @@ from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.gpt2 import abstract_params
 
 
-def subprocess_env(devices: int, **extra: str) -> dict[str, str]:
-    """This process's environment for a subprocess with `devices` simulated CPU devices; the shared
-    compilation cache carries over. LLVM's default -O2 is back: a subprocess runs train.py or
-    generate.py with the real 50,257-token vocabulary, whose softmax and head are slow unoptimised
-    (a tiny 60-step run took 15 s at -O0, 8.5 s at -O2 with the programs cached)."""
-    drop = ("--xla_force_host_platform", "--xla_backend_optimization_level")
+def subprocess_env(devices: int, *, optimized: bool = False, **extra: str) -> dict[str, str]:
+    """This process's environment for a subprocess with `devices` simulated CPU devices; conftest's
+    XLA flags and the shared compilation cache carry over. `optimized=True` restores LLVM's default
+    -O2, for runs whose time goes into running rather than compiling: train.py's softmax and head
+    over the real 50,257-token vocabulary are slow unoptimised (a tiny 60-step run took 15 s at
+    -O0, 8.5 s at -O2 with its programs cached)."""
+    drop = ("--xla_force_host_platform",) + (("--xla_backend_optimization_level",) if optimized else ())
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(drop)]
     return dict(os.environ, XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", *flags]),
                 **extra)

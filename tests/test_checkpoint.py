@@ -47,7 +47,7 @@ def train_cmd(workdir, cache, *extra):
 
 
 def env():
-    return subprocess_env(1)
+    return subprocess_env(1, optimized=True)  # 2 x 30 steps per run, each run's programs compiled once
 
 
 @pytest.fixture(scope="module")
