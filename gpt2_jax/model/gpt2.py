@@ -12,30 +12,27 @@ from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.layers import ACT_EMBED, ACTIVATION_AXES, Block, layer_norm, param_init
 
 
-def token_embedding(cfg: ModelConfig, name: str | None = "wte") -> nn.Embed:
-    """wte: [padded_vocab, E], also the (tied) output head."""
+def _table(cfg: ModelConfig, rows: int, row_axis: str, name: str | None) -> nn.Embed:
     return nn.Embed(
-        num_embeddings=cfg.padded_vocab_size,
+        num_embeddings=rows,
         features=cfg.n_embd,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
-        embedding_init=param_init(0.02, ("vocab", "embed")),
+        embedding_init=param_init(0.02, (row_axis, "embed")),
         name=name,
     )
+
+
+def token_embedding(cfg: ModelConfig, name: str | None = "wte") -> nn.Embed:
+    """wte: [padded_vocab, E], also the (tied) output head."""
+    return _table(cfg, cfg.padded_vocab_size, "vocab", name)
 
 
 def position_embedding(cfg: ModelConfig, name: str | None = "wpe") -> nn.Embed | None:
     """wpe: [block_size, E] for learned positions; None for rotary (positions enter attention)."""
     if cfg.position_embedding != "learned":
         return None
-    return nn.Embed(
-        num_embeddings=cfg.block_size,
-        features=cfg.n_embd,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        embedding_init=param_init(0.02, ("position", "embed")),
-        name=name,
-    )
+    return _table(cfg, cfg.block_size, "position", name)
 
 
 def embed_inputs(cfg: ModelConfig, wte: nn.Embed, wpe: nn.Embed | None, tokens: jax.Array,
