@@ -103,13 +103,11 @@ def test_cached_decoding_equals_full_forward(switches):
     tokens = random_tokens(4, (B, T))
     full = forward(cfg, params, tokens)
 
-    # params as an argument, not a closed-over constant: XLA compiles constants into the program slowly.
-    apply = jax.jit(
-        lambda params, cache, tok, pos: model.apply(
+    step = jax.jit(
+        lambda cache, tok, pos: model.apply(
             {"params": params, "cache": cache}, tok, pos, decode=True, mutable=["cache"]
         )
     )
-    step = lambda cache, tok, pos: apply(params, cache, tok, pos)  # noqa: E731
     for prefill in (1, 6):  # token by token, and a prompt then tokens
         cache = model.init_cache(B, T)
         if cfg.sliding_window:

@@ -55,14 +55,16 @@ class Run:
 
     def init_fn(self) -> Callable[[jax.Array], TrainState]:
         """seed key -> a fresh TrainState: parameters and dropout root from split(key)."""
-        model_config, tx, batch = self.model_config, self.tx, sharding.batch_divisor(self.mesh)
+        return _init_fn(self.model_config, self.tx, sharding.batch_divisor(self.mesh))
 
-        def init(seed_key: jax.Array) -> TrainState:
-            params_rng, dropout_rng = jax.random.split(seed_key)
-            params = init_params(model_config, params_rng, batch_size=batch)
-            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=dropout_rng)
 
-        return init
+def _init_fn(model_config: ModelConfig, tx: optax.GradientTransformation, batch: int) -> Callable:
+    def init(seed_key: jax.Array) -> TrainState:
+        params_rng, dropout_rng = jax.random.split(seed_key)
+        params = init_params(model_config, params_rng, batch_size=batch)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=dropout_rng)
+
+    return init
 
 
 def build_run(model_config: ModelConfig, train_cfg: Any, mesh: Mesh, num_steps: int) -> Run:
@@ -70,8 +72,7 @@ def build_run(model_config: ModelConfig, train_cfg: Any, mesh: Mesh, num_steps: 
     sharding.validate_mesh_for(model_config, train_cfg, mesh)
     schedule = make_schedule(train_cfg, num_steps)
     tx = make_optimizer(train_cfg, schedule)
-    run = Run(model_config, train_cfg, mesh, num_steps, schedule, tx, abstract_state=None, state_shardings=None)
-    shapes = jax.eval_shape(run.init_fn(), jax.random.PRNGKey(0))
+    shapes = jax.eval_shape(_init_fn(model_config, tx, sharding.batch_divisor(mesh)), jax.random.PRNGKey(0))
     param_shardings = sharding.logical_to_sharding(abstract_params(model_config), mesh)
     shardings = TrainState(
         step=sharding.replicated(mesh),
@@ -80,7 +81,7 @@ def build_run(model_config: ModelConfig, train_cfg: Any, mesh: Mesh, num_steps: 
         rng=sharding.replicated(mesh),
     )
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-    return dataclasses.replace(run, abstract_state=abstract, state_shardings=shardings)
+    return Run(model_config, train_cfg, mesh, num_steps, schedule, tx, abstract, shardings)
 
 
 def run_from_config(config: Any, mesh: Mesh, num_steps: int | None = None) -> Run:
