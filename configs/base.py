@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.remat = False  # recompute block activations in the backward pass (memory for compute)
     m.scan_layers = True  # compile one block, not n_layer copies (fast compile, same numerics)
+    # 'auto' | 'blockwise' | 'dense' | 'splash' | 'cudnn'. auto: Pallas splash on TPU, cuDNN flash on
+    # GPU (needs dtype bfloat16/float16, head_dim % 8 == 0, <= 256; else blockwise), blockwise on CPU.
+    m.attention = "auto"
 
     # ---- training
     c.train = t = ml_collections.ConfigDict()

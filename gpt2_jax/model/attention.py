@@ -1,21 +1,22 @@
-"""Causal self-attention over a whole sequence, by query blocks that skip the masked half.
+"""Which attention runs, and the dense rule every implementation must equal.
 
-Used for training and evaluation, where token t sits at position t (no padding, no cache); the
-KV cache and padded prompts go through `layers.attend`, which masks by explicit positions.
+`config.attention` picks how causal self-attention over a whole sequence is computed:
 
-The sequence is cut into query blocks of `block` tokens. Query block i attends to keys
-[lo_i, hi_i): hi_i is the end of block i (causality) and lo_i is the first block that the
-sliding window can reach (0 without a window), so the score blocks wholly above the diagonal or
-behind the window are never computed: about half the T x T work at T >> block. Only the
-columns inside the diagonal block and the window's edge are masked.
+  blockwise  query blocks that skip the masked half, exact softmax, a written-out backward
+             (gpt2_jax/model/blockwise.py). Shaped for XLA:CPU; runs anywhere, any dtype.
+  dense      the [T, T] score matrix, masked (`attend`): the reference rule. Memory grows as T^2.
+  splash     Pallas splash attention, TPU's fused kernel, under shard_map in a mesh
+             (gpt2_jax/model/splash.py). Off TPU it runs interpreted (slow: for tests).
+  cudnn      jax.nn.dot_product_attention's cuDNN flash kernel on NVIDIA GPUs (bf16/fp16 compute,
+             head_dim a multiple of 8 and at most 256). Off GPU the same call runs XLA's version.
+  auto       (default) splash on TPU; cudnn on GPU when its rules hold, else blockwise (a log
+             line says why); blockwise on CPU.
 
-Each query block sees all of its keys at once, so its softmax is exact, not the running
-"online" softmax of FlashAttention. The backward pass is written out (`jax.custom_vjp`) the
-way FlashAttention's is: it keeps only q, k, v, the output and the log-sum-exp of each score
-row, and recomputes the probabilities block by block, so no [T, T] tensor outlives its block.
-
-Einsum letters: B batch, K kv heads, M rows of a query block (its tokens x the G query heads
-that share a kv head), S keys of the block's range, H head_dim.
+`resolve_attention` makes that choice - the one place the platform is looked at - and
+`causal_self_attention` runs it. The choice applies where token t sits at position t with no
+padding and no cache: training and whole-row evaluation. Explicit positions (padded prompts), the
+KV cache of decoding and dropout on the attention probabilities keep the dense rule (`attend`),
+which masks by position: every implementation equals it there, and decoding reads one query row.
 """
 
 from __future__ import annotations
@@ -24,104 +25,127 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from absl import logging
 
-_MASKED = float(np.finfo(np.float32).min)  # score of a masked key: exp(_MASKED - m) == 0
+from gpt2_jax.model.blockwise import causal_attention
+from gpt2_jax.model.config import ModelConfig
 
-
-def _blocks(T: int, block: int, window: int | None) -> list[tuple[int, int, int, int]]:
-    """Static (q_start, q_end, k_start, k_end) of every query block."""
-    out = []
-    for q_start in range(0, T, block):
-        q_end = min(q_start + block, T)
-        k_start = 0
-        if window is not None:  # the oldest key any row of this block may see, rounded down to a block
-            k_start = max(0, q_start - window + 1) // block * block
-        out.append((q_start, q_end, k_start, q_end))
-    return out
+IMPLEMENTATIONS = ("auto", "blockwise", "dense", "splash", "cudnn")
+# Query block of the blockwise attention: measured fastest of 64 / 128 / 256 / 512 for GPT-2
+# small shapes at T = 256 and 1024 on a CPU (bench/README.md).
+QUERY_BLOCK = 128
+# Scores of masked keys. Finite, so a query with no visible key (a padding token) gives a
+# uniform distribution instead of NaN; such outputs are ignored.
+_MASKED = float(jnp.finfo(jnp.float32).min)
+_CUDNN_DTYPES = ("bfloat16", "float16")
 
 
-def _mask(q_start: int, q_end: int, k_start: int, k_end: int, groups: int, window: int | None):
-    """[M, S] bool (True = visible) for one block, or None when every key is visible."""
-    t = np.repeat(np.arange(q_start, q_end), groups)[:, None]  # row m is token q_start + m // groups
-    s = np.arange(k_start, k_end)[None, :]
-    visible = s <= t
-    if window is not None:
-        visible &= (t - s) < window
-    return None if visible.all() else jnp.asarray(visible)
+def cudnn_unfit(config: ModelConfig) -> str | None:
+    """Why cuDNN's fused attention cannot run this config on a GPU, or None when it can."""
+    if config.dtype not in _CUDNN_DTYPES:
+        return f"cuDNN attention needs dtype bfloat16 or float16, dtype is {config.dtype}"
+    if config.head_dim % 8 or config.head_dim > 256:
+        return f"cuDNN attention needs head_dim a multiple of 8 and at most 256, head_dim is {config.head_dim}"
+    return None
 
 
-def _scores(q_blk, k_blk, mask, scale):
-    s = jnp.einsum("bkmh,bksh->bkms", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
-    return s if mask is None else jnp.where(mask, s, _MASKED)
+def _on_gpu(backend: str | None = None) -> bool:
+    return (backend or jax.default_backend()) in ("gpu", "cuda", "rocm")
 
 
-def _layout(q, k, v):
-    """[B, T, K, G, H], [B, T, K, H] x2 -> [B, K, T*G, H], [B, K, T, H] x2 (rows t-major, then g)."""
-    B, T, K, G, H = q.shape
-    qt = q.transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
-    return qt, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+def resolve_attention(config: ModelConfig, backend: str | None = None) -> tuple[str, str]:
+    """(implementation, why) for `config.attention` on `backend` (default: jax's default backend).
 
-
-def _forward(q, k, v, window, block):
-    B, T, K, G, H = q.shape
-    scale = H**-0.5
-    qt, kt, vt = _layout(q, k, v)
-    outs, lses = [], []
-    for q_start, q_end, k_start, k_end in _blocks(T, block, window):
-        q_blk = qt[:, :, q_start * G : q_end * G]
-        mask = _mask(q_start, q_end, k_start, k_end, G, window)
-        s = _scores(q_blk, kt[:, :, k_start:k_end], mask, scale)  # [B, K, M, S] fp32
-        m = jnp.max(s, axis=-1, keepdims=True)
-        p = jnp.exp(s - m)
-        denom = jnp.sum(p, axis=-1, keepdims=True)
-        o = jnp.einsum("bkms,bksh->bkmh", p.astype(v.dtype), vt[:, :, k_start:k_end],
-                       preferred_element_type=jnp.float32) / denom
-        outs.append(o)
-        lses.append((m + jnp.log(denom))[..., 0])  # [B, K, M]
-    o = jnp.concatenate(outs, axis=2)  # [B, K, T*G, H] fp32
-    lse = jnp.concatenate(lses, axis=2)  # [B, K, T*G]
-    out = o.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).astype(q.dtype)
-    return out, (qt, kt, vt, o, lse)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None, block: int) -> jax.Array:
-    """softmax(q k^T / sqrt(H) + causal mask) v for q [B, T, K, G, H], k, v [B, T, K, H].
-
-    Token t attends to tokens max(0, t - window + 1) .. t. Returns [B, T, K, G, H] in q's dtype;
-    scores, softmax and accumulation are fp32.
+    Raises ValueError when an explicit 'cudnn' cannot run on a GPU (naming the rule it breaks).
     """
-    return _forward(q, k, v, window, block)[0]
+    backend = backend or jax.default_backend()
+    choice = config.attention
+    if choice == "auto":
+        if backend == "tpu":
+            return "splash", "auto: TPU"
+        if _on_gpu(backend):
+            unfit = cudnn_unfit(config)
+            return ("blockwise", f"auto: GPU, but {unfit}") if unfit else ("cudnn", "auto: GPU")
+        return "blockwise", f"auto: {backend.upper()}"
+    if choice == "cudnn" and _on_gpu(backend):
+        unfit = cudnn_unfit(config)
+        if unfit:
+            raise ValueError(f"config.model.attention='cudnn': {unfit}; use attention='auto' or 'blockwise'")
+    why = "as configured"
+    if choice == "splash" and backend != "tpu":
+        why += f" (no TPU: the kernel runs in Pallas interpret mode on {backend.upper()}, slowly)"
+    if choice == "cudnn" and not _on_gpu(backend):
+        why += f" (no GPU: jax.nn.dot_product_attention runs its XLA implementation on {backend.upper()})"
+    return choice, why
 
 
-def _bwd(window, block, residuals, d_out):
-    qt, kt, vt, o, lse = residuals
-    B, K, TG, H = qt.shape
-    T = kt.shape[2]
-    G = TG // T
-    scale = H**-0.5
-    do = d_out.transpose(0, 2, 1, 3, 4).reshape(B, K, TG, H).astype(jnp.float32)
-    delta = jnp.sum(do * o, axis=-1)  # [B, K, T*G]: rowsum(dP * P) = rowsum(dO * O)
-    dq_blocks = []
-    dk = jnp.zeros(kt.shape, jnp.float32)
-    dv = jnp.zeros(vt.shape, jnp.float32)
-    for q_start, q_end, k_start, k_end in _blocks(T, block, window):
-        rows = slice(q_start * G, q_end * G)
-        q_blk, do_blk = qt[:, :, rows], do[:, :, rows]
-        k_blk, v_blk = kt[:, :, k_start:k_end], vt[:, :, k_start:k_end]
-        s = _scores(q_blk, k_blk, _mask(q_start, q_end, k_start, k_end, G, window), scale)
-        p = jnp.exp(s - lse[:, :, rows, None])  # the forward's probabilities, recomputed
-        dp = jnp.einsum("bkmh,bksh->bkms", do_blk, v_blk, preferred_element_type=jnp.float32)
-        ds = (p * (dp - delta[:, :, rows, None]) * scale).astype(qt.dtype)
-        p = p.astype(qt.dtype)
-        dq_blocks.append(jnp.einsum("bkms,bksh->bkmh", ds, k_blk, preferred_element_type=jnp.float32))
-        dk = dk.at[:, :, k_start:k_end].add(
-            jnp.einsum("bkms,bkmh->bksh", ds, q_blk, preferred_element_type=jnp.float32))
-        dv = dv.at[:, :, k_start:k_end].add(
-            jnp.einsum("bkms,bkmh->bksh", p, do_blk.astype(qt.dtype), preferred_element_type=jnp.float32))
-    dq = jnp.concatenate(dq_blocks, axis=2).reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)
-    return (dq.astype(qt.dtype), dk.transpose(0, 2, 1, 3).astype(kt.dtype), dv.transpose(0, 2, 1, 3).astype(vt.dtype))
+@functools.lru_cache(maxsize=None)
+def _announce(impl: str, why: str, fell_back: bool) -> None:
+    """One log line per distinct choice (at trace time); a warning when a GPU misses cuDNN."""
+    (logging.warning if fell_back else logging.info)("attention: %s (%s)", impl, why)
 
 
-causal_attention.defvjp(_forward, _bwd)  # _forward returns (out, residuals)
+def causal_self_attention(config: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(H) + causal [+ window] mask) v for q [B, T, K, G, H], k, v [B, T, K, H],
+    token t at position t. Returns [B, T, K, G, H] in q's dtype, by the implementation that
+    `resolve_attention` picks."""
+    impl, why = resolve_attention(config)
+    _announce(impl, why, fell_back=config.attention == "auto" and impl == "blockwise" and _on_gpu())
+    window = config.sliding_window
+    if impl == "blockwise":
+        return causal_attention(q, k, v, window, QUERY_BLOCK)
+    if impl == "splash":
+        from gpt2_jax.model.splash import splash_attention  # Pallas: imported only when used
+
+        return splash_attention(q, k, v, window)
+    if impl == "cudnn":
+        return _dot_product_attention(q, k, v, window, "cudnn" if _on_gpu() else "xla")
+    B, T = q.shape[:2]
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    return attend(config, q, positions, [(k, v, positions)])
+
+
+def _dot_product_attention(q, k, v, window: int | None, implementation: str) -> jax.Array:
+    """jax.nn.dot_product_attention: q as [B, T, N, H] with head n = kv head n // G (its GQA layout)."""
+    B, T, K, G, H = q.shape
+    local = None if window is None or window >= T else (window - 1, 0)  # (keys left of the query, right)
+    # is_causal always: with a window and is_causal=False, cuDNN also attends to the future.
+    out = jax.nn.dot_product_attention(q.reshape(B, T, K * G, H), k, v, is_causal=True,
+                                       local_window_size=local, implementation=implementation)
+    return out.reshape(B, T, K, G, H)
+
+
+def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
+    """[B, T], [B, S] int positions (-1 = padding / empty) -> [B, T, S] bool, True = may attend."""
+    qp = q_pos[:, :, None]
+    kp = k_pos[:, None, :]
+    mask = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        mask &= (qp - kp) < window
+    return mask
+
+
+def attend(config: ModelConfig, q: jax.Array, q_pos: jax.Array, kv_parts, dropout=None) -> jax.Array:
+    """The dense rule: softmax attention of q [B, T, K, G, H] over the concatenation of key/value parts.
+
+    Each part is (k [B, S, K, H], v [B, S, K, H], k_pos [B, S]); a key is visible iff
+    0 <= k_pos <= q_pos (and q_pos - k_pos < window). Scores are joined, never the keys
+    themselves, so attending over cache + new tokens copies no cache. Returns [B, T, K, G, H].
+    """
+    scale = config.head_dim**-0.5
+    scores = []
+    for k, _, k_pos in kv_parts:
+        s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+        mask = attention_mask(q_pos, k_pos, config.sliding_window)[:, None, None]  # [B,1,1,T,S]
+        scores.append(jnp.where(mask, s, _MASKED))
+    s = jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
+    probs = jax.nn.softmax(s, axis=-1)  # [B, K, G, T, S_total], fp32
+    if dropout is not None:
+        probs = dropout(probs)
+    out, start = None, 0
+    for k, v, _ in kv_parts:
+        p = probs[..., start : start + k.shape[1]].astype(v.dtype)
+        o = jnp.einsum("bkgts,bskh->btkgh", p, v, preferred_element_type=jnp.float32)
+        out = o if out is None else out + o
+        start += k.shape[1]
+    return out.astype(q.dtype)

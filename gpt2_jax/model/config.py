@@ -21,6 +21,7 @@ PRESETS: dict[str, dict[str, int]] = {
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _POSITIONS = ("learned", "rotary")
+_ATTENTION = ("auto", "blockwise", "dense", "splash", "cudnn")  # gpt2_jax/model/attention.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,9 @@ class ModelConfig:
     param_dtype: str = "float32"  # stored parameters (and so optimizer state)
     remat: bool = False  # recompute each block's activations in the backward pass
     scan_layers: bool = True  # one compiled block applied n_layer times; False unrolls the loop
+    # How attention over whole rows runs (gpt2_jax/model/attention.py): 'auto' picks splash on
+    # TPU, cuDNN on GPU (bf16/fp16), blockwise on CPU. Numerics equal the dense rule in every case.
+    attention: str = "auto"
 
     # ----------------------------------------------------------------- derived
     @property
@@ -155,6 +159,7 @@ class ModelConfig:
         need(self.param_dtype in _DTYPES, f"param_dtype={self.param_dtype!r} must be one of {_DTYPES}")
         need(isinstance(self.remat, bool), f"remat={self.remat!r} must be a bool")
         need(isinstance(self.scan_layers, bool), f"scan_layers={self.scan_layers!r} must be a bool")
+        need(self.attention in _ATTENTION, f"attention={self.attention!r} must be one of {_ATTENTION}")
         return self
 
     def __post_init__(self) -> None:

@@ -48,10 +48,41 @@ def embed_inputs(cfg: ModelConfig, wte: nn.Embed, wpe: nn.Embed | None, tokens: 
 
 
 def output_logits(cfg: ModelConfig, ln_f: nn.LayerNorm, wte: nn.Embed, x: jax.Array) -> jax.Array:
-    """The last residual stream [..., E] -> logits [..., vocab_size]: final LayerNorm, tied head."""
-    logits = wte.attend(ln_f(x))  # [..., V_padded]
+    """The last residual stream [..., E] -> logits [..., vocab_size]: final LayerNorm, tied head.
+
+    The head's matmul runs in the compute dtype (bf16 in mixed precision) and returns fp32
+    logits, so the softmax and the loss never see bf16 rounding of the logits themselves.
+    """
+    h = ln_f(x).astype(cfg.dtype)  # [..., E]
+    logits = head_matmul(h, wte.embedding.astype(cfg.dtype))  # [..., V_padded] fp32
     # Padded vocabulary rows are cut here, so they can never win a softmax or a sample.
     return logits[..., : cfg.vocab_size]
+
+
+@jax.custom_vjp
+def head_matmul(h: jax.Array, table: jax.Array) -> jax.Array:
+    """h [..., E] . table [V, E]^T -> fp32 [..., V], operands in their (compute) dtype.
+
+    Autodiff of a matmul with an fp32 result would run both backward matmuls in fp32 (the fp32
+    cotangent promotes the bf16 operand); here the cotangent is cast to the operands' dtype first,
+    as every other backward matmul of a bf16 model runs, with fp32 accumulation.
+    """
+    return jnp.einsum("...e,ve->...v", h, table, preferred_element_type=jnp.float32)
+
+
+def _head_fwd(h, table):
+    return head_matmul(h, table), (h, table)
+
+
+def _head_bwd(residuals, g):
+    h, table = residuals
+    g = g.astype(h.dtype)  # [..., V]
+    dh = jnp.einsum("...v,ve->...e", g, table, preferred_element_type=jnp.float32)
+    dtable = jnp.einsum("...v,...e->ve", g, h, preferred_element_type=jnp.float32)
+    return dh.astype(h.dtype), dtable.astype(table.dtype)
+
+
+head_matmul.defvjp(_head_fwd, _head_bwd)
 
 
 def embed(table: nn.Embed, ids: jax.Array, dtype: str) -> jax.Array:

@@ -4,8 +4,8 @@ Einsum letters: B batch, T query length, S key length, E n_embd, N query heads, 
 G = N // K query heads per kv head, H head_dim, F mlp width.
 
 Positions: `positions=None` means token t sits at position t with no padding (training,
-evaluation of full rows); attention then runs by query blocks that skip the masked half
-(gpt2_jax/model/attention.py). Otherwise every token carries its position, -1 marks padding, and the
+evaluation of full rows); attention then runs by the implementation `config.attention` picks
+(gpt2_jax/model/attention.py: blockwise, splash, cuDNN or dense). Otherwise every token carries its position, -1 marks padding, and the
 mask is derived from positions alone (key visible iff 0 <= k_pos <= q_pos and, with a window,
 q_pos - k_pos < window), so left-padded prompts and a ring-buffer KV cache share one rule.
 """
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from gpt2_jax.model.attention import causal_attention
+from gpt2_jax.model.attention import attend, causal_self_attention
 from gpt2_jax.model.config import ModelConfig
 
 # Logical names of activation axes, used for sharding constraints at block boundaries.
@@ -25,13 +25,6 @@ BATCH = "batch"
 LENGTH = "length"
 ACT_EMBED = "act_embed"
 ACTIVATION_AXES = (BATCH, LENGTH, ACT_EMBED)
-
-# Scores of masked keys. Finite, so a query with no visible key (a padding token) gives a
-# uniform distribution instead of NaN; such outputs are ignored.
-_MASKED = float(jnp.finfo(jnp.float32).min)
-# Query block of the blockwise causal attention: measured fastest of 64 / 128 / 256 / 512 for
-# GPT-2 small shapes at T = 256 and 1024 on a CPU (bench/README.md).
-QUERY_BLOCK = 128
 
 
 def param_init(std: float, axes: tuple[str | None, ...]):
@@ -80,16 +73,6 @@ class Linear(nn.Module):
         return jnp.tensordot(x, kernel, axes=self.n_in) + bias
 
 
-def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array:
-    """[B, T], [B, S] int positions (-1 = padding / empty) -> [B, T, S] bool, True = may attend."""
-    qp = q_pos[:, :, None]
-    kp = k_pos[:, None, :]
-    mask = (kp >= 0) & (kp <= qp)
-    if window is not None:
-        mask &= (qp - kp) < window
-    return mask
-
-
 def apply_rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """Rotary position embedding ("rotate half" layout). x [B, T, N, H], positions [B, T]."""
     half = x.shape[-1] // 2
@@ -100,31 +83,6 @@ def apply_rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
-
-
-def attend(config: ModelConfig, q: jax.Array, q_pos: jax.Array, kv_parts, dropout=None) -> jax.Array:
-    """Softmax attention of q [B, T, K, G, H] over the concatenation of key/value parts.
-
-    Each part is (k [B, S, K, H], v [B, S, K, H], k_pos [B, S]). Scores are joined, never the keys
-    themselves, so attending over cache + new tokens copies no cache. Returns [B, T, K, G, H].
-    """
-    scale = config.head_dim**-0.5
-    scores = []
-    for k, _, k_pos in kv_parts:
-        s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-        mask = attention_mask(q_pos, k_pos, config.sliding_window)[:, None, None]  # [B,1,1,T,S]
-        scores.append(jnp.where(mask, s, _MASKED))
-    s = jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
-    probs = jax.nn.softmax(s, axis=-1)  # [B, K, G, T, S_total], fp32
-    if dropout is not None:
-        probs = dropout(probs)
-    out, start = None, 0
-    for k, v, _ in kv_parts:
-        p = probs[..., start : start + k.shape[1]].astype(v.dtype)
-        o = jnp.einsum("bkgts,bskh->btkgh", p, v, preferred_element_type=jnp.float32)
-        out = o if out is None else out + o
-        start += k.shape[1]
-    return out.astype(q.dtype)
 
 
 class Attention(nn.Module):
@@ -149,7 +107,7 @@ class Attention(nn.Module):
         drop = None
         if cfg.dropout > 0.0 and not self.deterministic:
             drop = nn.Dropout(rate=cfg.dropout, deterministic=False)
-        blockwise = positions is None and not self.decode and drop is None
+        whole_rows = positions is None and not self.decode and drop is None
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         N, K, H = cfg.n_head, cfg.kv_heads, cfg.head_dim
@@ -165,8 +123,8 @@ class Attention(nn.Module):
             k = apply_rotary(k, positions, cfg.rope_theta)
         q = q.reshape(B, T, K, G, H)  # query heads grouped by the kv head they share
 
-        if blockwise:
-            out = causal_attention(q, k, v, cfg.sliding_window, QUERY_BLOCK)
+        if whole_rows:
+            out = causal_self_attention(cfg, q, k, v)
         elif not self.decode:
             out = attend(cfg, q, positions, [(k, v, positions)], drop)
         else:
