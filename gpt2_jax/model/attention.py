@@ -73,9 +73,9 @@ def resolve_attention(config: ModelConfig, backend: str | None = None) -> tuple[
             raise ValueError(f"config.model.attention='cudnn': {unfit}; use attention='auto' or 'blockwise'")
     why = "as configured"
     if choice == "splash" and backend != "tpu":
-        why += f" (no TPU: the kernel runs in Pallas interpret mode on {backend.upper()}, slowly)"
+        why += f"; no TPU: the kernel runs in Pallas interpret mode on {backend.upper()}, slowly"
     if choice == "cudnn" and not _on_gpu(backend):
-        why += f" (no GPU: jax.nn.dot_product_attention runs its XLA implementation on {backend.upper()})"
+        why += f"; no GPU: jax.nn.dot_product_attention runs its XLA implementation on {backend.upper()}"
     return choice, why
 
 

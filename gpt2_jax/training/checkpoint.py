@@ -254,7 +254,9 @@ def restore_params(path: str, *, dtype: str | None = None) -> tuple[ModelConfig,
 
         def restore(s: int) -> tuple[ModelConfig, Any]:
             meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            config = ModelConfig.from_dict(meta["model"])
+            # The attention kernel is this machine's choice, not the model's: a run saved with 'splash'
+            # on a TPU is read back with 'auto' (same numerics).
+            config = ModelConfig.from_dict({**meta["model"], "attention": "auto"})
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shapes = jax.tree_util.tree_map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),

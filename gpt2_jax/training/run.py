@@ -23,6 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from gpt2_jax.model import ModelConfig, abstract_params, init_params
+from gpt2_jax.model.attention import resolve_attention
 from gpt2_jax.model.config import model_config_from
 from gpt2_jax.training import sharding
 from gpt2_jax.training.optim import make_optimizer, make_schedule
@@ -70,6 +71,7 @@ def _init_fn(model_config: ModelConfig, tx: optax.GradientTransformation, batch:
 def build_run(model_config: ModelConfig, train_cfg: Any, mesh: Mesh, num_steps: int) -> Run:
     """Validates, then builds the schedule, optimizer and state layout once; allocates nothing."""
     sharding.validate_mesh_for(model_config, train_cfg, mesh)
+    resolve_attention(model_config)  # an attention choice this platform cannot run fails here, by key
     schedule = make_schedule(train_cfg, num_steps)
     tx = make_optimizer(train_cfg, schedule)
     shapes = jax.eval_shape(_init_fn(model_config, tx, sharding.batch_divisor(mesh)), jax.random.PRNGKey(0))

@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from gpt2_jax import data as data_lib
+from gpt2_jax.model.attention import resolve_attention
 from gpt2_jax.model.config import ModelConfig, count_params, model_config_from
 from gpt2_jax.training import checkpoint as ckpt_lib
 from gpt2_jax.training import run as run_lib
@@ -28,7 +29,7 @@ from gpt2_jax.training import step as step_lib
 
 # Keys that may differ between a checkpoint and the config resuming it: they change how the
 # model is computed, not what its parameters are.
-_RESUMABLE_MODEL_CHANGES = frozenset({"dropout", "dtype", "remat", "scan_layers"})
+_RESUMABLE_MODEL_CHANGES = frozenset({"dropout", "dtype", "remat", "scan_layers", "attention"})
 
 # Dense bf16 peaks (FLOP/s per device) for the MFU figure. CPUs are measured instead.
 _PEAK_FLOPS = {
@@ -306,6 +307,7 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
             f"{train_iter.steps_per_epoch} steps/epoch",
             flush=True,
         )
+        print("attention: %s (%s)" % resolve_attention(model_config), flush=True)
 
     signals = _Signals()
     signals.install()
