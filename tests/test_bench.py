@@ -15,7 +15,7 @@ def test_accelerator_benchmark_smoke_runs_every_part():
     require("torch")
     require("transformers")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "accelerator.py"), "--smoke", "--json"],
-                          capture_output=True, text=True, timeout=240, env=subprocess_env(devices=1), cwd="/")
+                          capture_output=True, text=True, timeout=900, env=subprocess_env(devices=1), cwd="/")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     rows = report["rows"]
