@@ -32,6 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"
     m.remat = False  # recompute block activations in the backward pass (memory for compute)
     m.scan_layers = True  # compile one block, not n_layer copies (fast compile, same numerics)
+    # '' = random init | a Hugging Face GPT-2 folder | a gpt2-jax workdir or checkpoint step folder: start
+    # from its weights (only they: optimizer, step and data start fresh). The source then sets the shape
+    # keys; see gpt2_jax/training/init_from.py. Not read once the workdir holds a checkpoint (resume wins).
+    m.init_from = ""
 
     # ---- training
     c.train = t = ml_collections.ConfigDict()
