@@ -35,6 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
     # 'auto' | 'blockwise' | 'dense' | 'splash' | 'cudnn'. auto: Pallas splash on TPU, cuDNN flash on
     # GPU (needs dtype bfloat16/float16, head_dim % 8 == 0, <= 256; else blockwise), blockwise on CPU.
     m.attention = "auto"
+    # '' = random init | a Hugging Face GPT-2 folder | a gpt2-jax workdir or checkpoint step folder: start
+    # from its weights (only they: optimizer, step and data start fresh). The source then sets the shape
+    # keys; see gpt2_jax/training/init_from.py. Not read once the workdir holds a checkpoint (resume wins).
+    m.init_from = ""
 
     # ---- training
     c.train = t = ml_collections.ConfigDict()

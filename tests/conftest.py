@@ -33,7 +33,8 @@ compilation_cache.enable()
 
 # Files with long subprocess runs first, so the two workers finish together instead of one
 # starting a long file at the end.
-_SLOW_FIRST = ("test_multihost.py", "test_checkpoint.py", "test_model.py", "test_sampling.py", "test_generate_cli.py")
+_SLOW_FIRST = ("test_multihost.py", "test_checkpoint.py", "test_finetune.py", "test_model.py", "test_sampling.py",
+               "test_generate_cli.py")
 
 
 def pytest_collection_modifyitems(config, items):  # noqa: ARG001

@@ -178,10 +178,13 @@ def model_config_from(model_cfg: Any) -> ModelConfig:
     """ModelConfig from the `config.model` block of a training config (an ml_collections ConfigDict).
 
     A non-empty `preset` sets n_layer, n_head and n_embd (whatever those keys say); leave it empty
-    to give the shape by hand. Every other key is taken as written.
+    to give the shape by hand. Every other key is taken as written. `init_from` is not read here:
+    it is a training-time key, and the trainer takes the architecture from that source instead
+    (gpt2_jax/training/init_from.py); this returns what the config itself says.
     """
     d = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
     preset = d.pop("preset", "") or ""
+    d.pop("init_from", None)
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(d) - names)
     if unknown:

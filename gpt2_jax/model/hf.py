@@ -86,30 +86,55 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _read_safetensors(folder: str) -> dict[str, jax.Array]:
+def safetensors_files(folder: str) -> list[str]:
+    """The safetensors files holding a Hugging Face model's weights, or FileNotFoundError saying what to do."""
     single = os.path.join(folder, "model.safetensors")
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(single):
-        files = [single]
-    elif os.path.exists(index):
+        return [single]
+    if os.path.exists(index):
         with open(index) as f:
-            files = [os.path.join(folder, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
-    else:
+            return [os.path.join(folder, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+    if os.path.exists(os.path.join(folder, "pytorch_model.bin")):
         raise FileNotFoundError(
-            f"{folder!r} holds no model.safetensors (nor model.safetensors.index.json); "
-            "save the model with save_pretrained(..., safe_serialization=True)"
+            f"{folder!r} holds pytorch_model.bin but no model.safetensors; convert it once with python -c \"from "
+            f"transformers import GPT2LMHeadModel as M; M.from_pretrained('{folder}').save_pretrained('{folder}')\""
         )
-    tensors = {}
-    for path in files:
-        with safe_open(path, framework="flax") as f:
-            for key in f.keys():
-                name = key[len("transformer."):] if key.startswith("transformer.") else key
-                tensors[name] = f.get_tensor(key)
-    return tensors
+    raise FileNotFoundError(
+        f"{folder!r} holds no model.safetensors (nor model.safetensors.index.json); "
+        "save the model with save_pretrained(..., safe_serialization=True)"
+    )
 
 
-def load_hf_gpt2(folder: str, **config_overrides: Any) -> tuple[ModelConfig, dict]:
-    """Reads a Hugging Face GPT-2 folder into (ModelConfig, params). Overrides go to the ModelConfig."""
+class _Tensors:
+    """The tensors of a folder's safetensors files, read one at a time into host memory (numpy)."""
+
+    def __init__(self, folder: str):
+        files = safetensors_files(folder)
+        self.folder = folder
+        self.where: dict[str, tuple[str, str]] = {}  # name without "transformer." -> (file, key)
+        for path in files:
+            with safe_open(path, framework="numpy") as f:
+                for key in f.keys():
+                    self.where[key.removeprefix("transformer.")] = (path, key)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str, shape: tuple[int | None, ...]) -> np.ndarray:
+        """The tensor `name` as float32, checked against `shape` (None: any size on that axis)."""
+        if name not in self.where:
+            raise KeyError(f"tensor {name!r} is missing from the safetensors in {self.folder!r}")
+        path, key = self.where[name]
+        with safe_open(path, framework="numpy") as f:
+            x = np.asarray(f.get_tensor(key), np.float32)
+        if len(x.shape) != len(shape) or any(want not in (None, have) for have, want in zip(x.shape, shape)):
+            raise ValueError(f"tensor {name!r} has shape {x.shape}, config.json implies {shape}")
+        return x
+
+
+def read_hf_config(folder: str, **config_overrides: Any) -> ModelConfig:
+    """The ModelConfig of a Hugging Face GPT-2 folder, from its config.json alone (no weights read)."""
     config_path = os.path.join(folder, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{folder!r} is not a Hugging Face model folder: it has no config.json")
@@ -117,51 +142,76 @@ def load_hf_gpt2(folder: str, **config_overrides: Any) -> tuple[ModelConfig, dic
         hf = json.load(f)
     if hf.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"model_type={hf.get('model_type')!r} in {config_path}; only 'gpt2' can be loaded")
-    config = config_from_hf(hf, **config_overrides)
-    t = _read_safetensors(folder)
-    dtype = jnp.dtype(config.param_dtype)
-    L, E, N, H = config.n_layer, config.n_embd, config.n_head, config.head_dim
+    return config_from_hf(hf, **config_overrides)
 
-    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in t:
-            raise KeyError(f"tensor {name!r} is missing from the safetensors in {folder!r}")
-        x = np.asarray(t[name].astype(jnp.float32))
-        if x.shape != shape:
-            raise ValueError(f"tensor {name!r} has shape {x.shape}, config.json implies {shape}")
-        return x
+
+def load_hf_gpt2(folder: str, **config_overrides: Any) -> tuple[ModelConfig, dict]:
+    """Reads a Hugging Face GPT-2 folder into (ModelConfig, params). Overrides go to the ModelConfig."""
+    config = read_hf_config(folder, **config_overrides)
+    return config, hf_params(folder, config)
+
+
+def hf_params(folder: str, config: ModelConfig, shardings: Any = None) -> dict:
+    """The weights of a Hugging Face GPT-2 folder in our layout, as `config.param_dtype` arrays.
+
+    `config` has the folder's shape (read_hf_config), except that block_size may be smaller (the
+    position table is cropped) and pad_vocab_to_multiple may differ (zero rows pad the table).
+    Parameters are read into host memory one at a time. With `shardings` (a tree of jax Shardings
+    shaped like the params) each device then receives only its own shard of each, so the model is
+    never whole on one device; the host holds one stacked parameter at a time (at most ~2 GB, the
+    MLP kernels of gpt2-xl in float32). Without, each parameter goes whole to the default device.
+    """
+    t = _Tensors(folder)
+    L, E, N, H, F = config.n_layer, config.n_embd, config.n_head, config.head_dim, config.mlp_dim
 
     def layers(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        return np.stack([get(f"h.{i}.{name}", shape) for i in range(L)])  # [L, ...]
+        return np.stack([t.get(f"h.{i}.{name}", shape) for i in range(L)])  # [L, ...]
 
-    F = config.mlp_dim
-    c_attn_w = layers("attn.c_attn.weight", (E, 3 * E))
-    c_attn_b = layers("attn.c_attn.bias", (3 * E,))
-    wte = get("wte.weight", (config.vocab_size, E))
-    if "lm_head.weight" in t and not np.array_equal(get("lm_head.weight", wte.shape), wte):
-        raise ValueError("lm_head.weight differs from wte.weight: untied heads are not supported")
-    wte = np.pad(wte, ((0, config.padded_vocab_size - config.vocab_size), (0, 0)))
-    params = {
+    def wte() -> np.ndarray:  # [padded_vocab, E]
+        x = t.get("wte.weight", (config.vocab_size, E))
+        if "lm_head.weight" in t and not np.array_equal(t.get("lm_head.weight", x.shape), x):
+            raise ValueError("lm_head.weight differs from wte.weight: untied heads are not supported")
+        return np.pad(x, ((0, config.padded_vocab_size - config.vocab_size), (0, 0)))
+
+    def wpe() -> np.ndarray:  # [block_size, E]
+        x = t.get("wpe.weight", (None, E))
+        if x.shape[0] < config.block_size:
+            raise ValueError(f"wpe.weight has {x.shape[0]} positions, fewer than block_size={config.block_size}")
+        return x[: config.block_size]
+
+    # Each leaf is a function, called once when its turn comes: c_attn packs q, k, v (read twice).
+    readers = {
         "wte": {"embedding": wte},
-        "wpe": {"embedding": get("wpe.weight", (config.block_size, E))},
+        "wpe": {"embedding": wpe},
         "blocks": {
-            "ln_1": {"scale": layers("ln_1.weight", (E,)), "bias": layers("ln_1.bias", (E,))},
+            "ln_1": {"scale": lambda: layers("ln_1.weight", (E,)), "bias": lambda: layers("ln_1.bias", (E,))},
             "attn": {
-                "q": {"kernel": c_attn_w[:, :, :E].reshape(L, E, N, H),
-                      "bias": c_attn_b[:, :E].reshape(L, N, H)},
-                "kv": {"kernel": c_attn_w[:, :, E:].reshape(L, E, 2, N, H),
-                       "bias": c_attn_b[:, E:].reshape(L, 2, N, H)},
-                "out": {"kernel": layers("attn.c_proj.weight", (E, E)).reshape(L, N, H, E),
-                        "bias": layers("attn.c_proj.bias", (E,))},
+                "q": {"kernel": lambda: layers("attn.c_attn.weight", (E, 3 * E))[:, :, :E].reshape(L, E, N, H),
+                      "bias": lambda: layers("attn.c_attn.bias", (3 * E,))[:, :E].reshape(L, N, H)},
+                "kv": {"kernel": lambda: layers("attn.c_attn.weight", (E, 3 * E))[:, :, E:].reshape(L, E, 2, N, H),
+                       "bias": lambda: layers("attn.c_attn.bias", (3 * E,))[:, E:].reshape(L, 2, N, H)},
+                "out": {"kernel": lambda: layers("attn.c_proj.weight", (E, E)).reshape(L, N, H, E),
+                        "bias": lambda: layers("attn.c_proj.bias", (E,))},
             },
-            "ln_2": {"scale": layers("ln_2.weight", (E,)), "bias": layers("ln_2.bias", (E,))},
+            "ln_2": {"scale": lambda: layers("ln_2.weight", (E,)), "bias": lambda: layers("ln_2.bias", (E,))},
             "mlp": {
-                "fc": {"kernel": layers("mlp.c_fc.weight", (E, F)), "bias": layers("mlp.c_fc.bias", (F,))},
-                "proj": {"kernel": layers("mlp.c_proj.weight", (F, E)), "bias": layers("mlp.c_proj.bias", (E,))},
+                "fc": {"kernel": lambda: layers("mlp.c_fc.weight", (E, F)),
+                       "bias": lambda: layers("mlp.c_fc.bias", (F,))},
+                "proj": {"kernel": lambda: layers("mlp.c_proj.weight", (F, E)),
+                         "bias": lambda: layers("mlp.c_proj.bias", (E,))},
             },
         },
-        "ln_f": {"scale": get("ln_f.weight", (E,)), "bias": get("ln_f.bias", (E,))},
+        "ln_f": {"scale": lambda: t.get("ln_f.weight", (E,)), "bias": lambda: t.get("ln_f.bias", (E,))},
     }
-    return config, jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
+    dtype = jnp.dtype(config.param_dtype)
+    if shardings is None:
+        return jax.tree_util.tree_map(lambda read: jnp.asarray(read(), dtype), readers)
+
+    def place(read, sharding) -> jax.Array:
+        x = read()
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index].astype(dtype))
+
+    return jax.tree_util.tree_map(place, readers, shardings)
 
 
 def save_hf_gpt2(config: ModelConfig, params: dict, folder: str, dtype: str = "float32") -> None:

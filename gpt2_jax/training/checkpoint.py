@@ -237,6 +237,41 @@ def find_checkpoint_step_dir(path: str) -> tuple[str, int | None]:
     return path, None
 
 
+def newest_meta(path: str) -> tuple[str, int, dict]:
+    """(checkpoints directory, step, meta) of the checkpoint a --ckpt-style `path` names: its step
+    folder, or the newest step of a workdir whose files check out and whose meta reads."""
+    directory, step = find_checkpoint_step_dir(path)
+    steps = [step] if step is not None else [int(n) for n in os.listdir(directory) if n.isdigit()]
+    with _reader(directory) as mngr:
+
+        def read(s: int) -> tuple[int, dict]:
+            return s, mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+        result, problems = restore_newest_usable(directory, steps, read)
+    if result is None:
+        raise ValueError(f"no usable checkpoint in {directory}: " + "; ".join(problems))
+    return directory, *result
+
+
+def saved_model(workdir: str) -> dict | None:
+    """The model config (a dict) of a training workdir's newest usable checkpoint; None if it has none."""
+    directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+    if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
+        return None
+    return newest_meta(directory)[2]["model"]
+
+
+def restore_params_at(directory: str, step: int, abstract_params: Any) -> Any:
+    """The parameters of checkpoint `step` in `directory`, restored straight into the shardings of
+    `abstract_params` (jax.ShapeDtypeStruct leaves with .sharding), from whatever mesh wrote them."""
+    with _reader(directory) as mngr:
+        return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
+
+
+def _reader(directory: str) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True))
+
+
 def restore_params(path: str, *, dtype: str | None = None) -> tuple[ModelConfig, Any]:
     """(ModelConfig, params) from a checkpoint, rebuilt from the checkpoint alone (no config file).
 

@@ -41,7 +41,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from gpt2_jax.model.config import ModelConfig, count_params, model_config_from
+from gpt2_jax.model.config import ModelConfig, count_params
+from gpt2_jax.training import init_from
 from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding
 from gpt2_jax.training import step as step_lib
@@ -57,7 +58,7 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
     (GiB, 2**30 bytes) replaces the device's own memory figure (needed on CPU, which reports none).
     Returns plain numbers (bytes, FLOPs) and strings; `format_report` renders them.
     """
-    model_config = model_config_from(config.model)
+    model_config = init_from.model_config_for(config.model)  # init_from's architecture where it is set
     t = config.train
     available = len(jax.devices())
     n = available if num_devices is None else num_devices

@@ -68,6 +68,14 @@ def _init_fn(model_config: ModelConfig, tx: optax.GradientTransformation, batch:
     return init
 
 
+def _state_around(tx: optax.GradientTransformation) -> Callable:
+    def init(params: Any, seed_key: jax.Array) -> TrainState:
+        _, dropout_rng = jax.random.split(seed_key)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=dropout_rng)
+
+    return init
+
+
 def build_run(model_config: ModelConfig, train_cfg: Any, mesh: Mesh, num_steps: int) -> Run:
     """Validates, then builds the schedule, optimizer and state layout once; allocates nothing."""
     sharding.validate_mesh_for(model_config, train_cfg, mesh)
@@ -92,8 +100,15 @@ def run_from_config(config: Any, mesh: Mesh, num_steps: int | None = None) -> Ru
     return build_run(model_config_from(config.model), config.train, mesh, steps)
 
 
-def create_train_state(run: Run) -> TrainState:
-    """A freshly initialised state born sharded on the run's mesh, from PRNGKey(train_cfg.seed)."""
+def create_train_state(run: Run, params: Any = None) -> TrainState:
+    """A fresh state born sharded on the run's mesh, from PRNGKey(train_cfg.seed).
+
+    With `params` (laid out as run.state_shardings.params, e.g. pretrained weights; donated) the
+    state holds them, with step 0, a fresh optimizer state and the dropout root of a random init.
+    """
+    if params is not None:
+        around = jax.jit(_state_around(run.tx), out_shardings=run.state_shardings, donate_argnums=0)
+        return around(params, jax.random.PRNGKey(run.train_cfg.seed))
     init = jax.jit(run.init_fn(), out_shardings=run.state_shardings)
     with sharding.sharding_context(run.mesh):  # the parameters' own logical constraints apply inside init too
         return init(jax.random.PRNGKey(run.train_cfg.seed))

@@ -21,8 +21,9 @@ from absl import logging
 
 from gpt2_jax import data as data_lib
 from gpt2_jax.model.attention import resolve_attention
-from gpt2_jax.model.config import ModelConfig, count_params, model_config_from
+from gpt2_jax.model.config import ModelConfig, count_params
 from gpt2_jax.training import checkpoint as ckpt_lib
+from gpt2_jax.training import init_from as init_from_lib
 from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding as sharding_lib
 from gpt2_jax.training import step as step_lib
@@ -218,9 +219,10 @@ def train(config: Any, workdir: str) -> dict:
     Returns a summary dict (final step, last loss, last val loss, ...).
     """
     t = config.train
-    model_config = model_config_from(config.model)
-    mesh = sharding_lib.make_mesh(config.mesh)
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    # config.model alone, or the architecture of config.model.init_from (None once the workdir has a checkpoint).
+    model_config, pretrained = init_from_lib.resolve(config.model, workdir)
+    mesh = sharding_lib.make_mesh(config.mesh)
     os.makedirs(workdir, exist_ok=True)
 
     train_tokens, val_tokens = _prepare_data(config)
@@ -239,15 +241,19 @@ def train(config: Any, workdir: str) -> dict:
     # Checks the mesh against the model and batch, builds the optimizer, schedule and the state's
     # layout, once (the schedule's length needs the corpus when training by epochs); allocates nothing.
     run = run_lib.build_run(model_config, t, mesh, num_steps)
+    # Pretrained weights, straight into their shards, before any checkpoint folder is made.
+    params = None
+    if pretrained is not None:
+        params = init_from_lib.load_params(pretrained, model_config, run.state_shardings.params)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
     try:
-        return _train_loop(config, workdir, run, checkpointer, train_iter, val_tokens)
+        return _train_loop(config, workdir, run, checkpointer, train_iter, val_tokens, params)
     finally:
         checkpointer.close()
         train_iter.close()
 
 
-def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val_tokens) -> dict:
+def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val_tokens, params=None) -> dict:
     t = config.train
     model_config, mesh, num_steps = run.model_config, run.mesh, run.num_steps
     is_main = jax.process_index() == 0
@@ -269,8 +275,8 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
         train_iter.set_state(data_state)
         if is_main:
             print(f"resumed from step {saved_meta['step']} ({checkpointer.directory})", flush=True)
-    else:
-        state = run_lib.create_train_state(run)
+    else:  # random init, or the pretrained `params` (config.model.init_from)
+        state = run_lib.create_train_state(run, params)
     start_step = int(jax.device_get(state.step))
 
     train_step = step_lib.make_train_step(run)
