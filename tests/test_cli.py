@@ -1,0 +1,58 @@
+"""What every command line shares (gpt2_jax/cli.py): --help exits 0, a usage or input error is one
+`error:` line with exit code 2, a failed start leaves no workdir; the compilation cache's folder."""
+
+import os
+import subprocess
+import sys
+
+from gpt2_jax import cli, compilation_cache
+from helpers import subprocess_env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN, GENERATE = os.path.join(ROOT, "train.py"), os.path.join(ROOT, "generate.py")
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+def test_help_exits_0_and_usage_errors_are_one_line_with_exit_2(tmp_path):
+    workdir = tmp_path / "never_made"
+    runs = {  # arguments -> (exit code, text on stdout (help) or in the one stderr line)
+        (TRAIN, "--help"): (0, "  --workdir:"),
+        (GENERATE, "--help"): (0, "  --max_new_tokens:"),
+        ("-m", "gpt2_jax.export", "--help"): (0, "  --out:"),
+        ("-m", "gpt2_jax.evaluate", "--help"): (0, "  --hellaswag:"),
+        (TRAIN, "--config", TINY, "--config.data.source=/no/such.txt", f"--workdir={workdir}"):
+            (2, "Data source '/no/such.txt' does not exist"),
+        (TRAIN, "--config", os.path.join(ROOT, "configs", "nope.py")): (2, "nope.py: no such file"),
+        (TRAIN, "--config", TINY, "stray"): (2, "unexpected arguments ['stray']"),
+        (GENERATE, "--max_new_tokenz=3"): (2, "Unknown command line flag 'max_new_tokenz'"),
+        ("-m", "gpt2_jax.export", "--ckpt=x"): (2, "Flag --out must have a value"),
+        ("-m", "gpt2_jax.evaluate", "--hf=x", "--limit=-1", "--text=t.txt"): (2, "--limit=-1 must be >= 0"),
+    }
+    env = subprocess_env(1)
+    procs = {args: subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for args in runs}
+    for args, (code, text) in runs.items():
+        out, err = procs[args].communicate(timeout=120)
+        assert procs[args].returncode == code, (args, err)
+        if code == 0:
+            assert text in out and err == "", (args, err)
+        else:
+            assert err.splitlines() == [err.splitlines()[-1]] and err.startswith("error: ") and text in err, (args, err)
+    assert not workdir.exists()  # the failed start made no workdir
+
+
+def test_describe_gives_one_line():
+    assert cli.describe(FileNotFoundError(2, "No such file or directory", "/x/y.txt")) == "/x/y.txt: No such file or directory"
+    assert cli.describe(ValueError("first\n  second\n")) == "first second"
+    assert cli.describe(KeyError()) == "KeyError"
+
+
+def test_compilation_cache_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.delenv(compilation_cache.ENV, raising=False)
+    assert compilation_cache.folder() == os.path.expanduser("~/.cache/gpt2_jax/jax_cache")
+    assert compilation_cache.folder(str(tmp_path / "corpora" / "jax_cache")) == str(tmp_path / "corpora" / "jax_cache")
+    monkeypatch.setenv(compilation_cache.ENV, str(tmp_path / "mine"))
+    assert compilation_cache.folder() == str(tmp_path / "mine")
+    monkeypatch.setenv(compilation_cache.ENV, "off")
+    assert compilation_cache.folder() is None
