@@ -89,7 +89,7 @@ def main(argv) -> None:
     from gpt2_jax.inference.export import load_model
     from gpt2_jax.inference.sampling import PromptTooLongError, generate_with_stats, stream
 
-    compilation_cache.enable()  # a second call loads the prefill and decode programs instead of compiling
+    compilation_cache.enable(traced_programs=True)  # a second call loads prefill and decode, traced and compiled
 
     sampling = dict(
         max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,

@@ -1,9 +1,14 @@
 """What every command line shares (gpt2_jax/cli.py): --help exits 0, a usage or input error is one
-`error:` line with exit code 2, a failed start leaves no workdir; the compilation cache's folder."""
+`error:` line with exit code 2, a failed start leaves no workdir; the compilation cache's folder and
+generate.py's kept traced programs."""
 
 import os
 import subprocess
 import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from gpt2_jax import cli, compilation_cache
 from helpers import subprocess_env
@@ -56,3 +61,25 @@ def test_compilation_cache_folder(monkeypatch, tmp_path):
     assert compilation_cache.folder() == str(tmp_path / "mine")
     monkeypatch.setenv(compilation_cache.ENV, "off")
     assert compilation_cache.folder() is None
+
+
+def test_traced_programs_are_kept_and_loaded_instead_of_traced(tmp_path, monkeypatch):
+    monkeypatch.setattr(compilation_cache, "_programs_folder", str(tmp_path))
+    traced = []
+
+    def f(x, y):
+        traced.append(x.shape)
+        return {"sum": x + y["a"], "twice": y["n"] * 2}
+
+    args = (jnp.ones(3), {"a": jnp.arange(3.0), "n": jnp.int32(4)})
+    first = compilation_cache.compile_traced(f, args, key="f")(*args)
+    again = compilation_cache.compile_traced(f, args, key="f")(*args)  # loaded from disk: not traced
+    assert traced == [(3,)] and len(os.listdir(tmp_path)) == 1
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, first)
+    np.testing.assert_array_equal(again["sum"], [1.0, 2.0, 3.0])
+    compilation_cache.compile_traced(f, (jnp.ones(4), {"a": jnp.arange(4.0), "n": jnp.int32(4)}), key="f")
+    compilation_cache.compile_traced(f, args, key="another f")  # another key: traced again
+    assert traced == [(3,), (4,), (3,)] and len(os.listdir(tmp_path)) == 3
+    donated = compilation_cache.compile_traced(f, args, key="f", donate_argnums=(0,))
+    x = jnp.ones(3)
+    assert float(donated(x, args[1])["sum"][2]) == 3.0 and x.is_deleted()
