@@ -6,7 +6,8 @@ train.py, generate.py, `python -m gpt2_jax.export` and `python -m gpt2_jax.evalu
      file or checkpoint, a config the run cannot start with, a loss that turned NaN. The last line
      on stderr is `error: <what is wrong>`; there is no traceback;
   1  anything else: a bug, reported with its traceback.
-Free of jax, so a bad flag is refused before anything heavy loads.
+Ctrl-C outside training's own handler (which checkpoints and exits 0) prints `interrupted` and
+exits 130, as shells do. Free of jax, so a bad flag is refused before anything heavy loads.
 """
 
 from __future__ import annotations
@@ -59,5 +60,8 @@ def run(main: Callable[[list[str]], None]) -> None:
             main(argv)
         except (ValueError, OSError, app.UsageError) as e:
             fail(describe(e))
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            sys.exit(130)
 
     app.run(guarded, flags_parser=_parse_flags)

@@ -46,6 +46,13 @@ def test_help_exits_0_and_usage_errors_are_one_line_with_exit_2(tmp_path):
     assert not workdir.exists()  # the failed start made no workdir
 
 
+def test_ctrl_c_before_training_is_a_line_and_exit_130():
+    program = "from gpt2_jax import cli\ndef main(argv):\n    raise KeyboardInterrupt\ncli.run(main)\n"
+    out = subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=subprocess_env(1), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 130 and out.stderr.strip() == "interrupted"
+
+
 def test_describe_gives_one_line():
     assert cli.describe(FileNotFoundError(2, "No such file or directory", "/x/y.txt")) == "/x/y.txt: No such file or directory"
     assert cli.describe(ValueError("first\n  second\n")) == "first second"
