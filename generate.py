@@ -10,13 +10,16 @@ One non-JSON sample is streamed to the terminal as it is produced; tokens/s go t
 tokens/s counts new tokens over prefill + decode time, compilation excluded. An empty prompt
 starts from <|endoftext|> (unconditional samples). Sampling stops at <|endoftext|>, which is not
 printed, or when the model's context is full. Logic lives in gpt2_jax.inference.sampling.
+Exit codes (gpt2_jax/cli.py): 0 done, 2 a usage or input error (one `error:` line), 1 a bug.
 """
 
 import codecs
 import json
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from gpt2_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("ckpt", None, "Training workdir (newest good checkpoint) or one checkpoint step folder.")
@@ -68,35 +71,31 @@ def print_stream(tokens, decode_token_bytes) -> None:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {argv[1:]}")
+    del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # keep library chatter (orbax, jax) off the terminal
     from gpt2_jax.inference.export import check_source
     from gpt2_jax.inference.options import validate_sampling
 
-    try:
-        # Cheap checks first, before jax loads, so a typo fails at once.
-        validate_sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-                          num_samples=FLAGS.num_samples)
-        if FLAGS.max_new_tokens < 0:
-            raise ValueError(f"--max_new_tokens={FLAGS.max_new_tokens} must be >= 0")
-        check_source(FLAGS.ckpt, FLAGS.hf)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    # Cheap checks first, before jax loads, so a typo fails at once (a ValueError: one `error:` line).
+    validate_sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                      num_samples=FLAGS.num_samples)
+    if FLAGS.max_new_tokens < 0:
+        raise ValueError(f"--max_new_tokens={FLAGS.max_new_tokens} must be >= 0")
+    check_source(FLAGS.ckpt, FLAGS.hf)
 
     from gpt2_jax import compilation_cache
     from gpt2_jax.data.tokenizer import EOT_ID, get_tokenizer
     from gpt2_jax.inference.export import load_model
     from gpt2_jax.inference.sampling import PromptTooLongError, generate_with_stats, stream
 
-    compilation_cache.enable()  # a second call loads the prefill and decode programs instead of compiling
+    compilation_cache.enable(traced_programs=True)  # a second call loads prefill and decode, traced and compiled
 
     sampling = dict(
         max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
         top_p=FLAGS.top_p, seed=FLAGS.seed, truncate=FLAGS.truncate,
     )
-    try:
+    try:  # a too-long prompt gets its own line; cli.run reports other ValueErrors and OSErrors
         prompt = read_prompt()
         enc = get_tokenizer()
         prompt_ids = enc.encode(prompt, allowed_special="all") or [EOT_ID]
@@ -113,13 +112,11 @@ def main(argv) -> None:
                 config, params, [prompt_ids], num_samples=FLAGS.num_samples, eos_id=EOT_ID, **sampling
             )
     except PromptTooLongError as e:
-        sys.exit(
-            f"error: the prompt has {e.length} tokens but the model's context is {e.context} tokens "
+        cli.fail(
+            f"the prompt has {e.length} tokens but the model's context is {e.context} tokens "
             f"(at most {e.context - 1} prompt tokens); shorten it or pass --truncate left "
             f"(keeps its last {e.keep} tokens)"
         )
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
 
     if live is not None:
         sys.stdout.write(prompt)
@@ -138,4 +135,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

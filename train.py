@@ -5,12 +5,17 @@
 
 Multi-host: on a Cloud TPU VM every worker runs the same command (jax.distributed finds its
 peers); elsewhere add --coordinator_address HOST:PORT --num_processes N --process_id I.
+Exit codes (gpt2_jax/cli.py): 0 done, 2 a usage or input error (one `error:` line), 1 a bug.
 """
 
-import sys
+import os
+import re
+import traceback
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from gpt2_jax import cli
 
 config_flags.DEFINE_config_file("config", None, "A config file in configs/.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go (default: workdir/<config name>).")
@@ -27,19 +32,30 @@ flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
+def load_config():
+    """FLAGS.config, or one `error:` line if its file does not exist (ml_collections loads it lazily)."""
+    path = config_flags.get_config_filename(FLAGS["config"])
+    if not os.path.isfile(path):
+        cli.fail(f"--config {path}: no such file")
+    return FLAGS.config
+
+
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and jax log a lot at INFO
-    import os
+    config = load_config()
+    if not FLAGS.preflight:  # a missing corpus fails here, in a fraction of a second, before jax loads
+        from gpt2_jax.data.corpus import check_source
 
+        for source in filter(None, (config.data.source, config.data.val_source)):
+            check_source(source)
     import jax
 
     from gpt2_jax import compilation_cache
 
     # Beside the corpus cache: a second run of the same config loads its programs instead of compiling.
-    compilation_cache.enable(default=os.path.join(FLAGS.config.data.cache_dir, "jax_cache"))
+    compilation_cache.enable(default=os.path.join(config.data.cache_dir, "jax_cache"))
     if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.tpu_pod:
         from gpt2_jax.training.distributed import initialize
 
@@ -47,43 +63,40 @@ def main(argv):
     if FLAGS.preflight:
         from gpt2_jax.training.preflight import format_report, report
 
-        try:
-            figures = report(FLAGS.config, FLAGS.preflight_devices, device_memory_gb=FLAGS.preflight_device_memory_gb)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        figures = report(config, FLAGS.preflight_devices, device_memory_gb=FLAGS.preflight_device_memory_gb)
         if jax.process_index() == 0:
             print(format_report(figures))
         return
-    from gpt2_jax.training.trainer import NonFiniteLossError, train
+    from gpt2_jax.training.trainer import NonFiniteLossError, done_line, train
 
     workdir = FLAGS.workdir
     if workdir is None:
         name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
         workdir = os.path.join("workdir", name)
     try:
-        summary = train(FLAGS.config, workdir)
-    except (ValueError, NonFiniteLossError) as e:  # bad config or data, or a NaN: one clear line
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        summary = train(config, workdir)
+    except NonFiniteLossError as e:  # the data or the config made the loss diverge
+        cli.fail(str(e))
     if jax.process_index() == 0:
-        print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, workdir {summary['workdir']}")
+        print(done_line(summary))
+
+
+def unknown_key_message(error: Exception) -> str | None:
+    """The `error:` line for an unknown key in a --config.X=... override, or None for any other error."""
+    if not any("ml_collections" in frame.filename for frame in traceback.extract_tb(error.__traceback__)):
+        return None
+    text = str(error).replace("\\'", "'").replace("\\n", "\n")
+    key = re.search(r"'([^'\s]+)'", text)
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    return (f"unknown config key {key.group(1) if key else text!r} in a --config.* override"
+            + (f' (did you mean "{hint.group(1)}"?)' if hint else "") + "; every key is listed in configs/base.py")
 
 
 if __name__ == "__main__":
     try:
-        app.run(main)
+        cli.run(main)
     except (KeyError, AttributeError) as e:  # raised while ml_collections applies --config.X overrides
-        import traceback
-
-        if not any("ml_collections" in frame.filename for frame in traceback.extract_tb(e.__traceback__)):
+        message = unknown_key_message(e)
+        if message is None:
             raise
-        import re
-
-        text = str(e).replace("\\'", "'").replace("\\n", "\n")
-        key = re.search(r"'([^'\s]+)'", text)
-        hint = re.search(r'Did you mean "([^"]+)"', text)
-        print(f"error: unknown config key {key.group(1) if key else text!r} in a --config.* override"
-              + (f' (did you mean "{hint.group(1)}"?)' if hint else "")
-              + "; every key is listed in configs/base.py", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(message)

@@ -61,9 +61,12 @@ def get_config() -> ml_collections.ConfigDict:
     t.checkpoint_every = 500  # steps; a checkpoint is also written at the end
     t.keep_checkpoints = 3
     t.skip_nonfinite_updates = False  # True: a NaN/Inf loss skips the update instead of stopping
-    t.peak_flops_per_device = 0.0  # for MFU; 0 = known TPU/GPU peak, or measured matmul rate on CPU
+    t.peak_flops_per_device = 0.0  # for MFU; 0 = known TPU/GPU peak, or a fixed CPU reference (trainer.py)
     t.sample_tokens = 64  # tokens sampled from the model at the end of training; 0 disables
-    t.sample_prompt = "\n"
+    t.sample_prompt = ""  # '' = the first line of the training data
+    # On resume: 'keep' follows the checkpoint's learning-rate schedule (length, warmup, peak, floor),
+    # so a longer num_steps goes on at min_lr; 'replan' plans it from this config (training/resume.py).
+    t.resume_schedule = "keep"
 
     # ---- device mesh: data x fsdp x tensor must equal the device count (-1 = all remaining)
     c.mesh = ml_collections.ConfigDict()

@@ -30,6 +30,5 @@ def get_config():
     c.train.eval_steps = 16
     c.train.log_every = 10
     c.train.checkpoint_every = 0  # the final checkpoint only
-    c.train.sample_prompt = "ROMEO:"
     c.train.sample_tokens = 48
     return c

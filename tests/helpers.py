@@ -46,6 +46,17 @@ def random_params(cfg: ModelConfig, *, seed: int = 0, std: float):
     return jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(abstract_params(cfg)))
 
 
+def make_checkpoint(workdir, cfg: ModelConfig, params, step: int = 3) -> str:
+    """A training checkpoint of `params` at `step` in `workdir` (no optimizer state), as train.py writes it."""
+    from gpt2_jax.training.step import TrainState
+
+    checkpointer = ckpt_lib.Checkpointer(str(workdir))
+    state = TrainState(step=jnp.int32(step), params=params, opt_state={}, rng=jax.random.PRNGKey(0))
+    checkpointer.save(step, state, {}, {"model": cfg.to_dict()})
+    checkpointer.close()
+    return str(workdir)
+
+
 def losses(workdir) -> dict[int, float]:
     """step -> loss, the latest record of each step (a resumed run logs some steps again)."""
     out = {}

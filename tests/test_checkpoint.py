@@ -1,8 +1,11 @@
-"""Checkpoints: exact resume after SIGKILL (also mid-save), SIGTERM, restore onto other meshes,
-corrupt and incomplete checkpoints, NaN losses, and refusing a different model."""
+"""Checkpoints: exact resume after SIGKILL (also mid-save), Ctrl-C, restore onto other meshes,
+corrupt and incomplete checkpoints, NaN losses, refusing a different model, and what a resume with
+other steps, schedule or batch size does."""
 
 import glob
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +18,8 @@ import pytest
 
 from gpt2_jax.model.config import model_config_from
 from gpt2_jax.training import checkpoint as ckpt_lib
+from gpt2_jax.training import optim as optim_lib
+from gpt2_jax.training import resume as resume_lib
 from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding as sharding_lib
 from gpt2_jax.training import step as step_lib
@@ -122,13 +127,15 @@ def test_resume_after_sigkill_during_an_async_save_is_exact(tmp_path, cache, str
     assert_same_as_straight(workdir, straight)
 
 
-def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path, cache, straight):
-    workdir = tmp_path / "terminated"
-    code, out = run_until(train_cmd(workdir, cache), lambda: logged_steps(workdir) >= 3, signal.SIGTERM)
+def test_ctrl_c_checkpoints_plots_and_exits_zero_then_resumes(tmp_path, cache, straight):
+    workdir = tmp_path / "interrupted"  # SIGINT (Ctrl-C) and SIGTERM share one handler
+    code, out = run_until(train_cmd(workdir, cache), lambda: logged_steps(workdir) >= 3, signal.SIGINT)
     assert code == 0, out
     stopped = [s for s in ckpt_lib.Checkpointer(str(workdir)).all_steps()]
     assert stopped and stopped[-1] < 2 * N
-    assert f"stopped by signal {int(signal.SIGTERM)} at step {stopped[-1]}" in out
+    assert f"stopped by signal {int(signal.SIGINT)} at step {stopped[-1]}" in out
+    assert (workdir / "loss.png").stat().st_size > 1000  # the curve so far
+    assert f"done: step {stopped[-1]}, loss " in out
     res = subprocess.run(train_cmd(workdir, cache), check=True, env=env(), timeout=300, capture_output=True, text=True)
     assert f"resumed from step {stopped[-1]}" in res.stdout
     want, got = losses(straight), losses(workdir)
@@ -191,10 +198,15 @@ def test_truncated_checkpoint_is_reported_and_the_previous_one_used(tmp_path, ca
     restored = loader.restore_latest(abstract)
     loader.close()
     assert restored is not None and restored[1] == {"step": 1}
-    assert "checkpoint at step 2 is unusable" in capsys.readouterr().err
-    # generate.py's loader falls back the same way.
+    said = r"checkpoint step 2 \(file .* has \d+ bytes, \d+ were written\): unusable, skipped; using step 1\n"
+    assert re.fullmatch(said, capsys.readouterr().err)  # once, with what was skipped and the step used
+    # generate.py's loader falls back the same way...
     config, _ = ckpt_lib.restore_params(str(tmp_path))
-    assert "checkpoint at step 2 is unusable" in capsys.readouterr().err
+    assert re.fullmatch(said, capsys.readouterr().err)
+    # ...but a step folder named on purpose is that step or an error.
+    with pytest.raises(ValueError, match=r"checkpoints/2 is unusable: file .* bytes") as error:
+        ckpt_lib.restore_params(str(tmp_path / "checkpoints" / "2"))
+    assert "using" not in str(error.value) and capsys.readouterr().err == ""
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path, capsys):
@@ -231,14 +243,66 @@ def test_nan_loss_stops_training_naming_the_step(tmp_path, cache, monkeypatch):
     assert ckpt_lib.Checkpointer(str(tmp_path)).all_steps() == [3]  # the last good one stays
 
 
-def test_resume_refuses_a_different_model(tmp_path, cache):
-    config = tiny_config(num_steps=2, checkpoint_every=2, warmup_steps=1)
+def test_resume_with_other_steps_schedule_or_model(tmp_path, cache, capsys):
+    config = tiny_config(num_steps=8, checkpoint_every=0)  # the NaN test's schedule: its programs are cached
     config.data.cache_dir = str(cache)
     trainer_lib.train(config, str(tmp_path))
+    capsys.readouterr()
+
+    config.train.num_steps = 7  # fewer steps than the checkpoint has done: said plainly, nothing runs
+    with pytest.raises(ValueError, match=r"checkpoint in .* is at step 8, past config.train.num_steps=7: nothing"):
+        trainer_lib.train(config, str(tmp_path))
+    config.train.num_steps = 8  # as many: nothing to train, and no NaN loss
+    summary = trainer_lib.train(config, str(tmp_path))
+    assert "nothing to train: the checkpoint in" in capsys.readouterr().out and summary["loss"] is None
+    assert re.match(r"done: step 8, loss \d+\.\d+ \(step 8\) \| ", trainer_lib.done_line(summary))
+
+    # Extending with another learning rate: the checkpoint's schedule is kept, and that is said.
+    config.train.num_steps, config.train.learning_rate = 10, 1e-3
+    trainer_lib.train(config, str(tmp_path))
+    assert "resume: the learning-rate schedule stays the checkpoint's (8 steps, warmup 5, learning_rate 0.003 to " \
+           "min_lr 0.0003), not the config's (num_steps 8 -> 10, learning_rate 0.003 -> 0.001): lr at step 9 is " \
+           "0.0003; from step 9 on it stays at min_lr=0.0003" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 11)) and records[-1]["tokens"] == 10 * 8 * 32
+    assert [r["lr"] for r in records[8:]] == pytest.approx([3e-4, 3e-4])  # no jump back up
+
     config.model.n_layer = 3
     config.model.n_embd = 64
     with pytest.raises(ValueError, match=r"differs from config.model in n_embd: checkpoint 32 vs config 64, n_layer"):
         trainer_lib.train(config, str(tmp_path))
+
+
+def test_schedule_on_resume_is_kept_or_replanned_on_purpose():
+    t = tiny_config(num_steps=30, warmup_steps=5).train
+    saved = {"step": 30, "schedule": {"num_steps": 30, "learning_rate": 3e-3, "min_lr": 3e-4, "warmup_steps": 5}}
+    assert resume_lib.plan_schedule(saved, t, 30).note is None  # the same run resumed: nothing to say
+    assert resume_lib.plan_schedule(None, t, 40) == resume_lib.SchedulePlan(t, 40, None)  # a new run
+    t.num_steps = 40
+    kept = resume_lib.plan_schedule(saved, t, 40)
+    assert kept.num_steps == 30 and kept.to_meta() == saved["schedule"]
+    assert "lr at step 31 is 0.0003; from step 31 on it stays at min_lr=0.0003" in kept.note
+    t.resume_schedule = "replan"
+    replanned = resume_lib.plan_schedule(saved, t, 40)
+    want = float(optim_lib.make_schedule(t, 40)(30))  # ~1.1e-3: the jump the user asked for
+    assert replanned.num_steps == 40 and replanned.train_cfg is t
+    assert f"lr at step 31 is {want:.3g}, the checkpoint's plan had 0.0003" in replanned.note
+    # Checkpoints from before the schedule was saved: their config says what it was.
+    old = {"step": 30, "config": {"train": {"num_steps": 30, "num_epochs": 0, **{k: saved["schedule"][k] for k in
+                                                                                  resume_lib.SCHEDULE_KEYS}}}}
+    assert resume_lib.saved_schedule(old) == saved["schedule"]
+    t.resume_schedule = "stretch"
+    with pytest.raises(ValueError, match="resume_schedule='stretch' must be one of"):
+        resume_lib.plan_schedule(saved, t, 40)
+
+
+def test_a_new_batch_size_on_resume_is_said():
+    state = {"step": 3, "seed": 0, "num_windows": 100, "block_size": 32, "global_batch_size": 8}
+    assert resume_lib.data_state_for(state, 8) == (state, None)
+    moved, note = resume_lib.data_state_for(state, 16)
+    assert moved["step"] == 2 and moved["global_batch_size"] == 16
+    assert note == ("resume: global_batch_size 8 -> 16 (checkpoint -> config): the data goes on at window 32 of "
+                    "epoch 0's order, in batches of 16")
 
 
 def test_restore_params_errors(tmp_path):

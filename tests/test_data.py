@@ -222,8 +222,21 @@ def test_empty_corpus_is_an_error(tmp_path):
 def test_missing_and_unknown_sources(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         data.prepare_corpus(str(tmp_path / "nope.txt"), tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        data.check_source(str(tmp_path / "nope.txt"))  # the same check, without preparing anything
     with pytest.raises(ValueError, match="builtin:poetry"):
         data.prepare_corpus("builtin:poetry", tmp_path / "cache")
+    data.check_source("builtin:shakespeare")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_first_line_is_the_first_non_blank_line_of_the_first_document():
+    enc = get_tokenizer()
+    stream = [EOT_ID] + enc.encode("\n\n  \nThe Tempest\nACT I\n") + [EOT_ID] + enc.encode("Other")
+    assert _decode(data.first_line(stream)) == "The Tempest\n"
+    long = enc.encode(" ".join(["word"] * 40))  # one long line: its first tokens
+    assert data.first_line(long, max_tokens=5) == long[:5]
+    assert data.first_line([EOT_ID, EOT_ID]) == [EOT_ID]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -476,6 +489,28 @@ def test_state_from_another_setup_is_refused():
         _iterator(_tokens(40), global_batch_size=4).set_state(state)
     with pytest.raises(ValueError, match="num_windows"):
         _iterator(_tokens(41)).set_state(state)
+
+
+@pytest.mark.parametrize("saved_at,old,new", [(3, 4, 8), (4, 4, 8), (3, 8, 4), (4, 8, 12), (11, 4, 12)],
+                         ids=["grow", "grow-aligned", "shrink", "grow-odd", "into-next-epoch"])
+def test_a_state_carries_over_to_another_batch_size(saved_at, old, new):
+    tokens = _tokens(50)
+    # Each epoch's window order, the same for any batch size (a batch of 50 is a whole epoch).
+    order = [_window_ids(batch, BLOCK) for batch in _take(_iterator(tokens, global_batch_size=50), 3)]
+    it = _iterator(tokens, global_batch_size=old)
+    _take(it, saved_at)
+    epoch, seen = divmod(saved_at, 50 // old)
+    seen *= old  # windows of this epoch already trained on
+    state = data.rebatch_state(it.get_state(), new)
+    new_epoch, start = divmod(state["step"], 50 // new)
+    start *= new
+    if new_epoch == epoch:  # the first batch holding no window seen: fewer than `new` skipped
+        assert seen <= start < seen + new
+    else:  # what is left of the epoch holds no whole new batch
+        assert (new_epoch, start) == (epoch + 1, 0) and seen + new > 50 // new * new
+    resumed = _iterator(tokens, global_batch_size=new)
+    resumed.set_state(state)
+    assert _window_ids(next(resumed), BLOCK) == order[new_epoch][start : start + new]
 
 
 def test_grain_checkpoint_handler_round_trip(tmp_path):

@@ -1,5 +1,6 @@
 """generate.py and `python -m gpt2_jax.export` as a user runs them (subprocesses): greedy parity with
-Hugging Face generate, streaming == JSON, checkpoints, export round trip, one-line errors.
+Hugging Face generate, streaming == JSON, checkpoints (a corrupt newest one skipped, said once),
+export round trip with the tokenizer, the default compilation cache, one-line errors (exit 2).
 
 The Hugging Face parity test needs torch + transformers (required where CI is set, like test_hf.py).
 """
@@ -10,7 +11,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -18,16 +18,20 @@ from gpt2_jax import ModelConfig
 from gpt2_jax.model.hf import load_hf_gpt2, save_hf_gpt2
 from gpt2_jax.inference.sampling import generate
 from gpt2_jax.data.tokenizer import EOT_ID, get_tokenizer
-from helpers import random_params, require, subprocess_env
+from helpers import make_checkpoint, random_params, require, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "The quick brown fox jumps over the lazy dog"
 TIMEOUT = 120
 
 
-def run(script_args: list[str], *, module: str | None = None, stdin: str | None = None):
-    """Runs generate.py (or `python -m module`) on one CPU device; returns the CompletedProcess."""
+def run(script_args: list[str], *, module: str | None = None, stdin: str | None = None, home=None):
+    """Runs generate.py (or `python -m module`) on one CPU device; returns the CompletedProcess.
+
+    With `home`, HOME is that folder and the test session's compilation cache is not passed on."""
     env = subprocess_env(1)
+    if home is not None:
+        env = {k: v for k, v in env.items() if k != "GPT2_JAX_COMPILATION_CACHE"} | {"HOME": str(home)}
     cmd = [sys.executable, "-m", module] if module else [sys.executable, os.path.join(ROOT, "generate.py")]
     return subprocess.run(
         cmd + script_args, cwd=ROOT, env=env, input=stdin or "", capture_output=True, text=True, timeout=TIMEOUT
@@ -40,10 +44,9 @@ def json_lines(out) -> list[dict]:
 
 
 def assert_one_line_error(out, text: str):
-    assert out.returncode != 0
-    assert "Traceback" not in out.stderr, out.stderr
-    last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and text in last, out.stderr
+    assert out.returncode == 2, out.stderr  # gpt2_jax/cli.py: a usage or input error
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("error: ") and text in out.stderr, out.stderr
 
 
 # Learned positions, 32-token context, GPT-2's vocabulary so the tokenizer works.
@@ -55,17 +58,6 @@ def tiny_hf(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("tiny_hf")
     save_hf_gpt2(TINY, random_params(TINY, std=0.3), str(folder))
     return str(folder)
-
-
-def make_checkpoint(workdir, cfg: ModelConfig, params, step: int = 3) -> str:
-    from gpt2_jax.training.checkpoint import Checkpointer
-    from gpt2_jax.training.step import TrainState
-
-    checkpointer = Checkpointer(str(workdir))
-    state = TrainState(step=jnp.int32(step), params=params, opt_state={}, rng=jax.random.PRNGKey(0))
-    checkpointer.save(step, state, {}, {"model": cfg.to_dict()})
-    checkpointer.close()
-    return str(workdir)
 
 
 def test_greedy_json_equals_hugging_face_generate(tmp_path):
@@ -109,19 +101,31 @@ def test_streamed_text_equals_the_json_completion(tiny_hf):
 
 def test_several_samples_are_json_lines_from_a_prompt_file(tiny_hf, tmp_path):
     (tmp_path / "p.txt").write_text(PROMPT)
+    # No GPT2_JAX_COMPILATION_CACHE: the programs go to the default folder, under this HOME.
     records = json_lines(run(["--hf", tiny_hf, "--prompt_file", str(tmp_path / "p.txt"), "--num_samples", "3",
-                              "--max_new_tokens", "8", "--json"]))
+                              "--max_new_tokens", "8", "--json"], home=tmp_path))
     assert len(records) == 3 and all(r["prompt"] == PROMPT for r in records)
     assert len({tuple(r["tokens"]) for r in records}) == 3
+    assert len(os.listdir(tmp_path / ".cache" / "gpt2_jax" / "jax_cache")) >= 2  # prefill and decode at least
 
 
 def test_a_checkpoint_generates_and_exports_to_an_equal_hf_folder(tmp_path):
     params = random_params(TINY, seed=1, std=0.3)
     workdir = make_checkpoint(tmp_path / "run", TINY, params)
+    make_checkpoint(tmp_path / "run", TINY, params, step=4)
+    step4 = tmp_path / "run" / "checkpoints" / "4"
+    biggest = max((p for p in step4.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])  # the newest is corrupt
     greedy = ["--prompt", PROMPT, "--max_new_tokens", "10", "--temperature", "0", "--json"]
-    [from_ckpt] = json_lines(run(["--ckpt", workdir] + greedy))
+    out = run(["--ckpt", workdir] + greedy)
+    [from_ckpt] = json_lines(out)
     want = generate(TINY, params, [get_tokenizer().encode(PROMPT)], max_new_tokens=10, temperature=0)[0]
     assert from_ckpt["tokens"] == want
+    # Said once: what was skipped, why, and the step used.
+    assert [line for line in out.stderr.splitlines() if "step 4" in line] == [out.stderr.strip()]
+    assert out.stderr.strip().endswith("were written): unusable, skipped; using step 3")
+    # A step folder named on purpose does not fall back.
+    assert_one_line_error(run(["--ckpt", str(step4)] + greedy), f"checkpoint {step4} is unusable: file ")
 
     out = run(["--ckpt", workdir, "--out", str(tmp_path / "hf")], module="gpt2_jax.export")
     assert out.returncode == 0, out.stderr
@@ -130,6 +134,15 @@ def test_a_checkpoint_generates_and_exports_to_an_equal_hf_folder(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, exported, params)
     [from_hf] = json_lines(run(["--hf", str(tmp_path / "hf")] + greedy))
     assert from_hf["tokens"] == from_ckpt["tokens"]
+    # The folder carries GPT-2's tokenizer: transformers loads it and encodes as we do.
+    assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= set(os.listdir(tmp_path / "hf"))
+    require("transformers")
+    from transformers import AutoTokenizer
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = PROMPT + " <|endoftext|> naïve café 1234"
+    assert hf_tokenizer(text)["input_ids"] == get_tokenizer().encode(text, allowed_special="all")
+    assert hf_tokenizer.eos_token_id == EOT_ID and hf_tokenizer.model_max_length == TINY.block_size
 
 
 def test_export_refuses_a_rotary_model_and_writes_nothing(tmp_path):

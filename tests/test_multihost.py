@@ -255,6 +255,9 @@ def test_preflight_plans_gpt2_xl_on_more_devices_than_exist():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "mesh:      data=1 x fsdp=64 x tensor=1" in out.stdout and "compilation skipped" in out.stdout
+    # A CPU reports no memory size: the report says the overflow check did not run, not "warnings: none".
+    assert out.stdout.endswith("warnings:  none found, but not checked:\n  - device memory overflow: the device "
+                               "reports no memory size (--preflight_device_memory_gb sets it)\n")
 
     config = gpt2_config()
     config.model.preset = "gpt2-xl"
@@ -282,7 +285,11 @@ def test_preflight_warns_about_memory_overflow_and_replicated_state():
     figures = preflight.report(config, 64, device_memory_gb=0.1)
     assert figures["device_memory_bytes"] == int(0.1 * 2**30)
     assert any(w.startswith("device memory overflow") for w in figures["warnings"])
-    assert preflight.report(config, 64, device_memory_gb=16)["warnings"] == []
+    figures = preflight.report(config, 64, device_memory_gb=16)
+    assert figures["warnings"] == [] and "warnings:  none found, but not checked:" in preflight.format_report(figures)
+    assert figures["unchecked"] == [  # no peak without compilation: only the state was checked
+        "peak memory: not computed (" + figures["compile_note"] + "); only parameters + optimizer state were "
+        "checked against the device memory"]
 
     config.mesh.data, config.mesh.fsdp = -1, 1  # pure data parallelism: 17 GiB of state on every device
     warnings = preflight.report(config, 64)["warnings"]

@@ -104,6 +104,12 @@ def test_package_files_have_pinned_hashes():
     tok._read_verified(encoder_json, tok.ENCODER_JSON_SHA256)
 
 
+def test_encoder_ids_are_the_merge_ranks():
+    vocab_bpe, encoder_json = (path.read_bytes() for path in tok.bpe_file_paths())
+    ranks = tok._ranks_from_encoder(encoder_json)  # what get_tokenizer uses
+    assert len(ranks) == tok.EOT_ID and ranks == tok._mergeable_ranks(vocab_bpe, encoder_json)
+
+
 def test_corrupted_file_is_rejected(tmp_path):
     vocab_bpe, encoder_json = tok.bpe_file_paths()
     bad_vocab = tmp_path / "vocab.bpe"

@@ -1,11 +1,23 @@
 """Training data: the offline GPT-2 tokenizer (tokenizer.py), token storage in llm.c shards (shards.py),
-corpus preparation from text, jsonl or shards (corpus.py), and resumable per-process batches (batches.py)."""
+corpus preparation from text, jsonl or shards (corpus.py), and resumable per-process batches (batches.py).
 
-from gpt2_jax.data.batches import BatchIterator, check_enough_tokens, make_batch_iterator
-from gpt2_jax.data.corpus import BUILTIN_SHAKESPEARE, Corpus, prepare_corpus, shakespeare_files
-from gpt2_jax.data.shards import TokenArray, read_llmc_shard, split_tokens, write_llmc_shard
+The names below load on first use: batches.py needs grain, which imports jax, and train.py checks
+its data source before jax loads.
+"""
 
-__all__ = [
-    "BUILTIN_SHAKESPEARE", "BatchIterator", "Corpus", "TokenArray", "check_enough_tokens", "make_batch_iterator",
-    "prepare_corpus", "read_llmc_shard", "shakespeare_files", "split_tokens", "write_llmc_shard",
-]
+import importlib
+
+_WHERE = {
+    "BatchIterator": "batches", "check_enough_tokens": "batches", "make_batch_iterator": "batches",
+    "rebatch_state": "batches",
+    "BUILTIN_SHAKESPEARE": "corpus", "Corpus": "corpus", "check_source": "corpus", "first_line": "corpus",
+    "prepare_corpus": "corpus", "shakespeare_files": "corpus",
+    "TokenArray": "shards", "read_llmc_shard": "shards", "split_tokens": "shards", "write_llmc_shard": "shards",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"gpt2_jax.data.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'gpt2_jax.data' has no attribute {name!r}")

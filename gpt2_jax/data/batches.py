@@ -152,6 +152,28 @@ class BatchIterator(grain.DatasetIterator):
         return f"BatchIterator(step={self._step}, steps_per_epoch={self.steps_per_epoch})"
 
 
+def rebatch_state(state: dict[str, int], global_batch_size: int) -> dict[str, int]:
+    """A ``get_state()`` saved with another global batch size, as the state of an iterator over the same
+    windows in batches of ``global_batch_size``.
+
+    An epoch's window order does not depend on the batch size, so the new state is in the same epoch,
+    at the first batch that holds no window the old batches have already seen (skipping at most
+    ``global_batch_size - 1`` windows of that epoch, or its partial last batch).
+    """
+    old = state["global_batch_size"]
+    if old == global_batch_size:
+        return dict(state)
+    num_windows = state["num_windows"]
+    if global_batch_size <= 0 or num_windows < global_batch_size:
+        raise ValueError(f"global_batch_size={global_batch_size} must be in [1, {num_windows}] (the windows)")
+    epoch, batch = divmod(state["step"], num_windows // old)
+    new_steps_per_epoch = num_windows // global_batch_size
+    new_batch = -(-batch * old // global_batch_size)  # ceil: never a window twice in one epoch
+    if new_batch >= new_steps_per_epoch:
+        epoch, new_batch = epoch + 1, 0
+    return {**state, "step": epoch * new_steps_per_epoch + new_batch, "global_batch_size": global_batch_size}
+
+
 def make_batch_iterator(
     tokens,
     *,

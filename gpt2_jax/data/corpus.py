@@ -131,6 +131,26 @@ def _resolve_source(source: str) -> _Source:
     return _Source(expanded, "llmc" if shards else "text", tuple(files))
 
 
+def check_source(source: str) -> None:
+    """Raises FileNotFoundError / ValueError if ``source`` names nothing to read (cheap: no tokenising)."""
+    _resolve_source(source)
+
+
+def first_line(tokens: Sequence[int] | TokenArray, max_tokens: int = 16) -> list[int]:
+    """The token ids of the first non-blank line of a token stream, newline included, cut to
+    ``max_tokens``: a prompt that looks like the data (train.py's end-of-training sample starts there)."""
+    enc = tokenizer_lib.get_tokenizer()
+    head = np.asarray(tokens[: 8 * max_tokens], dtype=np.int64).tolist()
+    while head and head[0] == tokenizer_lib.EOT_ID:
+        head = head[1:]
+    if tokenizer_lib.EOT_ID in head:  # the first document only
+        head = head[: head.index(tokenizer_lib.EOT_ID)]
+    for line in enc.decode(head).splitlines():
+        if line.strip():
+            return enc.encode_ordinary(line + "\n")[:max_tokens]
+    return [tokenizer_lib.EOT_ID]
+
+
 def _read_blocks(path: Path, block_chars: int) -> Iterator[str]:
     # Text mode: UTF-8 decoding across block edges is handled for us, and "\r\n" becomes "\n" so that a file
     # tokenises the same whatever platform wrote it.

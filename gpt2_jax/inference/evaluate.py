@@ -3,6 +3,8 @@
     python -m gpt2_jax.evaluate --hf path/to/gpt2 --text wiki.txt [--stride 512] [--json]
     python -m gpt2_jax.evaluate --ckpt WORKDIR --hellaswag hellaswag_val.jsonl [--limit 1000]
 
+(the command line is evaluate_cli.py)
+
 Both score padded rows of tokens with one compiled function, the summed next-token loss over the
 positions a weight selects. Rows are split over every device (a 1-D mesh whose one axis splits
 the batch; parameters replicated).
@@ -19,7 +21,6 @@ import dataclasses
 import functools
 import json
 import math
-import sys
 from collections.abc import Sequence
 
 import jax
@@ -220,79 +221,3 @@ def load_hellaswag(path: str, limit: int = 0) -> list[MultipleChoice]:
             if limit and len(examples) >= limit:
                 break
     return examples
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_string("ckpt", None, "Training workdir (newest good checkpoint) or one checkpoint step folder.")
-    flags.DEFINE_string("hf", None, "Hugging Face GPT-2 folder (config.json + model.safetensors).")
-    flags.DEFINE_string("text", None, "Text file whose perplexity to measure.")
-    flags.DEFINE_integer("stride", None, "Tokens between sliding windows (default block_size // 2).")
-    flags.DEFINE_string("hellaswag", None, "HellaSwag-format jsonl file (ctx, endings, label).")
-    flags.DEFINE_integer("batch_size", 8, "Rows per step, split over all devices.")
-    flags.DEFINE_integer("limit", 0, "Score only the first N tokens (--text) or examples (--hellaswag); 0 = all.")
-    flags.DEFINE_bool("json", False, "Print one JSON object instead of text.")
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute dtype.")
-
-
-def main(argv: list[str]) -> None:
-    from absl import flags, logging
-
-    from gpt2_jax import compilation_cache
-    from gpt2_jax.inference.export import check_source, load_model
-
-    compilation_cache.enable()
-
-    FLAGS = flags.FLAGS
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.ERROR)  # keep library chatter (orbax, jax) off the terminal
-    try:
-        if (FLAGS.text is None) == (FLAGS.hellaswag is None):
-            raise ValueError("give exactly one of --text FILE or --hellaswag FILE.jsonl")
-        if FLAGS.limit < 0:
-            raise ValueError(f"--limit={FLAGS.limit} must be >= 0")
-        check_source(FLAGS.ckpt, FLAGS.hf)
-        if FLAGS.text is not None:
-            from gpt2_jax.data.tokenizer import get_tokenizer
-
-            with open(FLAGS.text, encoding="utf-8") as f:
-                tokens = get_tokenizer().encode(f.read(), allowed_special="all")
-            if FLAGS.limit:
-                tokens = tokens[: FLAGS.limit]
-            config, params = load_model(ckpt=FLAGS.ckpt, hf=FLAGS.hf, dtype=FLAGS.dtype)
-            stride = FLAGS.stride if FLAGS.stride is not None else max(1, config.block_size // 2)
-            ppl = perplexity(config, params, tokens, stride=stride, batch_size=FLAGS.batch_size)
-            result = {"perplexity": ppl, "loss": math.log(ppl), "tokens": len(tokens),
-                      "context": config.block_size, "stride": stride}
-            text = (f"perplexity {ppl:.4f} (mean loss {math.log(ppl):.4f} nats over {len(tokens) - 1} "
-                    f"predicted tokens; context {config.block_size}, stride {stride})")
-        else:
-            examples = load_hellaswag(FLAGS.hellaswag, FLAGS.limit)
-            config, params = load_model(ckpt=FLAGS.ckpt, hf=FLAGS.hf, dtype=FLAGS.dtype)
-            accuracy, predictions = score_multiple_choice(config, params, examples, batch_size=FLAGS.batch_size)
-            correct = sum(p == ex.label for p, ex in zip(predictions, examples))
-            result = {"accuracy": accuracy, "correct": correct, "examples": len(examples), "predictions": predictions}
-            text = f"accuracy {accuracy:.4f} ({correct}/{len(examples)} examples)"
-    except OSError as e:  # a missing --text / --hellaswag file, or load_model's FileNotFoundError
-        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}")
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    print(json.dumps(result) if FLAGS.json else text)
-
-
-def run() -> None:
-    """The command line (`python -m gpt2_jax.evaluate`)."""
-    from absl import app
-
-    _define_flags()
-    app.run(main)
-
-
-if __name__ == "__main__":
-    run()

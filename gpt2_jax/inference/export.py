@@ -4,14 +4,14 @@ export a training checkpoint as a Hugging Face GPT-2 folder.
     python -m gpt2_jax.export --ckpt WORKDIR --out hf_folder [--dtype float32|bfloat16]
 
 The exported folder loads with `transformers.GPT2LMHeadModel.from_pretrained(folder)` and with
-`gpt2_jax.hf.load_hf_gpt2`. Models HF GPT-2 cannot represent (rotary positions, grouped-query
+`gpt2_jax.hf.load_hf_gpt2`; its tokenizer files (vocab.json, merges.txt, tokenizer_config.json)
+with `transformers.AutoTokenizer.from_pretrained(folder)`. Models HF GPT-2 cannot represent (rotary positions, grouped-query
 attention, a sliding window) are refused with the reason, and nothing is written.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 from gpt2_jax.model.config import ModelConfig
@@ -20,9 +20,18 @@ DTYPES = ("float32", "bfloat16")
 
 
 def check_source(ckpt: str | None, hf: str | None) -> None:
-    """ValueError unless exactly one model source is given (cheap: call it before slow work)."""
+    """ValueError / FileNotFoundError unless exactly one model source is given and it is a folder with
+    something in it (cheap, no jax: call it before slow work)."""
     if (ckpt is None) == (hf is None):
         raise ValueError("give exactly one of --ckpt DIR (a training checkpoint) or --hf DIR (a Hugging Face folder)")
+    path = ckpt if ckpt is not None else hf
+    flag = "--ckpt" if ckpt is not None else "--hf"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{flag} {path}: no such folder")
+    if not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a file, not a folder")
+    if not os.listdir(path):
+        raise FileNotFoundError(f"{flag} {path}: the folder is empty (nothing to load)")
 
 
 def load_model(*, ckpt: str | None = None, hf: str | None = None, dtype: str = "float32") -> tuple[ModelConfig, Any]:
@@ -37,14 +46,6 @@ def load_model(*, ckpt: str | None = None, hf: str | None = None, dtype: str = "
     check_source(ckpt, hf)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} must be one of {DTYPES}")
-    path = ckpt if ckpt is not None else hf
-    flag = "--ckpt" if ckpt is not None else "--hf"
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{flag} {path}: no such folder")
-    if not os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a file, not a folder")
-    if not os.listdir(path):
-        raise FileNotFoundError(f"{flag} {path}: the folder is empty (nothing to load)")
     if ckpt is not None:
         from gpt2_jax.training.checkpoint import restore_params
 
@@ -59,13 +60,27 @@ def load_model(*, ckpt: str | None = None, hf: str | None = None, dtype: str = "
     return config, params
 
 
+def has_tokenizer(config: ModelConfig) -> bool:
+    """Whether GPT-2's tokenizer fits the model: its 50,257 ids all index the embedding."""
+    from gpt2_jax.data.tokenizer import N_VOCAB
+
+    return config.vocab_size >= N_VOCAB
+
+
 def export_checkpoint(ckpt: str, out: str, dtype: str = "float32") -> ModelConfig:
-    """Writes the checkpoint at `ckpt` as a Hugging Face GPT-2 folder `out`; returns its ModelConfig."""
+    """Writes the checkpoint at `ckpt` as a Hugging Face GPT-2 folder `out`; returns its ModelConfig.
+
+    The folder holds the weights and, where the vocabulary is GPT-2's, the tokenizer files, so that
+    both `GPT2LMHeadModel.from_pretrained(out)` and `AutoTokenizer.from_pretrained(out)` work.
+    """
+    from gpt2_jax.data.tokenizer import save_hf_tokenizer
     from gpt2_jax.model.hf import config_to_hf, save_hf_gpt2
 
     config, params = load_model(ckpt=ckpt)
     config_to_hf(config)  # refuses (ValueError, with the reason) before anything is written
     save_hf_gpt2(config, params, out, dtype=dtype)
+    if has_tokenizer(config):
+        save_hf_tokenizer(out, model_max_length=config.block_size)
     return config
 
 
@@ -81,27 +96,25 @@ def _define_flags() -> None:
 def main(argv: list[str]) -> None:
     from absl import flags, logging
 
-    if len(argv) > 1:
-        sys.exit(f"error: unexpected arguments {argv[1:]}")
+    del argv
     FLAGS = flags.FLAGS
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # keep library chatter (orbax, jax) off the terminal
-    try:
-        config = export_checkpoint(FLAGS.ckpt, FLAGS.out, FLAGS.dtype)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    config = export_checkpoint(FLAGS.ckpt, FLAGS.out, FLAGS.dtype)  # ValueError / OSError: cli.run's error line
+    tokenizer = "" if has_tokenizer(config) else (
+        f"; no tokenizer files: vocab_size={config.vocab_size} is smaller than GPT-2's tokenizer")
     print(
         f"wrote {FLAGS.out} ({FLAGS.dtype}): GPT-2 with n_layer={config.n_layer} n_head={config.n_head} "
-        f"n_embd={config.n_embd} block_size={config.block_size} vocab_size={config.vocab_size}"
+        f"n_embd={config.n_embd} block_size={config.block_size} vocab_size={config.vocab_size}{tokenizer}"
     )
 
 
 def run() -> None:
-    """The command line (`python -m gpt2_jax.export`)."""
-    from absl import app
+    """The command line (`python -m gpt2_jax.export`); exit codes as gpt2_jax/cli.py says."""
+    from gpt2_jax import cli
 
     _define_flags()
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":

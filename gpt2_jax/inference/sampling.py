@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from gpt2_jax import compilation_cache
 from gpt2_jax.inference.options import validate_sampling
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.gpt2 import GPT2, embed_inputs, output_logits, position_embedding, token_embedding
@@ -339,7 +340,10 @@ def _compiled(fn: Callable, static: tuple, *args, donate_argnums: tuple[int, ...
         return _EXECUTABLES[key], 0.0
     start = time.perf_counter()
     bound = lambda *a: fn(*static, *a)  # noqa: E731
-    executable = jax.jit(bound, donate_argnums=donate_argnums).lower(*args).compile()
+    # generate.py keeps these programs traced on disk (compilation_cache.enable(traced_programs=True)).
+    executable = compilation_cache.compile_traced(
+        bound, args, key=(fn.__module__, fn.__qualname__, static), donate_argnums=donate_argnums
+    )
     if len(_EXECUTABLES) >= _MAX_EXECUTABLES:
         _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
     _EXECUTABLES[key] = executable

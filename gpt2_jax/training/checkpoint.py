@@ -72,24 +72,58 @@ def incomplete_steps(directory: str) -> list[str]:
     return sorted(n for n in os.listdir(directory) if re.search(r"orbax-checkpoint-tmp", n))
 
 
+def _failure(error: Exception) -> str:
+    text = str(error).splitlines()[0][:300] if str(error) else ""
+    return f"{type(error).__name__}: {text}"
+
+
+def _restore_checked(directory: str, step: int, restore: Callable[[int], Any]) -> tuple[Any, str | None]:
+    """(restore(step), None), or (None, what is wrong) if the step's files or its restore are bad."""
+    problem = verify_step(directory, step)
+    if problem is not None:
+        return None, problem
+    try:
+        return restore(step), None
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for bad bytes
+        return None, _failure(e)
+
+
 def restore_newest_usable(directory: str, steps: list[int], restore: Callable[[int], Any]) -> tuple[Any, list[str]]:
     """Tries `restore(step)` from the newest step back; returns (result or None, problems met).
 
-    A step whose files do not match their recorded sizes, or whose restore raises, is named on
-    stderr and skipped in favour of the previous one.
+    A step whose files do not match their recorded sizes, or whose restore raises, is skipped in
+    favour of the previous one; once a step restores, one line on stderr names what was skipped,
+    why, and the step used.
     """
     problems = []
     for step in sorted(steps, reverse=True):
-        problem = verify_step(directory, step)
+        result, problem = _restore_checked(directory, step, restore)
         if problem is None:
-            try:
-                return restore(step), problems
-            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for bad bytes
-                problem = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-        problems.append(f"step {step}: {problem}")
-        logging.error("checkpoint at step %d is unusable (%s); trying the previous one", step, problem)
-        print(f"checkpoint at step {step} is unusable ({problem}); trying the previous one", file=sys.stderr, flush=True)
+            if problems:
+                print(f"checkpoint {'; '.join(problems)}: unusable, skipped; using step {step}",
+                      file=sys.stderr, flush=True)
+            return result, problems
+        problems.append(f"step {step} ({problem})")
     return None, problems
+
+
+def read_newest_meta(directory: str) -> dict | None:
+    """The meta (model, config, schedule, step) of the newest checkpoint in `directory` whose meta
+    reads, or None if there is none. Creates nothing; a step that turns out unusable is named later,
+    by the restore."""
+    if not os.path.isdir(directory):
+        return None
+    steps = sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True)
+    if not steps:
+        return None
+    options = ocp.CheckpointManagerOptions(create=False)  # read_only=True would log three warnings
+    with ocp.CheckpointManager(directory, item_names=ITEMS, options=options) as manager:
+        for step in steps:
+            try:
+                return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            except Exception:  # noqa: BLE001 - an unreadable step: the restore walks back past it
+                continue
+    return None
 
 
 class Checkpointer:
@@ -182,12 +216,18 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, dict] | None:
-        """(state, data_state, meta) of the newest good checkpoint, or None if there is none.
+        """(state, data_state, meta) of the newest good checkpoint, or None if there is no checkpoint.
 
         `abstract_state` is a TrainState of jax.ShapeDtypeStruct with shardings: each device reads
-        only its own shards, whatever mesh the checkpoint was written from.
+        only its own shards, whatever mesh the checkpoint was written from. ValueError if there are
+        checkpoints but none is usable.
         """
-        result, _ = restore_newest_usable(self.directory, self.all_steps(), lambda step: self._restore(step, abstract_state))
+        steps = self.all_steps()
+        if not steps:
+            return None
+        result, problems = restore_newest_usable(self.directory, steps, lambda step: self._restore(step, abstract_state))
+        if result is None:
+            raise ValueError(f"no usable checkpoint in {self.directory}: " + "; ".join(problems))
         return result
 
     def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
@@ -278,14 +318,13 @@ def restore_params(path: str, *, dtype: str | None = None) -> tuple[ModelConfig,
     `path` is a training workdir (newest good checkpoint), its checkpoints/ folder or a step folder.
     Params land on the default device, replicated; `dtype` casts them (e.g. 'bfloat16').
     """
-    import flax.linen as nn
     import jax.numpy as jnp
 
-    from gpt2_jax.model.gpt2 import abstract_params
+    from etils import epath
 
     directory, step = find_checkpoint_step_dir(path)
-    steps = [step] if step is not None else [int(n) for n in os.listdir(directory) if n.isdigit()]
-    with ocp.CheckpointManager(directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+    options = ocp.CheckpointManagerOptions(create=False)  # reads only; read_only=True would log three warnings
+    with ocp.CheckpointManager(directory, item_names=ITEMS, options=options) as mngr:
 
         def restore(s: int) -> tuple[ModelConfig, Any]:
             meta = mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -293,16 +332,21 @@ def restore_params(path: str, *, dtype: str | None = None) -> tuple[ModelConfig,
             # on a TPU is read back with 'auto' (same numerics).
             config = ModelConfig.from_dict({**meta["model"], "attention": "auto"})
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            shapes = jax.tree_util.tree_map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                nn.meta.unbox(abstract_params(config)),
-            )
+            # Shapes and dtypes as saved: tracing the model's init for them took ~0.5 s of generate.py's start.
+            saved = ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(s) / "params")
+            shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), saved.tree)
             params = mngr.restore(s, args=ocp.args.Composite(params=ocp.args.StandardRestore(shapes)))["params"]
             if dtype is not None:
                 params = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(dtype)), params)
                 config = config.replace(dtype=dtype, param_dtype=dtype)
             return config, params
 
+        if step is not None:  # a step folder named on purpose: that step or an error, no fallback
+            result, problem = _restore_checked(directory, step, restore)
+            if problem is not None:
+                raise ValueError(f"checkpoint {os.path.join(directory, str(step))} is unusable: {problem}")
+            return result
+        steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
         result, problems = restore_newest_usable(directory, steps, restore)
     if result is None:
         raise ValueError(f"no usable checkpoint in {directory}: " + "; ".join(problems))

@@ -27,6 +27,8 @@ Warnings (the run may still start, but is probably not what you want):
   * device memory overflow: the per-device peak (or, without compilation, the state alone) exceeds
     the device's memory (`memory_stats()["bytes_limit"]`, or `device_memory_gb` in GiB where a device
     does not report it, as on CPU).
+A check that could not run (no device memory size; no peak without compilation) is listed under
+"not checked", so the report never says "warnings: none" about what it did not check.
 Mistakes that make the run impossible (no mesh for this device count, a model dimension that a mesh
 axis does not divide) raise ValueError, as training itself would.
 """
@@ -137,6 +139,13 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
             f"{_human(state_bytes)} of parameters and optimizer state; config.mesh.fsdp=-1 with data=1 "
             f"would hold {_human(state_bytes / n)} per device"
         )
+    unchecked = figures["unchecked"] = []  # checks that could not run: "warnings: none" would mislead
+    if memory_limit is None:
+        unchecked.append("device memory overflow: the device reports no memory size "
+                         "(--preflight_device_memory_gb sets it)")
+    elif figures["peak_bytes"] is None:
+        unchecked.append("peak memory: not computed (" + (figures["compile_note"] or "no memory analysis") +
+                         "); only parameters + optimizer state were checked against the device memory")
     if memory_limit is not None:
         need = figures["peak_bytes"] if figures["peak_bytes"] is not None else state_bytes
         what = "peak (state + activations)" if figures["peak_bytes"] is not None else \
@@ -283,6 +292,9 @@ def format_report(figures: dict) -> str:
     if f["warnings"]:
         lines.append("warnings:")
         lines += [f"  - {w}" for w in f["warnings"]]
-    else:
+    elif not f["unchecked"]:
         lines.append("warnings:  none")
+    if f["unchecked"]:
+        lines.append("not checked:" if f["warnings"] else "warnings:  none found, but not checked:")
+        lines += [f"  - {u}" for u in f["unchecked"]]
     return "\n".join(lines)

@@ -10,12 +10,12 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -24,6 +24,7 @@ from gpt2_jax.model.attention import resolve_attention
 from gpt2_jax.model.config import ModelConfig, count_params
 from gpt2_jax.training import checkpoint as ckpt_lib
 from gpt2_jax.training import init_from as init_from_lib
+from gpt2_jax.training import resume as resume_lib
 from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding as sharding_lib
 from gpt2_jax.training import step as step_lib
@@ -32,11 +33,16 @@ from gpt2_jax.training import step as step_lib
 # model is computed, not what its parameters are.
 _RESUMABLE_MODEL_CHANGES = frozenset({"dropout", "dtype", "remat", "scan_layers", "attention"})
 
-# Dense bf16 peaks (FLOP/s per device) for the MFU figure. CPUs are measured instead.
+# Dense bf16 peaks (FLOP/s per device) for the MFU figure.
 _PEAK_FLOPS = {
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
     "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
 }
+# CPUs have no table entry: the reference is fixed, 64 fp32 FLOPs per cycle (two 512-bit FMA units,
+# the most an x86 core has) at 5 GHz, for each CPU this process may use. No CPU computes faster,
+# so MFU on a CPU cannot exceed 1 (a jitted fp32 GEMM reaches ~0.25-0.45 of it on 2-CPU machines).
+# A matmul timed at start-up is no reference: on a busy machine it measured low and MFU read 1.3-1.5.
+CPU_REFERENCE_FLOPS_PER_CPU = 64 * 5e9
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,26 +71,20 @@ class _Signals:
             signal.signal(sig, old)
 
 
-def peak_flops_per_device(override: float = 0.0) -> float:
-    """The device's peak FLOP/s: from the config, a table of accelerators, or measured (CPU)."""
+def peak_flops_per_device(override: float = 0.0) -> float | None:
+    """The reference FLOP/s of one device for MFU: the config's override, a TPU/GPU's dense bf16
+    peak, or on a CPU the fixed CPU_REFERENCE_FLOPS_PER_CPU for each CPU this process may use, shared
+    by its devices. None for an accelerator missing from the table."""
     if override > 0:
         return override
     device = jax.devices()[0]
     for name, peak in _PEAK_FLOPS.items():
         if name.lower() in device.device_kind.lower():
             return peak
-    # CPU (or unknown): the measured fp32 matmul rate of this machine, so MFU reads as "fraction
-    # of what XLA's GEMM achieves here".
-    n = 1024
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    t = time.perf_counter()
-    reps = 5
-    for _ in range(reps):
-        a = f(a * 1e-3)
-    a.block_until_ready()
-    return reps * 2 * n**3 / (time.perf_counter() - t) / max(1, jax.local_device_count())
+    if device.platform != "cpu":
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return CPU_REFERENCE_FLOPS_PER_CPU * cpus / jax.local_device_count()
 
 
 def _summary_writer(logdir: str):
@@ -216,10 +216,28 @@ def _global_batch(local: dict[str, np.ndarray], sharding, global_batch_size: int
 def train(config: Any, workdir: str) -> dict:
     """Trains as `config` says, resuming from `workdir`'s newest good checkpoint if there is one.
 
-    Returns a summary dict (final step, last loss, last val loss, ...).
+    Returns a summary dict (final step, last loss, last val loss, ...); `done_line` renders it. A
+    start that fails leaves no workdir behind if this call created it and nothing was written.
     """
-    t = config.train
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    created = not os.path.exists(workdir)
+    try:
+        return _train(config, workdir)
+    except BaseException:
+        if created and jax.process_index() == 0 and not _has_results(workdir):
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _has_results(workdir: str) -> bool:
+    checkpoints = os.path.join(workdir, "checkpoints")
+    return os.path.exists(os.path.join(workdir, "metrics.jsonl")) or (
+        os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
+    )
+
+
+def _train(config: Any, workdir: str) -> dict:
+    t = config.train
     # config.model alone, or the architecture of config.model.init_from (None once the workdir has a checkpoint).
     model_config, pretrained = init_from_lib.resolve(config.model, workdir)
     mesh = sharding_lib.make_mesh(config.mesh)
@@ -237,55 +255,75 @@ def train(config: Any, workdir: str) -> dict:
     num_steps = t.num_epochs * train_iter.steps_per_epoch if t.num_epochs > 0 else t.num_steps
     if num_steps <= 0:
         raise ValueError(f"config.train.num_steps={t.num_steps} (num_epochs={t.num_epochs}) gives no step to train")
+    saved_meta = ckpt_lib.read_newest_meta(os.path.join(workdir, "checkpoints"))
+    if saved_meta is not None:  # refuse a different model or a finished run before reading any array
+        _check_model_matches(saved_meta["model"], model_config)
+        resume_lib.check_steps(saved_meta["step"], num_steps, t, os.path.join(workdir, "checkpoints"))
+    schedule = resume_lib.plan_schedule(saved_meta, t, num_steps)
+    prompt = None
+    if t.sample_tokens > 0:
+        prompt = data_lib.first_line(train_tokens) if t.sample_prompt == "" else t.sample_prompt
 
     # Checks the mesh against the model and batch, builds the optimizer, schedule and the state's
     # layout, once (the schedule's length needs the corpus when training by epochs); allocates nothing.
-    run = run_lib.build_run(model_config, t, mesh, num_steps)
+    run = run_lib.build_run(model_config, schedule.train_cfg, mesh, schedule.num_steps)
     # Pretrained weights, straight into their shards, before any checkpoint folder is made.
     params = None
     if pretrained is not None:
         params = init_from_lib.load_params(pretrained, model_config, run.state_shardings.params)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints)
     try:
-        return _train_loop(config, workdir, run, checkpointer, train_iter, val_tokens, params)
+        return _train_loop(config, workdir, run, checkpointer, train_iter, val_tokens,
+                           num_steps=num_steps, schedule=schedule, prompt=prompt, params=params)
     finally:
         checkpointer.close()
         train_iter.close()
 
 
-def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val_tokens, params=None) -> dict:
+def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val_tokens, *, num_steps: int,
+                schedule: resume_lib.SchedulePlan, prompt: str | list[int] | None,
+                params=None) -> dict:
+    """Runs steps up to `num_steps` (the schedule's length is run.num_steps: they differ when a resumed
+    run keeps its checkpoint's schedule); `prompt` starts the sample at the end (None: no sample);
+    `params` are pretrained weights (config.model.init_from) for a fresh state."""
     t = config.train
-    model_config, mesh, num_steps = run.model_config, run.mesh, run.num_steps
+    model_config, mesh = run.model_config, run.mesh
     is_main = jax.process_index() == 0
     do_eval = t.eval_every > 0 and t.eval_steps > 0
-    saved_steps = checkpointer.all_steps()
-    if saved_steps:
-        try:  # refuse a different model before trying to read its arrays
-            saved_model = checkpointer.read_meta(saved_steps[-1])["model"]
-        except Exception:  # noqa: BLE001 - an unreadable newest checkpoint is handled by restore_latest
-            saved_model = None
-        if saved_model is not None:
-            _check_model_matches(saved_model, model_config)
-        # Restore straight into the sharded layout of this run's mesh: never whole on one device.
-        restored = checkpointer.restore_latest(run.abstract_state)
-        if restored is None:
-            raise ValueError(f"{checkpointer.directory} holds checkpoints but none is usable (see messages above)")
+    # Restore straight into the sharded layout of this run's mesh: never whole on one device.
+    restored = checkpointer.restore_latest(run.abstract_state)
+    if restored is not None:
         _check_model_matches(restored[2]["model"], model_config)  # an older step may differ too
         state, data_state, saved_meta = restored
+        tokens_at_start = saved_meta.get("tokens")  # absent in older checkpoints
+        data_state, data_note = resume_lib.data_state_for(data_state, t.global_batch_size)
         train_iter.set_state(data_state)
-        if is_main:
-            print(f"resumed from step {saved_meta['step']} ({checkpointer.directory})", flush=True)
+        notes = [f"resumed from step {saved_meta['step']} ({checkpointer.directory})", schedule.note, data_note]
     else:  # random init, or the pretrained `params` (config.model.init_from)
         state = run_lib.create_train_state(run, params)
+        tokens_at_start, notes = 0, []
     start_step = int(jax.device_get(state.step))
+    summary: dict[str, Any] = {"start_step": start_step, "step": start_step, "loss": None, "val_loss": None,
+                               "workdir": workdir}
+    nothing_to_do = resume_lib.check_steps(start_step, num_steps, t, checkpointer.directory)
+    if nothing_to_do is not None:
+        notes = [nothing_to_do]
+    if is_main:
+        for note in filter(None, notes):
+            print(note, flush=True)
+    if nothing_to_do is not None:
+        return summary
 
     train_step = step_lib.make_train_step(run)
     eval_step = step_lib.make_eval_step(run) if do_eval else None
     batch_sharding = run.batch_sharding
-    meta = {"model": model_config.to_dict(), "config": json.loads(config.to_json())}
+    meta = {"model": model_config.to_dict(), "config": json.loads(config.to_json()), "schedule": schedule.to_meta()}
+
+    def tokens_seen(step: int) -> int:  # counted per step: the batch size may change on resume
+        return tokens_at_start + (step - start_step) * tokens_per_step
 
     def save(step: int) -> None:
-        checkpointer.save(step, state, train_iter.get_state(), meta)
+        checkpointer.save(step, state, train_iter.get_state(), {**meta, "tokens": tokens_seen(step)})
 
     def evaluate() -> float:
         it = data_lib.make_batch_iterator(
@@ -302,8 +340,13 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
 
     n_params = count_params(state.params)
     tokens_per_step = t.global_batch_size * model_config.block_size
+    if tokens_at_start is None:
+        tokens_at_start = start_step * tokens_per_step
     flops_per_step = model_config.train_flops_per_token(model_config.block_size) * tokens_per_step
-    peak = peak_flops_per_device(t.peak_flops_per_device) * jax.device_count()
+    peak = peak_flops_per_device(t.peak_flops_per_device)
+    if peak is None and is_main:
+        print(f"no MFU: the peak FLOP/s of a {jax.devices()[0].device_kind} is not known; "
+              "set config.train.peak_flops_per_device", flush=True)
     logger = _Logger(workdir)
     if is_main:
         print(
@@ -323,10 +366,9 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
 
         progress = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0)
 
-    summary: dict[str, Any] = {"start_step": start_step}
     window_t, window_steps = time.perf_counter(), 0
     step = start_step
-    last_loss = last_val = float("nan")
+    last_loss = last_val = None
     try:
         while step < num_steps:
             batch = _global_batch(next(train_iter), batch_sharding, t.global_batch_size)
@@ -349,17 +391,18 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
                 elapsed = time.perf_counter() - window_t
                 tps = window_steps * tokens_per_step / elapsed
                 record = {
-                    "step": step, "loss": last_loss, "time": time.time(), "tokens": step * tokens_per_step,
+                    "step": step, "loss": last_loss, "time": time.time(), "tokens": tokens_seen(step),
                     "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]), "tokens_per_s": tps,
-                    "mfu": window_steps * flops_per_step / elapsed / peak,
                 }
+                if peak is not None:
+                    record["mfu"] = window_steps * flops_per_step / elapsed / (peak * jax.device_count())
                 if "skipped" in m:
                     record["skipped"] = float(m["skipped"])
                 logger.write(record)
                 window_t, window_steps = time.perf_counter(), 0
             if do_eval and (step % t.eval_every == 0 or step == num_steps):
                 last_val = evaluate()
-                logger.write({"step": step, "val_loss": last_val, "time": time.time(), "tokens": step * tokens_per_step})
+                logger.write({"step": step, "val_loss": last_val, "time": time.time(), "tokens": tokens_seen(step)})
                 if progress is not None:
                     progress.write(f"step {step}: val_loss {last_val:.4f}")
                 window_t, window_steps = time.perf_counter(), 0  # don't count eval in tokens/s
@@ -382,23 +425,48 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
             progress.close()
         logger.close()
 
-    summary.update(step=step, loss=last_loss, val_loss=last_val, params=n_params, workdir=workdir)
-    if "stopped_by_signal" not in summary:
-        summary["loss_curve"] = plot_loss_curve(workdir)
-        # Sampling runs on process 0's devices alone: only where it can see every parameter.
-        if t.sample_tokens > 0 and jax.process_count() == 1:
-            summary["sample"] = _sample(model_config, state.params, t)
+    summary.update(step=step, loss=last_loss, val_loss=last_val, params=n_params)
+    summary["loss_curve"] = plot_loss_curve(workdir)  # also after a signal: the curve so far
+    # Sampling runs on process 0's devices alone: only where it can see every parameter.
+    if "stopped_by_signal" not in summary and prompt is not None and jax.process_count() == 1:
+        summary["sample"] = _sample(model_config, state.params, t, prompt)
     return summary
 
 
-def _sample(model_config: ModelConfig, params: Any, t: Any) -> str:
+def _sample(model_config: ModelConfig, params: Any, t: Any, prompt: str | list[int]) -> str:
     from gpt2_jax.inference.sampling import generate
     from gpt2_jax.data.tokenizer import get_tokenizer
 
     tok = get_tokenizer()
-    prompt = tok.encode(t.sample_prompt, allowed_special="all") or [tok.eot_token]
+    if isinstance(prompt, str):
+        prompt = tok.encode(prompt, allowed_special="all") or [tok.eot_token]
     params = jax.device_get(params)
     new = generate(model_config, params, [prompt], max_new_tokens=t.sample_tokens, temperature=0.8, top_k=200, seed=t.seed)[0]
-    text = tok.decode(prompt + list(new))
+    text = tok.decode(list(prompt) + list(new))
     print("---- sample ----\n" + text + "\n----------------", flush=True)
     return text
+
+
+def done_line(summary: dict) -> str:
+    """The last line train.py prints: the step, the last losses, and where the results are."""
+    workdir = summary["workdir"]
+    losses, vals = _logged(os.path.join(workdir, "metrics.jsonl"))
+    parts = [f"done: step {summary['step']}"]
+    if summary["loss"] is not None:
+        parts.append(f"loss {summary['loss']:.4f}")
+    elif losses:  # nothing trained by this call: the run's last logged loss
+        parts.append(f"loss {losses[-1]['loss']:.4f} (step {losses[-1]['step']})")
+    if vals:
+        parts.append(f"val_loss {vals[-1]['val_loss']:.4f}"
+                     + ("" if vals[-1]["step"] == summary["step"] else f" (step {vals[-1]['step']})"))
+    files = [name for name in ("metrics.jsonl", "loss.png") if os.path.exists(os.path.join(workdir, name))]
+    return ", ".join(parts) + f" | {workdir}: " + ", ".join(files + ["checkpoints/"])
+
+
+def _logged(path: str) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl's train and eval records (none if it does not exist)."""
+    if not os.path.exists(path):
+        return [], []
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
