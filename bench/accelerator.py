@@ -118,7 +118,6 @@ def part_train(args) -> list[dict]:
             flops = model_config.train_flops_per_token(s["seq_len"]) * tokens_per_s
             row.update(compile_s=first, step_ms=seconds * 1e3, tokens_per_s=tokens_per_s, mfu=flops / peak,
                        peak_flops=peak, loss=loss, ok=bool(np.isfinite(loss)))
-            del holder, run, train_step
         except Exception as e:  # noqa: BLE001 - a row that failed (out of memory, unsupported) is reported
             row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
         rows.append(row)
