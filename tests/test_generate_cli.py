@@ -128,8 +128,10 @@ def test_a_checkpoint_generates_and_exports_to_an_equal_hf_folder(tmp_path):
     config, exported = load_hf_gpt2(str(tmp_path / "hf"))
     assert config == TINY
     jax.tree_util.tree_map(np.testing.assert_array_equal, exported, params)
-    [from_hf] = json_lines(run(["--hf", str(tmp_path / "hf")] + greedy))
-    assert from_hf["tokens"] == from_ckpt["tokens"]
+    # The exported folder, streamed and decoding speculatively: the same greedy text.
+    streamed = run(["--hf", str(tmp_path / "hf"), "--speculate", "3"] + greedy[:-1])
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == PROMPT + from_ckpt["completion"] + "\n"
 
 
 def test_export_refuses_a_rotary_model_and_writes_nothing(tmp_path):
@@ -162,6 +164,14 @@ def test_bad_arguments_are_one_line_errors(tiny_hf):
     ]
     for args, message in cases:
         assert_one_line_error(run(args + ["--prompt", "hi"]), message)
+    speculation = [
+        (["--speculate", "-1"], "--speculate=-1 must be an integer in [0, 64] (0 = off)"),
+        (["--draft_ckpt", tiny_hf], "--speculate=0 with a draft model: drafting needs speculate >= 1"),
+    ]
+    for args, message in speculation:
+        out = run(["--hf", tiny_hf, "--prompt", "hi"] + args)
+        assert_one_line_error(out, message)
+        assert out.returncode == 2
 
 
 def test_a_prompt_longer_than_the_context_is_refused_unless_truncated(tiny_hf):
