@@ -3,6 +3,7 @@
     python generate.py --ckpt WORKDIR --prompt "To be, or not to be" --max_new_tokens 100 --top_k 200
     python generate.py --hf path/to/gpt2 --prompt_file prompt.txt --temperature 0 --json
     echo "Once upon a time" | python generate.py --hf path/to/gpt2 --num_samples 3
+    python generate.py --hf path/to/gpt2 --prompt_file code.py --temperature 0 --speculate 4
 
 One non-JSON sample is streamed to the terminal as it is produced; tokens/s go to stderr.
 --json prints one object per sample per line:
@@ -35,6 +36,11 @@ flags.DEFINE_integer("num_samples", 1, "Samples to draw from the prompt.")
 flags.DEFINE_bool("json", False, "Print one JSON object per sample per line instead of text.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute dtype.")
 flags.DEFINE_enum("truncate", "none", ["none", "left"], "'left' drops the prompt's oldest tokens to fit the context.")
+flags.DEFINE_integer("speculate", 0, "Speculative decoding: tokens drafted per pass of the model (prompt lookup, "
+                     "or --draft_ckpt); 0 = off. Greedy output is unchanged.")
+flags.DEFINE_string("draft_ckpt", None, "A smaller model's training checkpoint to draft with (same vocabulary).")
+
+
 
 
 def read_prompt() -> str:
@@ -75,7 +81,7 @@ def main(argv) -> None:
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # keep library chatter (orbax, jax) off the terminal
     from gpt2_jax.inference.export import check_source
-    from gpt2_jax.inference.options import validate_sampling
+    from gpt2_jax.inference.options import validate_sampling, validate_speculate
 
     # Cheap checks first, before jax loads, so a typo fails at once (a ValueError: one `error:` line).
     validate_sampling(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
@@ -83,6 +89,10 @@ def main(argv) -> None:
     if FLAGS.max_new_tokens < 0:
         raise ValueError(f"--max_new_tokens={FLAGS.max_new_tokens} must be >= 0")
     check_source(FLAGS.ckpt, FLAGS.hf)
+    try:
+        validate_speculate(FLAGS.speculate, has_draft=FLAGS.draft_ckpt is not None)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
 
     from gpt2_jax import compilation_cache
     from gpt2_jax.data.tokenizer import EOT_ID, get_tokenizer
@@ -93,13 +103,23 @@ def main(argv) -> None:
 
     sampling = dict(
         max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-        top_p=FLAGS.top_p, seed=FLAGS.seed, truncate=FLAGS.truncate,
+        top_p=FLAGS.top_p, seed=FLAGS.seed, truncate=FLAGS.truncate, speculate=FLAGS.speculate,
     )
     try:  # a too-long prompt gets its own line; cli.run reports other ValueErrors and OSErrors
         prompt = read_prompt()
         enc = get_tokenizer()
         prompt_ids = enc.encode(prompt, allowed_special="all") or [EOT_ID]
         config, params = load_model(ckpt=FLAGS.ckpt, hf=FLAGS.hf, dtype=FLAGS.dtype)
+        if FLAGS.draft_ckpt is not None:
+            from gpt2_jax.inference.speculative import check_draft
+
+            try:
+                draft = load_model(ckpt=FLAGS.draft_ckpt, dtype=FLAGS.dtype)
+                check_draft(config, draft[0])
+            except (ValueError, OSError) as e:
+                message = str(e).replace(f"--ckpt {FLAGS.draft_ckpt}", f"--draft_ckpt {FLAGS.draft_ckpt}", 1)
+                raise ValueError(message if message.startswith("--draft_ckpt") else f"--draft_ckpt {FLAGS.draft_ckpt}: {e}") from None
+            sampling["draft"] = draft
         if config.vocab_size < enc.n_vocab:
             raise ValueError(
                 f"the model's vocab_size={config.vocab_size} is smaller than the GPT-2 tokenizer's {enc.n_vocab}"

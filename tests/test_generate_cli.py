@@ -132,7 +132,8 @@ def test_a_checkpoint_generates_and_exports_to_an_equal_hf_folder(tmp_path):
     config, exported = load_hf_gpt2(str(tmp_path / "hf"))
     assert config == TINY
     jax.tree_util.tree_map(np.testing.assert_array_equal, exported, params)
-    [from_hf] = json_lines(run(["--hf", str(tmp_path / "hf")] + greedy))
+    # The exported folder, decoding speculatively (prompt lookup): the same greedy tokens.
+    [from_hf] = json_lines(run(["--hf", str(tmp_path / "hf"), "--speculate", "3"] + greedy))
     assert from_hf["tokens"] == from_ckpt["tokens"]
     # The folder carries GPT-2's tokenizer: transformers loads it and encodes as we do.
     assert {"vocab.json", "merges.txt", "tokenizer_config.json"} <= set(os.listdir(tmp_path / "hf"))
@@ -175,6 +176,14 @@ def test_bad_arguments_are_one_line_errors(tiny_hf):
     ]
     for args, message in cases:
         assert_one_line_error(run(args + ["--prompt", "hi"]), message)
+    speculation = [
+        (["--speculate", "-1"], "--speculate=-1 must be an integer in [0, 64] (0 = off)"),
+        (["--draft_ckpt", tiny_hf], "--speculate=0 with a draft model: drafting needs speculate >= 1"),
+    ]
+    for args, message in speculation:
+        out = run(["--hf", tiny_hf, "--prompt", "hi"] + args)
+        assert_one_line_error(out, message)
+        assert out.returncode == 2
 
 
 def test_a_prompt_longer_than_the_context_is_refused_unless_truncated(tiny_hf):

@@ -18,3 +18,16 @@ def validate_sampling(*, temperature: float = 1.0, top_k: int = 0, top_p: float 
         raise ValueError(f"top_p={top_p!r} must be in (0, 1] (1 = no nucleus filter)")
     if not (isinstance(num_samples, (int, np.integer)) and not isinstance(num_samples, bool) and num_samples >= 1):
         raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1")
+
+
+# Drafts past the first few are rarely all kept, while every one widens each pass of the model.
+MAX_SPECULATE = 64
+
+
+def validate_speculate(speculate: int, *, has_draft: bool = False) -> None:
+    """Raises ValueError unless `speculate` (drafted tokens per pass, 0 = off) is usable."""
+    if not (isinstance(speculate, (int, np.integer)) and not isinstance(speculate, bool)
+            and 0 <= speculate <= MAX_SPECULATE):
+        raise ValueError(f"speculate={speculate!r} must be an integer in [0, {MAX_SPECULATE}] (0 = off)")
+    if has_draft and speculate == 0:
+        raise ValueError("speculate=0 with a draft model: drafting needs speculate >= 1 (tokens drafted per pass)")

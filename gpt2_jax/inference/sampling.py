@@ -31,6 +31,8 @@ Rules:
 - randomness: row r samples step s with fold_in(fold_in(key(seed), r), s), so a row's samples
   depend on the seed and its row index only. Greedy output of a prompt never depends on the
   other prompts in the batch.
+- speculate=K: the decode loop is speculative.py's instead, which checks K drafted tokens per
+  pass of the model; the rules above hold there too.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +53,9 @@ from gpt2_jax.inference.options import validate_sampling
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.gpt2 import GPT2, embed_inputs, output_logits, position_embedding, token_embedding
 from gpt2_jax.model.layers import Block, layer_norm
+
+if TYPE_CHECKING:
+    from gpt2_jax.inference.speculative import Speculation, SpeculationStats
 
 EOT_ID = 50256  # GPT-2's <|endoftext|>; the same number as gpt2_jax.data.tokenizer.EOT_ID
 MIN_BUCKET = 16
@@ -233,10 +238,11 @@ class DecodeWeights:
 
 
 def _decode_logits(config: ModelConfig, weights: DecodeWeights, caches: tuple, tokens, positions):
-    """tokens, positions [B, 1] -> (logits [B, V], the per-layer caches extended by one token).
+    """tokens, positions [B, W] -> (logits [B, W, V], the per-layer caches extended by W tokens).
 
     GPT2(config).apply(..., decode=True) computed from the model's own modules, layer by layer
-    (see DecodeWeights for why); tests hold it to GPT2's full forward.
+    (see DecodeWeights for why); tests hold it to GPT2's full forward. W is 1 in plain decoding,
+    K + 1 when speculative decoding checks K drafted tokens.
     """
     cfg, top = config, weights.top
     wte = token_embedding(cfg, name=None).bind({"params": top["wte"]})
@@ -249,7 +255,7 @@ def _decode_logits(config: ModelConfig, weights: DecodeWeights, caches: tuple, t
         (x, _), mut = block.apply({"params": layer, "cache": cache}, x, positions, mutable=["cache"])
         new_caches.append(mut["cache"])
     ln_f = layer_norm(cfg, None).bind({"params": top["ln_f"]})
-    return output_logits(cfg, ln_f, wte, x[:, 0]), tuple(new_caches)  # [B, V]
+    return output_logits(cfg, ln_f, wte, x), tuple(new_caches)  # [B, W, V]
 
 
 @struct.dataclass
@@ -265,6 +271,11 @@ class SamplingState:
     step: jax.Array  # [] int32 columns of `tokens` written so far
     rng: jax.Array  # [B] PRNG keys, one per row
     eos_id: jax.Array  # [] int32, -1 = never stop early
+
+    @property
+    def count(self) -> jax.Array:
+        """[B] columns of `tokens` written per row (every row writes one per step; done rows padding)."""
+        return jnp.broadcast_to(self.step, self.done.shape)
 
 
 def _prefill(config: ModelConfig, gen_len: int, params, prompt, positions, row_limit, rng, eos_id) -> SamplingState:
@@ -290,7 +301,8 @@ def _prefill(config: ModelConfig, gen_len: int, params, prompt, positions, row_l
 
 def _next_logits(config: ModelConfig, weights: DecodeWeights, state: SamplingState) -> tuple[jax.Array, tuple]:
     """Feeds each row's newest token: (logits [B, V] of the token after it, the extended caches)."""
-    return _decode_logits(config, weights, state.cache, state.last[:, None], state.position[:, None])
+    logits, cache = _decode_logits(config, weights, state.cache, state.last[:, None], state.position[:, None])
+    return logits[:, 0], cache
 
 
 def _decode_step(
@@ -409,6 +421,7 @@ class Generation:
     tokens: list[list[int]]
     compile_s: float  # compilation in this call (0 when every executable was cached)
     run_s: float  # prefill + decode, compilation excluded
+    speculation: "SpeculationStats | None" = None  # drafts proposed and kept (speculate > 0)
 
 
 def _finish_row(tokens: np.ndarray, limit: int, eos_id: int | None) -> list[int]:
@@ -419,40 +432,81 @@ def _finish_row(tokens: np.ndarray, limit: int, eos_id: int | None) -> list[int]
 
 
 class _Run:
-    """One prepared batch: compiles and runs prefill, then the decode loop in chunks."""
+    """One prepared batch: compiles and runs prefill, then the decode loop (plain or speculative,
+    gpt2_jax/inference/speculative.py) in chunks."""
 
-    def __init__(self, config: ModelConfig, params, batch: _Batch, sp: SamplingParams, seed: int, eos_id: int | None):
+    def __init__(self, config: ModelConfig, params, batch: _Batch, sp: SamplingParams, seed: int, eos_id: int | None,
+                 spec: "Speculation | None" = None):
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
             raise ValueError(f"seed={seed!r} must be an integer")
-        self.config, self.sp, self.batch = config, sp, batch
+        self.config, self.sp, self.batch, self.spec = config, sp, batch, spec
         self.params = _as_device_params(params)
         self.weights: DecodeWeights | None = None  # made after the prefill, which uses the stacked params
         self.compile_s = self.run_s = 0.0
         self.eos_id = eos_id
-        self._prefill_args = (
-            self.params,
+        self._inputs = (
             jnp.asarray(batch.prompt),
             jnp.asarray(batch.positions),
             jnp.asarray(batch.row_limit),
             jax.random.key(seed),
             jnp.int32(-1 if eos_id is None else eos_id),
         )
-        self._prefill, t = _compiled(_prefill, (config, batch.gen_len), *self._prefill_args)
+        # Speculation starts from plain decoding's prefill (one compiled program for both).
+        self._prefill, t = _compiled(_prefill, (config, batch.gen_len), self.params, *self._inputs)
         self.compile_s += t
+        self._draft_prefill = self.draft_params = None
+        self._decode_fn, self._decode_static = _decode, (config,)
+        if spec is not None:
+            from gpt2_jax.inference import speculative
+
+            self._decode_fn, self._decode_static = speculative._decode, (config, spec.k, spec.draft_config)
+            if spec.draft_config is not None:
+                self.draft_params = _as_device_params(spec.draft_params)
+                self._draft_prefill, t = _compiled(_prefill, (spec.draft_config, batch.gen_len), self.draft_params,
+                                                   *self._inputs)
+                self.compile_s += t
         self._decode = None  # looked up once: every advance() has the same shapes
         self.state: SamplingState | None = None
 
-    def advance(self, limit: int) -> SamplingState:
-        """Runs decode steps until `limit` tokens per row are written (or all rows are done)."""
-        if self.state is None:
-            start = time.perf_counter()
-            self.state = jax.block_until_ready(self._prefill(*self._prefill_args))
-            self.weights = jax.block_until_ready(DecodeWeights.from_params(self.config, self.params))
+    def _first_state(self):
+        """Runs the prefill (and, speculating, turns its state into the speculative loop's)."""
+        start = time.perf_counter()
+        state = jax.block_until_ready(self._prefill(self.params, *self._inputs))
+        if self.spec is None:
             self.run_s += time.perf_counter() - start
-            del self._prefill_args
+            return state
+        from gpt2_jax.inference import speculative
+
+        draft = None
+        if self._draft_prefill is not None:
+            draft = jax.block_until_ready(self._draft_prefill(self.draft_params, *self._inputs))
+        self.run_s += time.perf_counter() - start
+        prompt, positions = self._inputs[:2]
+        static = (self.config, self.spec.k, self.spec.draft_config)
+        begin, t = _compiled(speculative._start, static, state, draft, prompt, positions)
+        self.compile_s += t
+        start = time.perf_counter()
+        state = jax.block_until_ready(begin(state, draft, prompt, positions))
+        self.run_s += time.perf_counter() - start
+        return state
+
+    def _decode_weights(self):
+        weights = DecodeWeights.from_params(self.config, self.params)
+        if self.spec is not None and self.spec.draft_config is not None:
+            return weights, DecodeWeights.from_params(self.spec.draft_config, self.draft_params)
+        return weights
+
+    def advance(self, limit: int) -> SamplingState:
+        """Runs the decode loop until `limit` tokens per row are written (or all rows are done);
+        a speculative round may write a few more."""
+        if self.state is None:
+            self.state = self._first_state()
+            start = time.perf_counter()
+            self.weights = jax.block_until_ready(self._decode_weights())
+            self.run_s += time.perf_counter() - start
         args = (self.weights, self.sp, self.state, jnp.int32(limit))
         if self._decode is None:
-            self._decode, t = _compiled(_decode, (self.config,), *args, donate_argnums=(2,))
+            self._decode, t = _compiled(self._decode_fn, self._decode_static, *args, donate_argnums=(2,))
             self.compile_s += t
         start = time.perf_counter()
         self.state = jax.block_until_ready(self._decode(*args))
@@ -473,18 +527,38 @@ def generate_with_stats(
     num_samples: int = 1,
     eos_id: int | None = EOT_ID,
     truncate: str = "none",
+    speculate: int = 0,
+    draft: tuple[ModelConfig, Any] | None = None,
 ) -> Generation:
-    """`generate`, also returning compile and run times."""
+    """`generate`, also returning compile and run times (and, speculating, the drafts' fate)."""
     sp = SamplingParams.create(temperature, top_k, top_p)
     validate_sampling(num_samples=num_samples)
+    spec = _speculation(config, speculate, draft)
     batch = _prepare(config, prompts, max_new_tokens, num_samples, truncate)
     if max_new_tokens == 0:
         return Generation([[] for _ in batch.row_limit], 0.0, 0.0)
-    run = _Run(config, params, batch, sp, seed, eos_id)
+    run = _Run(config, params, batch, sp, seed, eos_id, spec)
     state = run.advance(max_new_tokens)
     tokens = np.asarray(state.tokens)
     rows = [_finish_row(tokens[r], int(batch.row_limit[r]), eos_id) for r in range(tokens.shape[0])]
-    return Generation(rows, run.compile_s, run.run_s)
+    stats = None
+    if spec is not None:
+        from gpt2_jax.inference.speculative import SpeculationStats
+
+        stats = SpeculationStats.of(state)
+    return Generation(rows, run.compile_s, run.run_s, stats)
+
+
+def _speculation(config: ModelConfig, speculate: int, draft) -> "Speculation | None":
+    """None for plain decoding, else the checked settings of speculative decoding."""
+    from gpt2_jax.inference.options import validate_speculate
+
+    validate_speculate(speculate, has_draft=draft is not None)
+    if speculate == 0:
+        return None
+    from gpt2_jax.inference.speculative import Speculation
+
+    return Speculation.create(config, speculate, draft)
 
 
 def generate(
@@ -500,16 +574,24 @@ def generate(
     num_samples: int = 1,
     eos_id: int | None = EOT_ID,
     truncate: str = "none",
+    speculate: int = 0,
+    draft: tuple[ModelConfig, Any] | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt (each sample), without the prompt; see the module docstring.
 
     Returns len(prompts) * num_samples lists, prompt-major: [p0 s0, p0 s1, ..., p1 s0, ...].
     temperature=0 is greedy; top_k=0 and top_p=1 switch those filters off. Each row stops at
     `eos_id` (not included in the output) or when its context is full.
+
+    `speculate=K > 0` decodes speculatively (gpt2_jax/inference/speculative.py): K drafted tokens
+    per pass of the model, from prompt lookup, or from `draft=(draft_config, draft_params)`, a
+    smaller model with the same vocabulary. Greedy output is the same; samples follow the same
+    distribution (other draws for the same seed).
     """
     return generate_with_stats(
         config, params, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, seed=seed, num_samples=num_samples, eos_id=eos_id, truncate=truncate,
+        speculate=speculate, draft=draft,
     ).tokens
 
 
@@ -538,14 +620,16 @@ class TokenStream:
     def __next__(self) -> int:
         if self._step >= self._limit:
             raise StopIteration
-        state = self._run.advance(self._step + 1)
+        state = self._run.state
+        if state is None or int(state.count[0]) <= self._step:  # a speculative pass may have run ahead
+            state = self._run.advance(self._step + 1)
         token = int(state.tokens[0, self._step])
         self._step += 1
         if self._run.eos_id is not None and token == self._run.eos_id:
             self._limit = 0
             raise StopIteration
         if bool(state.done[0]):
-            self._limit = self._step
+            self._limit = min(self._limit, int(state.count[0]))  # a speculative round may run ahead
         return token
 
 
@@ -561,11 +645,15 @@ def stream(
     seed: int = 0,
     eos_id: int | None = EOT_ID,
     truncate: str = "none",
+    speculate: int = 0,
+    draft: tuple[ModelConfig, Any] | None = None,
 ) -> TokenStream:
-    """Like generate(config, params, [prompt], ...)[0], but yields each token as it is produced.
+    """Like generate(config, params, [prompt], ...)[0], but yields each token as it is produced
+    (speculating, a pass's tokens come together).
 
     Arguments are checked (and the prefill compiled) now; the model runs as the stream is read.
     """
     sp = SamplingParams.create(temperature, top_k, top_p)
+    spec = _speculation(config, speculate, draft)
     batch = _prepare(config, [prompt], max_new_tokens, 1, truncate)
-    return TokenStream(_Run(config, params, batch, sp, seed, eos_id))
+    return TokenStream(_Run(config, params, batch, sp, seed, eos_id, spec))

@@ -89,11 +89,13 @@ class Attention(nn.Module):
     """Causal self-attention with n_kv_head key/value heads shared by groups of query heads.
 
     With `decode=True` the module keeps a KV cache in the "cache" collection: k and v
-    [B, L, K, H], the position stored in each slot [B, L] (-1 = empty) and the next write
-    index. L is the length of the input seen when the cache is created (`GPT2.init_cache`),
-    capped at the sliding window, and slots are reused as a ring buffer: with a window only the
-    last `window` tokens are ever needed. Without a window the caller keeps the total length
-    within L.
+    [B, L, K, H] and the position stored in each slot [B, L] (-1 = empty). L is the length of
+    the input seen when the cache is created (`GPT2.init_cache`), capped at the sliding window.
+    A token at position p goes to slot p mod L of its own row, so rows may advance by different
+    amounts per call (speculative decoding) and slots are reused as a ring buffer: with a window
+    only the last `window` tokens are ever needed. Without a window the caller keeps positions
+    below L. Setting a slot's position to -1 hides it (how speculative decoding rolls back
+    rejected tokens); the next token at that position overwrites it.
     """
 
     config: ModelConfig
@@ -133,21 +135,21 @@ class Attention(nn.Module):
             cache_k = self.variable("cache", "k", jnp.zeros, (B, L, K, H), k.dtype)
             cache_v = self.variable("cache", "v", jnp.zeros, (B, L, K, H), v.dtype)
             cache_pos = self.variable("cache", "pos", lambda: jnp.full((B, L), -1, jnp.int32))
-            cache_index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
             if initializing:
                 out = attend(cfg, q, positions, [(k, v, positions)], drop)
             else:
                 cached = (cache_k.value, cache_v.value, cache_pos.value)
                 out = attend(cfg, q, positions, [cached, (k, v, positions)], drop)
-                # Write the newest min(T, L) tokens into the ring; older ones can never be
-                # attended to again (with a window) or do not fit (the caller's error).
+                # Write the newest min(T, L) columns into the ring; older ones can never be
+                # attended to again (with a window) or do not fit (the caller's error). Padding
+                # (-1) gets slot L, out of range, which the scatter drops.
                 L = cache_k.value.shape[1]
                 n = min(T, L)
-                slots = (cache_index.value + (T - n) + jnp.arange(n)) % L  # [n]
-                cache_k.value = cache_k.value.at[:, slots].set(k[:, T - n :].astype(cache_k.value.dtype))
-                cache_v.value = cache_v.value.at[:, slots].set(v[:, T - n :].astype(cache_v.value.dtype))
-                cache_pos.value = cache_pos.value.at[:, slots].set(positions[:, T - n :].astype(jnp.int32))
-                cache_index.value = cache_index.value + T
+                new_pos = positions[:, T - n :].astype(jnp.int32)  # [B, n]
+                slots = jnp.where(new_pos >= 0, new_pos % L, L)  # [B, n]
+                rows = jnp.arange(B)[:, None]  # [B, 1]
+                for var, new in ((cache_k, k[:, T - n :]), (cache_v, v[:, T - n :]), (cache_pos, new_pos)):
+                    var.value = var.value.at[rows, slots].set(new.astype(var.value.dtype), mode="drop")
         out = out.reshape(B, T, N, H)
         resid_std = 0.02 / (2 * cfg.n_layer) ** 0.5  # GPT-2: residual projections scaled by depth
         return Linear((cfg.n_embd,), ("heads", "head_dim", "embed"), resid_std, cfg.dtype, cfg.param_dtype,
