@@ -244,28 +244,29 @@ def test_nan_loss_stops_training_naming_the_step(tmp_path, cache, monkeypatch):
 
 
 def test_resume_with_other_steps_schedule_or_model(tmp_path, cache, capsys):
-    config = tiny_config(num_steps=8, checkpoint_every=0)  # the NaN test's schedule: its programs are cached
+    config = tiny_config(num_steps=2, checkpoint_every=0, warmup_steps=1)
     config.data.cache_dir = str(cache)
     trainer_lib.train(config, str(tmp_path))
     capsys.readouterr()
 
-    config.train.num_steps = 7  # fewer steps than the checkpoint has done: said plainly, nothing runs
-    with pytest.raises(ValueError, match=r"checkpoint in .* is at step 8, past config.train.num_steps=7: nothing"):
+    config.train.num_steps = 1  # fewer steps than the checkpoint has done: said plainly, nothing runs
+    with pytest.raises(ValueError, match=r"checkpoint in .* is at step 2, past config.train.num_steps=1: nothing"):
         trainer_lib.train(config, str(tmp_path))
-    config.train.num_steps = 8  # as many: nothing to train, and no NaN loss
+    config.train.num_steps = 2  # as many: nothing to train, and no NaN loss
     summary = trainer_lib.train(config, str(tmp_path))
     assert "nothing to train: the checkpoint in" in capsys.readouterr().out and summary["loss"] is None
-    assert re.match(r"done: step 8, loss \d+\.\d+ \(step 8\) \| ", trainer_lib.done_line(summary))
+    assert re.match(r"done: step 2, loss \d+\.\d+ \(step 2\) \| ", trainer_lib.done_line(summary))
 
-    # Extending with another learning rate: the checkpoint's schedule is kept, and that is said.
-    config.train.num_steps, config.train.learning_rate = 10, 1e-3
+    # Extending with another learning rate: the checkpoint's schedule (and so its compiled step) is
+    # kept, and that is said.
+    config.train.num_steps, config.train.learning_rate = 3, 1e-3
     trainer_lib.train(config, str(tmp_path))
-    assert "resume: the learning-rate schedule stays the checkpoint's (8 steps, warmup 5, learning_rate 0.003 to " \
-           "min_lr 0.0003), not the config's (num_steps 8 -> 10, learning_rate 0.003 -> 0.001): lr at step 9 is " \
-           "0.0003; from step 9 on it stays at min_lr=0.0003" in capsys.readouterr().out
+    assert "resume: the learning-rate schedule stays the checkpoint's (2 steps, warmup 1, learning_rate 0.003 to " \
+           "min_lr 0.0003), not the config's (num_steps 2 -> 3, learning_rate 0.003 -> 0.001): lr at step 3 is " \
+           "0.0003; from step 3 on it stays at min_lr=0.0003" in capsys.readouterr().out
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 11)) and records[-1]["tokens"] == 10 * 8 * 32
-    assert [r["lr"] for r in records[8:]] == pytest.approx([3e-4, 3e-4])  # no jump back up
+    assert [r["step"] for r in records] == [1, 2, 3] and records[-1]["tokens"] == 3 * 8 * 32
+    assert records[-1]["lr"] == pytest.approx(3e-4)  # no jump back up
 
     config.model.n_layer = 3
     config.model.n_embd = 64
