@@ -39,6 +39,14 @@ def get_config() -> ml_collections.ConfigDict:
     # from its weights (only they: optimizer, step and data start fresh). The source then sets the shape
     # keys; see gpt2_jax/training/init_from.py. Not read once the workdir holds a checkpoint (resume wins).
     m.init_from = ""
+    # The modern recipe's switches (configs/speedrun_cpu.py turns them on; bench/speedrun.py measures
+    # each). The defaults are GPT-2's; a model with any other value cannot be exported to HF GPT-2.
+    m.norm = "layernorm"  # 'layernorm' | 'rmsnorm' (a learned scale, no mean subtraction, no bias)
+    m.qk_norm = False  # RMS-normalise each head's q and k over head_dim (learned gain), before rotary
+    m.mlp_activation = "gelu"  # 'gelu' (GPT-2's tanh GELU) | 'relu2' (relu(x) ** 2, Primer)
+    m.tie_embeddings = True  # False: a separate output head lm_head [vocab, n_embd]
+    m.logit_softcap = 0.0  # > 0: logits = c * tanh(logits / c), bounding them to (-c, c); 0 = off
+    m.zero_init_proj = False  # attention out, MLP proj and an untied head start at zero, not N(0, 0.02)
 
     # ---- training
     c.train = t = ml_collections.ConfigDict()
@@ -46,9 +54,22 @@ def get_config() -> ml_collections.ConfigDict:
     t.num_epochs = 0  # > 0: train this many passes over the training windows instead
     t.global_batch_size = 8  # sequences per optimizer step, over all devices and hosts
     t.grad_accum_steps = 1  # micro-batches per step: each is global_batch_size / grad_accum_steps
-    t.learning_rate = 6e-4  # peak, reached after warmup
-    t.min_lr = 6e-5  # end of the cosine decay
+    t.optimizer = "adamw"  # 'adamw' (GPT-2) | 'muon': Muon on the blocks' matrices, AdamW on the rest
+    t.learning_rate = 6e-4  # peak, reached after warmup (AdamW's, for every group left at None below)
+    t.min_lr = 6e-5  # end of the decay; every group's rate shrinks by the same factor min_lr / learning_rate
     t.warmup_steps = 100
+    t.lr_schedule = "cosine"  # 'cosine' | 'wsd' (warmup, stable at the peak, linear decay at the end)
+    t.decay_fraction = 0.2  # wsd only: the decay takes this last fraction of the steps
+    # Peak rates of the AdamW groups (training/optim.py); None = learning_rate.
+    t.embed_learning_rate = ml_collections.FieldReference(None, field_type=float)  # wte, wpe
+    t.head_learning_rate = ml_collections.FieldReference(None, field_type=float)  # an untied lm_head
+    t.scalar_learning_rate = ml_collections.FieldReference(None, field_type=float)  # biases, norm gains
+    # optimizer='muon': the blocks' q, k/v, attention out and MLP kernels, each orthogonalised as the
+    # matrix it is (layers, and k apart from v, are separate matrices).
+    t.muon_learning_rate = 0.02
+    t.muon_momentum = 0.95  # Nesterov momentum before the orthogonalisation
+    t.muon_weight_decay = 0.0  # decoupled, times muon_learning_rate (AdamW groups use weight_decay)
+    t.muon_split_heads = False  # True: orthogonalise each head's slice of q, k, v and out on its own
     t.weight_decay = 0.1  # on matmul kernels and embeddings only (not biases, not LayerNorm)
     t.adam_b1 = 0.9
     t.adam_b2 = 0.95

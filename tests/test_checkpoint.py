@@ -281,7 +281,8 @@ def test_schedule_on_resume_is_kept_or_replanned_on_purpose():
     assert resume_lib.plan_schedule(None, t, 40) == resume_lib.SchedulePlan(t, 40, None)  # a new run
     t.num_steps = 40
     kept = resume_lib.plan_schedule(saved, t, 40)
-    assert kept.num_steps == 30 and kept.to_meta() == saved["schedule"]
+    # (a checkpoint from before lr_schedule existed followed a cosine, and from now on says so)
+    assert kept.num_steps == 30 and kept.to_meta() == {**saved["schedule"], "lr_schedule": "cosine"}
     assert "lr at step 31 is 0.0003; from step 31 on it stays at min_lr=0.0003" in kept.note
     t.resume_schedule = "replan"
     replanned = resume_lib.plan_schedule(saved, t, 40)
@@ -289,9 +290,16 @@ def test_schedule_on_resume_is_kept_or_replanned_on_purpose():
     assert replanned.num_steps == 40 and replanned.train_cfg is t
     assert f"lr at step 31 is {want:.3g}, the checkpoint's plan had 0.0003" in replanned.note
     # Checkpoints from before the schedule was saved: their config says what it was.
-    old = {"step": 30, "config": {"train": {"num_steps": 30, "num_epochs": 0, **{k: saved["schedule"][k] for k in
-                                                                                  resume_lib.SCHEDULE_KEYS}}}}
-    assert resume_lib.saved_schedule(old) == saved["schedule"]
+    old = {"step": 30, "config": {"train": {"num_steps": 30, "num_epochs": 0, **saved["schedule"]}}}
+    assert resume_lib.saved_schedule(old) == {**saved["schedule"], "lr_schedule": "cosine"}
+    # A warmup-stable-decay run resumed under a cosine config keeps its own shape, and says which.
+    t.resume_schedule, t.lr_schedule, t.decay_fraction = "keep", "wsd", 0.5
+    wsd = resume_lib.plan_schedule(None, t, 30).to_meta()
+    assert wsd["lr_schedule"] == "wsd" and wsd["decay_fraction"] == 0.5
+    t.lr_schedule = "cosine"
+    kept = resume_lib.plan_schedule({"step": 20, "schedule": wsd}, t, 30)
+    assert kept.train_cfg.lr_schedule == "wsd" and "lr_schedule wsd -> cosine" in kept.note
+    assert "wsd with decay_fraction 0.5" in kept.note
     t.resume_schedule = "stretch"
     with pytest.raises(ValueError, match="resume_schedule='stretch' must be one of"):
         resume_lib.plan_schedule(saved, t, 40)

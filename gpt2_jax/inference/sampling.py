@@ -51,7 +51,7 @@ from flax import struct
 from gpt2_jax import compilation_cache
 from gpt2_jax.inference.options import validate_sampling
 from gpt2_jax.model.config import ModelConfig
-from gpt2_jax.model.gpt2 import GPT2, embed_inputs, output_logits, position_embedding, token_embedding
+from gpt2_jax.model.gpt2 import GPT2, embed_inputs, output_head, output_logits, position_embedding, token_embedding
 from gpt2_jax.model.layers import Block, layer_norm
 
 if TYPE_CHECKING:
@@ -228,7 +228,7 @@ class DecodeWeights:
     done by one jitted program (as separate slicing ops, one dispatch each, it took ~170 ms).
     """
 
-    top: dict  # wte, wpe (learned positions only), ln_f
+    top: dict  # wte, wpe (learned positions only), ln_f, lm_head (untied heads only)
     layers: tuple  # n_layer trees of one block's weights
 
     @classmethod
@@ -255,7 +255,8 @@ def _decode_logits(config: ModelConfig, weights: DecodeWeights, caches: tuple, t
         (x, _), mut = block.apply({"params": layer, "cache": cache}, x, positions, mutable=["cache"])
         new_caches.append(mut["cache"])
     ln_f = layer_norm(cfg, None).bind({"params": top["ln_f"]})
-    return output_logits(cfg, ln_f, wte, x), tuple(new_caches)  # [B, W, V]
+    head = wte if cfg.tie_embeddings else output_head(cfg, wte, name=None).bind({"params": top["lm_head"]})
+    return output_logits(cfg, ln_f, head, x), tuple(new_caches)  # [B, W, V]
 
 
 @struct.dataclass

@@ -22,6 +22,8 @@ PRESETS: dict[str, dict[str, int]] = {
 _DTYPES = ("float32", "bfloat16", "float16")
 _POSITIONS = ("learned", "rotary")
 _ATTENTION = ("auto", "blockwise", "dense", "splash", "cudnn")  # gpt2_jax/model/attention.py
+_NORMS = ("layernorm", "rmsnorm")
+_ACTIVATIONS = ("gelu", "relu2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,14 @@ class ModelConfig:
     # How attention over whole rows runs (gpt2_jax/model/attention.py): 'auto' picks splash on
     # TPU, cuDNN on GPU (bf16/fp16), blockwise on CPU. Numerics equal the dense rule in every case.
     attention: str = "auto"
+    # The modern-recipe switches (configs/base.py says what each does). Defaults are GPT-2's, and
+    # only the defaults can be exported to Hugging Face GPT-2 (model/hf.py says which cannot).
+    norm: str = "layernorm"  # 'layernorm' (GPT-2) | 'rmsnorm' (scale only, no mean, no bias)
+    qk_norm: bool = False  # RMS-normalise each head's q and k over head_dim, with a learned gain
+    mlp_activation: str = "gelu"  # 'gelu' (GPT-2's tanh GELU) | 'relu2' (relu(x) ** 2)
+    tie_embeddings: bool = True  # False: a separate output head lm_head [padded_vocab, E]
+    logit_softcap: float = 0.0  # > 0: logits = c * tanh(logits / c); 0 = off
+    zero_init_proj: bool = False  # attention out, MLP proj (and an untied head) start at zero
 
     # ----------------------------------------------------------------- derived
     @property
@@ -79,7 +89,7 @@ class ModelConfig:
 
         6 per matmul weight (a multiply-add forward, two backward: input and weight gradients) over
         q, k, v, the attention output, the MLP and the head's vocab_size x n_embd matmul (tied to
-        wte, so no extra parameter, but it costs like one; padded vocabulary rows are not model
+        wte or not, it costs the same; padded vocabulary rows are not model
         work), plus the attention scores Q K^T and the mix A V: 12 n_embd FLOPs per (query, key)
         pair attended, forward and backward. A causal query at t attends to t + 1 keys, so on average
         about seq_len / 2 (the masked half is not model work, and the blockwise kernel skips it),
@@ -160,6 +170,14 @@ class ModelConfig:
         need(isinstance(self.remat, bool), f"remat={self.remat!r} must be a bool")
         need(isinstance(self.scan_layers, bool), f"scan_layers={self.scan_layers!r} must be a bool")
         need(self.attention in _ATTENTION, f"attention={self.attention!r} must be one of {_ATTENTION}")
+        need(self.norm in _NORMS, f"norm={self.norm!r} must be one of {_NORMS}")
+        need(self.mlp_activation in _ACTIVATIONS,
+             f"mlp_activation={self.mlp_activation!r} must be one of {_ACTIVATIONS}")
+        for key in ("qk_norm", "tie_embeddings", "zero_init_proj"):
+            need(isinstance(getattr(self, key), bool), f"{key}={getattr(self, key)!r} must be a bool")
+        need(isinstance(self.logit_softcap, (int, float)) and not isinstance(self.logit_softcap, bool)
+             and self.logit_softcap >= 0,
+             f"logit_softcap={self.logit_softcap!r} must be a number >= 0 (0 = off)")
         return self
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""GPT-2: token (+ learned position) embeddings, a stack of blocks, final LayerNorm, tied head."""
+"""GPT-2: token (+ learned position) embeddings, a stack of blocks, final norm, tied (or untied) head."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.layers import ACT_EMBED, ACTIVATION_AXES, Block, layer_norm, param_init
 
 
-def _table(cfg: ModelConfig, rows: int, row_axis: str, name: str | None) -> nn.Embed:
+def _table(cfg: ModelConfig, rows: int, row_axis: str, name: str | None, std: float = 0.02) -> nn.Embed:
     return nn.Embed(
         num_embeddings=rows,
         features=cfg.n_embd,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
-        embedding_init=param_init(0.02, (row_axis, "embed")),
+        embedding_init=param_init(std, (row_axis, "embed")),
         name=name,
     )
 
@@ -26,6 +26,14 @@ def _table(cfg: ModelConfig, rows: int, row_axis: str, name: str | None) -> nn.E
 def token_embedding(cfg: ModelConfig, name: str | None = "wte") -> nn.Embed:
     """wte: [padded_vocab, E], also the (tied) output head."""
     return _table(cfg, cfg.padded_vocab_size, "vocab", name)
+
+
+def output_head(cfg: ModelConfig, wte: nn.Embed, name: str | None = "lm_head") -> nn.Embed:
+    """The table the logits are read from, [padded_vocab, E]: wte itself when tied (GPT-2), else its
+    own `lm_head` in wte's layout (zeros at init under zero_init_proj), so both run one head matmul."""
+    if cfg.tie_embeddings:
+        return wte
+    return _table(cfg, cfg.padded_vocab_size, "vocab", name, std=0.0 if cfg.zero_init_proj else 0.02)
 
 
 def position_embedding(cfg: ModelConfig, name: str | None = "wpe") -> nn.Embed | None:
@@ -47,14 +55,17 @@ def embed_inputs(cfg: ModelConfig, wte: nn.Embed, wpe: nn.Embed | None, tokens: 
     return x
 
 
-def output_logits(cfg: ModelConfig, ln_f: nn.LayerNorm, wte: nn.Embed, x: jax.Array) -> jax.Array:
-    """The last residual stream [..., E] -> logits [..., vocab_size]: final LayerNorm, tied head.
+def output_logits(cfg: ModelConfig, ln_f: nn.Module, head: nn.Embed, x: jax.Array) -> jax.Array:
+    """The last residual stream [..., E] -> logits [..., vocab_size]: final norm, head (`output_head`),
+    then the soft-cap c * tanh(logits / c) when logit_softcap = c > 0.
 
     The head's matmul runs in the compute dtype (bf16 in mixed precision) and returns fp32
     logits, so the softmax and the loss never see bf16 rounding of the logits themselves.
     """
     h = ln_f(x).astype(cfg.dtype)  # [..., E]
-    logits = head_matmul(h, wte.embedding.astype(cfg.dtype))  # [..., V_padded] fp32
+    logits = head_matmul(h, head.embedding.astype(cfg.dtype))  # [..., V_padded] fp32
+    if cfg.logit_softcap > 0:
+        logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
     # Padded vocabulary rows are cut here, so they can never win a softmax or a sample.
     return logits[..., : cfg.vocab_size]
 
@@ -141,7 +152,7 @@ class GPT2(nn.Module):
         )(cfg, deterministic, decode, name="blocks")
         x, _ = blocks(x, positions)
 
-        return output_logits(cfg, layer_norm(cfg, "ln_f"), wte, x)  # [B, T, vocab_size]
+        return output_logits(cfg, layer_norm(cfg, "ln_f"), output_head(cfg, wte), x)  # [B, T, vocab_size]
 
     def init_cache(self, batch_size: int, max_len: int):
         """An empty KV cache for `batch_size` sequences of up to `max_len` tokens in all.

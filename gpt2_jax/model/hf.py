@@ -57,6 +57,16 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         reasons.append(f"n_kv_head={config.n_kv_head} != n_head={config.n_head} (HF GPT-2 has multi-head attention only)")
     if config.sliding_window is not None:
         reasons.append(f"sliding_window={config.sliding_window} (HF GPT-2 attends over the full context)")
+    if config.norm != "layernorm":
+        reasons.append(f"norm={config.norm!r} (HF GPT-2 has LayerNorm only)")
+    if config.qk_norm:
+        reasons.append("qk_norm=True (HF GPT-2 has no q/k normalisation)")
+    if config.mlp_activation != "gelu":
+        reasons.append(f"mlp_activation={config.mlp_activation!r} (HF GPT-2 exports tanh GELU only)")
+    if not config.tie_embeddings:
+        reasons.append("tie_embeddings=False (HF GPT-2 ties lm_head to wte)")
+    if config.logit_softcap:
+        reasons.append(f"logit_softcap={config.logit_softcap} (HF GPT-2 has no logit soft-cap)")
     if reasons:
         raise ValueError("this model cannot be exported as a Hugging Face GPT-2: " + "; ".join(reasons))
     eot = 50256 if config.vocab_size > 50256 else None

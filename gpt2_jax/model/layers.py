@@ -28,7 +28,9 @@ ACTIVATION_AXES = (BATCH, LENGTH, ACT_EMBED)
 
 
 def param_init(std: float, axes: tuple[str | None, ...]):
-    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+    """Normal(0, std) init with logical axis names; std 0 means zeros."""
+    init = nn.initializers.normal(std) if std > 0 else nn.initializers.zeros_init()
+    return nn.with_logical_partitioning(init, axes)
 
 
 def zeros_init(axes: tuple[str | None, ...]):
@@ -39,7 +41,11 @@ def ones_init(axes: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
 
 
-def layer_norm(config: ModelConfig, name: str | None) -> nn.LayerNorm:
+def layer_norm(config: ModelConfig, name: str | None) -> nn.Module:
+    """The model's normalisation over E: GPT-2's LayerNorm, or RMSNorm (`config.norm`)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(epsilon=config.layer_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
+                          scale_init=ones_init(("embed",)), name=name)
     return nn.LayerNorm(
         epsilon=config.layer_norm_eps,
         dtype=config.dtype,
@@ -48,6 +54,18 @@ def layer_norm(config: ModelConfig, name: str | None) -> nn.LayerNorm:
         bias_init=zeros_init(("embed",)),
         name=name,
     )
+
+
+def head_norm(config: ModelConfig, name: str) -> nn.RMSNorm:
+    """QK-norm: RMSNorm of each head's q or k over head_dim, one learned gain [H] shared by the heads."""
+    return nn.RMSNorm(epsilon=config.layer_norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
+                      scale_init=ones_init(("head_dim",)), name=name)
+
+
+def residual_std(config: ModelConfig) -> float:
+    """Init std of the projections that write into the residual stream (attention out, MLP proj):
+    GPT-2 scales 0.02 by depth; zero_init_proj starts them at zero, so each block begins as identity."""
+    return 0.0 if config.zero_init_proj else 0.02 / (2 * config.n_layer) ** 0.5
 
 
 class Linear(nn.Module):
@@ -120,6 +138,8 @@ class Attention(nn.Module):
         q = dense((N, H), ("heads", "head_dim"), "q")(x)  # [B, T, N, H]
         kv = dense((2, K, H), ("kv", "kv_heads", "head_dim"), "kv")(x)  # [B, T, 2, K, H]
         k, v = kv[:, :, 0], kv[:, :, 1]  # [B, T, K, H]
+        if cfg.qk_norm:  # before rotary, so the rotation acts on unit-RMS vectors
+            q, k = head_norm(cfg, "q_norm")(q), head_norm(cfg, "k_norm")(k)
         if cfg.position_embedding == "rotary":
             q = apply_rotary(q, positions, cfg.rope_theta)
             k = apply_rotary(k, positions, cfg.rope_theta)
@@ -151,9 +171,8 @@ class Attention(nn.Module):
                 for var, new in ((cache_k, k[:, T - n :]), (cache_v, v[:, T - n :]), (cache_pos, new_pos)):
                     var.value = var.value.at[rows, slots].set(new.astype(var.value.dtype), mode="drop")
         out = out.reshape(B, T, N, H)
-        resid_std = 0.02 / (2 * cfg.n_layer) ** 0.5  # GPT-2: residual projections scaled by depth
-        return Linear((cfg.n_embd,), ("heads", "head_dim", "embed"), resid_std, cfg.dtype, cfg.param_dtype,
-                      n_in=2, name="out")(out)
+        return Linear((cfg.n_embd,), ("heads", "head_dim", "embed"), residual_std(cfg), cfg.dtype,
+                      cfg.param_dtype, n_in=2, name="out")(out)
 
 
 @jax.custom_vjp
@@ -184,16 +203,21 @@ def _gelu_bwd(x, g):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+def relu2(x: jax.Array) -> jax.Array:
+    """relu(x) ** 2 (So et al. 2021, "Primer"), the modern recipe's MLP activation."""
+    return jnp.square(jax.nn.relu(x))
+
+
 class MLP(nn.Module):
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        resid_std = 0.02 / (2 * cfg.n_layer) ** 0.5
         h = Linear((cfg.mlp_dim,), ("embed", "mlp"), 0.02, cfg.dtype, cfg.param_dtype, name="fc")(x)  # [B, T, F]
-        h = gelu(h)  # GPT-2's "gelu_new"
-        return Linear((cfg.n_embd,), ("mlp", "embed"), resid_std, cfg.dtype, cfg.param_dtype, name="proj")(h)
+        h = gelu(h) if cfg.mlp_activation == "gelu" else relu2(h)
+        return Linear((cfg.n_embd,), ("mlp", "embed"), residual_std(cfg), cfg.dtype, cfg.param_dtype,
+                      name="proj")(h)
 
 
 class Block(nn.Module):

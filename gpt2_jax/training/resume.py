@@ -26,7 +26,9 @@ from gpt2_jax.data.batches import rebatch_state
 from gpt2_jax.training.optim import make_schedule
 
 # The config.train keys make_schedule reads, besides the schedule's length (num_steps).
-SCHEDULE_KEYS = ("learning_rate", "min_lr", "warmup_steps")
+SCHEDULE_KEYS = ("learning_rate", "min_lr", "warmup_steps", "lr_schedule", "decay_fraction")
+# What checkpoints written before a key existed followed.
+_SCHEDULE_DEFAULTS = {"lr_schedule": "cosine"}
 RESUME_SCHEDULES = ("keep", "replan")
 
 
@@ -38,18 +40,34 @@ class SchedulePlan:
 
     def to_meta(self) -> dict:
         """What a checkpoint records of the schedule, for the next resume."""
-        return {"num_steps": self.num_steps, **{k: self.train_cfg[k] for k in SCHEDULE_KEYS}}
+        return _schedule_of(self.train_cfg, self.num_steps)
+
+
+def _schedule_of(train_cfg: Any, num_steps: int) -> dict:
+    """The keys that shape a schedule; decay_fraction only where it does (wsd), so a cosine run does not
+    differ from its checkpoint by a key it never read."""
+    s = {"num_steps": num_steps, **{k: train_cfg[k] for k in SCHEDULE_KEYS}}
+    if s["lr_schedule"] != "wsd":
+        s.pop("decay_fraction")
+    return s
+
+
+def _normal(saved: dict) -> dict:
+    s = {**_SCHEDULE_DEFAULTS, **saved}
+    if s["lr_schedule"] != "wsd":
+        s.pop("decay_fraction", None)
+    return s
 
 
 def saved_schedule(meta: dict) -> dict | None:
     """The schedule a checkpoint's run followed; for checkpoints older than meta["schedule"], what its
     config says (None when that cannot be known: a run planned in epochs)."""
     if "schedule" in meta:
-        return meta["schedule"]
+        return _normal(meta["schedule"])
     train = meta.get("config", {}).get("train")
     if not train or train.get("num_epochs", 0) > 0:
         return None
-    return {"num_steps": train["num_steps"], **{k: train[k] for k in SCHEDULE_KEYS}}
+    return _normal({"num_steps": train["num_steps"], **{k: train[k] for k in SCHEDULE_KEYS if k in train}})
 
 
 def plan_schedule(saved_meta: dict | None, train_cfg: Any, num_steps: int) -> SchedulePlan:
@@ -57,7 +75,7 @@ def plan_schedule(saved_meta: dict | None, train_cfg: Any, num_steps: int) -> Sc
     mode = train_cfg.resume_schedule
     if mode not in RESUME_SCHEDULES:
         raise ValueError(f"config.train.resume_schedule={mode!r} must be one of {RESUME_SCHEDULES}")
-    wanted = {"num_steps": num_steps, **{k: train_cfg[k] for k in SCHEDULE_KEYS}}
+    wanted = _schedule_of(train_cfg, num_steps)
     saved = saved_schedule(saved_meta) if saved_meta else None
     if saved is None or saved == wanted:
         return SchedulePlan(train_cfg, num_steps, None)
@@ -65,7 +83,9 @@ def plan_schedule(saved_meta: dict | None, train_cfg: Any, num_steps: int) -> Sc
     kept_cfg = _with(train_cfg, saved)
     lr_kept = float(make_schedule(kept_cfg, saved["num_steps"])(step))
     lr_replanned = float(make_schedule(train_cfg, num_steps)(step))
-    changes = ", ".join(f"{k} {saved[k]} -> {wanted[k]}" for k in wanted if saved[k] != wanted[k])
+    keys = list(dict.fromkeys([*wanted, *saved]))
+    changes = ", ".join(f"{k} {saved.get(k, '-')} -> {wanted.get(k, '-')}" for k in keys
+                        if saved.get(k) != wanted.get(k))
     if mode == "replan":
         return SchedulePlan(train_cfg, num_steps, (
             f"resume: learning-rate schedule re-planned from the config (config.train.resume_schedule='replan'; "
@@ -117,5 +137,6 @@ def _with(train_cfg: Any, schedule: dict) -> ml_collections.ConfigDict:
 
 
 def _describe(s: dict) -> str:
-    return (f"{s['num_steps']} steps, warmup {s['warmup_steps']}, learning_rate {s['learning_rate']:g} "
+    shape = f"wsd with decay_fraction {s['decay_fraction']:g}, " if s["lr_schedule"] == "wsd" else ""
+    return (f"{shape}{s['num_steps']} steps, warmup {s['warmup_steps']}, learning_rate {s['learning_rate']:g} "
             f"to min_lr {s['min_lr']:g}")

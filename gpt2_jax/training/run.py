@@ -46,7 +46,7 @@ class Run:
     mesh: Mesh  # or a jax.sharding.AbstractMesh (preflight for more devices than this machine has)
     num_steps: int  # the schedule's length
     schedule: optax.Schedule  # learning rate at each optimizer step
-    tx: optax.GradientTransformation  # clipping + AdamW on `schedule`
+    tx: optax.GradientTransformation  # clipping + AdamW (or Muon + AdamW) on `schedule`
     abstract_state: TrainState  # jax.ShapeDtypeStruct leaves with .sharding: what a checkpoint restores into
     state_shardings: TrainState  # NamedSharding leaves: what jit takes as in / out shardings
 
@@ -114,6 +114,10 @@ def create_train_state(run: Run, params: Any = None) -> TrainState:
         return init(jax.random.PRNGKey(run.train_cfg.seed))
 
 
+# Optimizer state leaves that mirror no parameter and are a few numbers: replicated.
+_SMALL_STATE = frozenset({"ns_coeffs"})  # Muon's Newton-Schulz coefficients [3] or [steps, 3]
+
+
 def opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
     """Shardings for an (abstract) optimizer state: each leaf follows the parameter it mirrors.
 
@@ -134,7 +138,7 @@ def opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh:
             hit = by_path.get(keys[start:])
             if hit is not None and hit[0] == tuple(leaf.shape):
                 return hit[1]
-        if leaf.ndim == 0:
+        if leaf.ndim == 0 or keys[-1] in _SMALL_STATE:
             return sharding.replicated(mesh)
         raise ValueError(
             f"optimizer state leaf {sharding.path_str(path)} with shape {leaf.shape} mirrors no parameter; "
