@@ -33,8 +33,12 @@ FLAGS = flags.FLAGS
 
 
 def load_config():
-    """FLAGS.config, or one `error:` line if its file does not exist (ml_collections loads it lazily)."""
+    """FLAGS.config, or one `error:` line if its file does not exist (ml_collections loads it lazily).
+
+    `--config FILE:ARG` passes ARG to the file's get_config (configs/speedrun_cpu.py:modern)."""
     path = config_flags.get_config_filename(FLAGS["config"])
+    if not os.path.isfile(path) and ":" in path:
+        path = path.rsplit(":", 1)[0]
     if not os.path.isfile(path):
         cli.fail(f"--config {path}: no such file")
     return FLAGS.config

@@ -1,0 +1,216 @@
+"""The CPU speedrun: does the modern recipe reach GPT-2's recipe's validation loss in fewer tokens and
+less time? Both train the model of configs/speedrun_cpu.py on the same data, seed and token budget,
+each in its own `train.py` process.
+
+    python bench/speedrun.py                     # baseline vs modern: ratios, table, bench/speedrun.png
+    python bench/speedrun.py --json              # one JSON object (tokens_ratio, time_ratio, ...)
+    python bench/speedrun.py --source my.txt     # the same on another corpus (any config.data.source)
+    python bench/speedrun.py --sweep             # the learning-rate sweep behind the configs' rates
+    python bench/speedrun.py --ablate            # the modern recipe with each switch turned back to GPT-2's
+
+The target is the baseline's final validation loss. For each recipe: the tokens and the training
+wall-clock at which its validation curve first reaches the target (linear between evaluations),
+and the ratios modern / baseline (above 1, or null when the modern recipe never gets there, means
+it lost). Wall-clock is the sum of the training steps' times from metrics.jsonl (one record a
+step): the first step (compilation) and the evaluations are left out, everything the optimizer
+does (Muon's Newton-Schulz iterations included) is in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "speedrun_cpu.py")
+
+# Each switch of the modern recipe, turned back to GPT-2's value (the ablation).
+ABLATIONS = {
+    "adamw": {"train.optimizer": "adamw"},
+    "cosine": {"train.lr_schedule": "cosine"},
+    "layernorm": {"model.norm": "layernorm"},
+    "no_qk_norm": {"model.qk_norm": False},
+    "gelu": {"model.mlp_activation": "gelu"},
+    "tied": {"model.tie_embeddings": True},
+    "no_softcap": {"model.logit_softcap": 0.0},
+    "gpt2_init": {"model.zero_init_proj": False},
+}
+# The learning-rate sweep around each recipe's configured rates (those runs are the main two): the
+# baseline's AdamW rate (min_lr stays a tenth of it); the modern recipe's Muon rate, then its AdamW rate.
+SWEEP = {
+    "baseline": [{"train.learning_rate": lr, "train.min_lr": lr / 10} for lr in (1.5e-3, 6e-3, 1.2e-2)],
+    "modern": [{"train.muon_learning_rate": lr} for lr in (0.01, 0.04, 0.08)]
+    + [{"train.learning_rate": lr} for lr in (1.5e-3, 6e-3)],
+}
+SMOKE = {"model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2, "model.block_size": 16,
+         "train.global_batch_size": 4, "train.num_steps": 6, "train.warmup_steps": 1, "train.eval_every": 3,
+         "train.eval_steps": 2}
+
+
+def train(recipe: str, workdir: str, overrides: dict, log) -> dict:
+    """Runs train.py for `recipe` with `overrides` (config key -> value) in `workdir`; returns its curve."""
+    args = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={CONFIG}:{recipe}", f"--workdir={workdir}"]
+    args += [f"--config.{k}={v}" for k, v in overrides.items()]
+    started = time.time()
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{recipe} {overrides} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    curve = read_curve(os.path.join(workdir, "metrics.jsonl"))
+    curve["process_s"] = time.time() - started
+    log(f"  {recipe:8s} {_show(overrides) or '(as configured)'}: final val_loss {curve['val'][-1][2]:.4f}, "
+        f"{curve['train_s']:.1f} s training, {curve['process_s']:.0f} s in all")
+    return curve
+
+
+def read_curve(path: str) -> dict:
+    """metrics.jsonl -> {"val": [(tokens, train_seconds, val_loss)], "train_s": total training seconds}.
+
+    Training seconds add up the time between consecutive records that ends in a training record:
+    the first step (compilation) has no record before it, and an interval that ends in an
+    evaluation record is the evaluation's.
+    """
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    train_s, previous, val = 0.0, None, []
+    for r in records:
+        if "val_loss" in r:
+            val.append((r["tokens"], train_s, r["val_loss"]))
+        elif previous is not None:
+            train_s += r["time"] - previous
+        previous = r["time"]
+    if not val:
+        raise ValueError(f"{path} has no evaluation records: set config.train.eval_every")
+    return {"val": val, "train_s": train_s}
+
+
+def reach(curve: dict, target: float) -> tuple[float, float] | None:
+    """(tokens, seconds) where the validation curve first gets to `target`, linear between the two
+    evaluations around it; None if it never does."""
+    before = (0, 0.0, float("inf"))
+    for point in curve["val"]:
+        if point[2] <= target:
+            (t0, s0, l0), (t1, s1, l1) = before, point
+            f = 1.0 if l0 == float("inf") else (l0 - target) / (l0 - l1)
+            return t0 + f * (t1 - t0), s0 + f * (s1 - s0)
+        before = point
+    return None
+
+
+def compare(baseline: dict, modern: dict) -> dict:
+    target = baseline["val"][-1][2]
+    got = {name: reach(c, target) for name, c in (("baseline", baseline), ("modern", modern))}
+    b, m = got["baseline"], got["modern"]
+    return {
+        "target_val_loss": target,
+        "baseline_tokens": b[0], "baseline_s": b[1],
+        "modern_tokens": None if m is None else m[0], "modern_s": None if m is None else m[1],
+        "tokens_ratio": None if m is None else m[0] / b[0],
+        "time_ratio": None if m is None else m[1] / b[1],
+        "baseline_final_val_loss": baseline["val"][-1][2], "modern_final_val_loss": modern["val"][-1][2],
+        "baseline_train_s": baseline["train_s"], "modern_train_s": modern["train_s"],
+    }
+
+
+def plot(curves: dict[str, dict], path: str, target: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, c in curves.items():
+        tokens, seconds, losses = zip(*c["val"])
+        axes[0].plot([t / 1e3 for t in tokens], losses, marker=".", label=name)
+        axes[1].plot(seconds, losses, marker=".", label=name)
+    for ax, xlabel in zip(axes, ("tokens (thousands)", "training wall-clock (s)")):
+        ax.axhline(target, color="gray", lw=0.8, ls="--")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("CPU speedrun: GPT-2 recipe vs modern recipe (dashed: the baseline's final loss)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _show(overrides: dict) -> str:
+    return " ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--source", default="", help="train both on this corpus (any config.data.source)")
+    p.add_argument("--sweep", action="store_true", help="also run the learning-rate sweep of both recipes")
+    p.add_argument("--ablate", action="store_true", help="also run the modern recipe without each switch")
+    p.add_argument("--smoke", action="store_true", help="a tiny model for a few steps (checks the script)")
+    p.add_argument("--plot", default=os.path.join(ROOT, "bench", "speedrun.png"), help="PNG path ('' = none)")
+    p.add_argument("--workdir", default="", help="keep the runs here (default: a temporary folder)")
+    args = p.parse_args()
+
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.json else (lambda s: print(s, flush=True))
+    common = {"data.source": args.source} if args.source else {}
+    if args.smoke:
+        common.update(SMOKE)
+    root = args.workdir or tempfile.mkdtemp(prefix="speedrun_")
+    out: dict = {"source": args.source or "builtin:shakespeare", "smoke": args.smoke}
+
+    def run(recipe: str, name: str, overrides: dict) -> dict:
+        return train(recipe, os.path.join(root, name), {**common, **overrides}, log)
+
+    log(f"speedrun: configs/speedrun_cpu.py, runs in {root}")
+    curves = {"baseline": run("baseline", "baseline", {}), "modern": run("modern", "modern", {})}
+    result = compare(curves["baseline"], curves["modern"])
+    out.update(result)
+    out["curves"] = {k: c["val"] for k, c in curves.items()}
+
+    if args.sweep:
+        out["sweep"] = {}
+        for recipe, grid in SWEEP.items():
+            for i, overrides in enumerate(grid):
+                c = run(recipe, f"sweep_{recipe}_{i}", overrides)
+                r = reach(c, result["target_val_loss"])
+                out["sweep"].setdefault(recipe, []).append({
+                    "overrides": overrides, "final_val_loss": c["val"][-1][2],
+                    "tokens_to_target": None if r is None else r[0]})
+    if args.ablate:
+        out["ablation"] = []
+        for name, overrides in ABLATIONS.items():
+            c = run("modern", f"ablate_{name}", overrides)
+            r = reach(c, result["target_val_loss"])
+            out["ablation"].append({
+                "without": name, "overrides": overrides, "final_val_loss": c["val"][-1][2],
+                "tokens_ratio": None if r is None else r[0] / result["baseline_tokens"],
+                "time_ratio": None if r is None else r[1] / result["baseline_s"],
+                "train_s": c["train_s"]})
+    if args.plot:
+        plot(curves, args.plot, result["target_val_loss"])
+        out["plot"] = args.plot
+
+    if args.json:
+        print(json.dumps(out))
+        return
+    fmt = lambda x, f: "never" if x is None else format(x, f)  # noqa: E731
+    print(f"\ntarget: the baseline's final validation loss {result['target_val_loss']:.4f}")
+    print(f"{'recipe':10s} {'final val':>9s} {'tokens to target':>17s} {'seconds to target':>18s}")
+    print(f"{'baseline':10s} {result['baseline_final_val_loss']:9.4f} {result['baseline_tokens']:17,.0f} "
+          f"{result['baseline_s']:18.1f}")
+    print(f"{'modern':10s} {result['modern_final_val_loss']:9.4f} {fmt(result['modern_tokens'], '17,.0f')} "
+          f"{fmt(result['modern_s'], '18.1f')}")
+    print(f"tokens_ratio {fmt(result['tokens_ratio'], '.3f')} (goal <= 0.6), "
+          f"time_ratio {fmt(result['time_ratio'], '.3f')} (goal <= 0.7)")
+    for recipe, rows in out.get("sweep", {}).items():
+        for row in rows:
+            print(f"sweep {recipe:8s} {_show(row['overrides']):28s} final val {row['final_val_loss']:.4f}")
+    for row in out.get("ablation", []):
+        print(f"modern without {row['without']:10s} final val {row['final_val_loss']:.4f} "
+              f"tokens_ratio {fmt(row['tokens_ratio'], '.3f')} time_ratio {fmt(row['time_ratio'], '.3f')}")
+
+
+if __name__ == "__main__":
+    main()
