@@ -51,6 +51,10 @@ SWITCHES = [
     for pe, kv, w in itertools.product(["learned", "rotary"], [None, 2], [None, 5])
 ]
 SWITCH_IDS = [f"{s['position_embedding']}-kv{s['n_kv_head']}-w{s['sliding_window']}" for s in SWITCHES]
+# The modern recipe's model switches (tests/test_recipe.py), all on, with rotary GQA and a window.
+SWITCHES.append(dict(position_embedding="rotary", n_kv_head=2, sliding_window=5, norm="rmsnorm", qk_norm=True,
+                     mlp_activation="relu2", tie_embeddings=False, logit_softcap=5.0, zero_init_proj=True))
+SWITCH_IDS.append("modern-rotary-kv2-w5")
 
 
 def _cached_vs_full(cfg, prompts, n_steps):
