@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,8 +45,7 @@ ABLATIONS = {
 # baseline's AdamW rate (min_lr stays a tenth of it); the modern recipe's Muon rate, then its AdamW rate.
 SWEEP = {
     "baseline": [{"train.learning_rate": lr, "train.min_lr": lr / 10} for lr in (1.5e-3, 6e-3, 1.2e-2)],
-    "modern": [{"train.muon_learning_rate": lr} for lr in (0.01, 0.04, 0.08)]
-    + [{"train.learning_rate": lr} for lr in (1.5e-3, 6e-3)],
+    "modern": [{"train.muon_learning_rate": lr} for lr in (0.01, 0.04)] + [{"train.learning_rate": 6e-3}],
 }
 SMOKE = {"model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2, "model.block_size": 16,
          "train.global_batch_size": 4, "train.num_steps": 6, "train.warmup_steps": 1, "train.eval_every": 3,
@@ -53,7 +53,20 @@ SMOKE = {"model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2, "model.block
 
 
 def train(recipe: str, workdir: str, overrides: dict, log) -> dict:
-    """Runs train.py for `recipe` with `overrides` (config key -> value) in `workdir`; returns its curve."""
+    """Runs train.py for `recipe` with `overrides` (config key -> value) in `workdir`; returns its curve.
+
+    A workdir that already holds this very run, finished (same recipe and overrides), is read instead
+    of trained again: --workdir DIR makes an interrupted sweep go on where it stopped."""
+    stamp = os.path.join(workdir, "speedrun_run.json")
+    this = {"recipe": recipe, "overrides": {k: str(v) for k, v in overrides.items()}}
+    if os.path.exists(stamp):
+        with open(stamp) as f:
+            if json.load(f) == this:
+                curve = read_curve(os.path.join(workdir, "metrics.jsonl"))
+                log(f"  {recipe:8s} {_show(overrides) or '(as configured)'}: finished before, read from {workdir}")
+                return curve
+    if os.path.exists(workdir):
+        shutil.rmtree(workdir)  # a run that did not finish, or another run: start clean (resume would differ)
     args = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={CONFIG}:{recipe}", f"--workdir={workdir}"]
     args += [f"--config.{k}={v}" for k, v in overrides.items()]
     started = time.time()
@@ -62,6 +75,8 @@ def train(recipe: str, workdir: str, overrides: dict, log) -> dict:
         raise RuntimeError(f"{recipe} {overrides} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     curve = read_curve(os.path.join(workdir, "metrics.jsonl"))
     curve["process_s"] = time.time() - started
+    with open(stamp, "w") as f:
+        json.dump(this, f)
     log(f"  {recipe:8s} {_show(overrides) or '(as configured)'}: final val_loss {curve['val'][-1][2]:.4f}, "
         f"{curve['train_s']:.1f} s training, {curve['process_s']:.0f} s in all")
     return curve
@@ -148,6 +163,7 @@ def main() -> None:
     p.add_argument("--source", default="", help="train both on this corpus (any config.data.source)")
     p.add_argument("--sweep", action="store_true", help="also run the learning-rate sweep of both recipes")
     p.add_argument("--ablate", action="store_true", help="also run the modern recipe without each switch")
+    p.add_argument("--steps", type=int, default=0, help="train every run this many steps (default: the config's)")
     p.add_argument("--smoke", action="store_true", help="a tiny model for a few steps (checks the script)")
     p.add_argument("--plot", default=os.path.join(ROOT, "bench", "speedrun.png"), help="PNG path ('' = none)")
     p.add_argument("--workdir", default="", help="keep the runs here (default: a temporary folder)")
@@ -157,6 +173,8 @@ def main() -> None:
     common = {"data.source": args.source} if args.source else {}
     if args.smoke:
         common.update(SMOKE)
+    if args.steps:
+        common["train.num_steps"] = args.steps
     root = args.workdir or tempfile.mkdtemp(prefix="speedrun_")
     out: dict = {"source": args.source or "builtin:shakespeare", "smoke": args.smoke}
 
