@@ -44,8 +44,8 @@ ABLATIONS = {
 # The learning-rate sweep around each recipe's configured rates (those runs are the main two): the
 # baseline's AdamW rate (min_lr stays a tenth of it); the modern recipe's Muon rate, then its AdamW rate.
 SWEEP = {
-    "baseline": [{"train.learning_rate": lr, "train.min_lr": lr / 10} for lr in (1.5e-3, 6e-3, 1.2e-2)],
-    "modern": [{"train.muon_learning_rate": lr} for lr in (0.01, 0.04)] + [{"train.learning_rate": 6e-3}],
+    "baseline": [{"train.learning_rate": lr, "train.min_lr": lr / 10} for lr in (6e-3, 1.2e-2, 1.5e-3)],
+    "modern": [{"train.muon_learning_rate": lr} for lr in (0.04, 0.01)],
 }
 SMOKE = {"model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2, "model.block_size": 16,
          "train.global_batch_size": 4, "train.num_steps": 6, "train.warmup_steps": 1, "train.eval_every": 3,
@@ -190,8 +190,9 @@ def main() -> None:
     if args.sweep:
         out["sweep"] = {}
         for recipe, grid in SWEEP.items():
-            for i, overrides in enumerate(grid):
-                c = run(recipe, f"sweep_{recipe}_{i}", overrides)
+            for overrides in grid:
+                c = run(recipe, f"sweep_{recipe}_" + "_".join(f"{k.split('.')[-1]}{v:g}" for k, v in overrides.items()),
+                        overrides)
                 r = reach(c, result["target_val_loss"])
                 out["sweep"].setdefault(recipe, []).append({
                     "overrides": overrides, "final_val_loss": c["val"][-1][2],

@@ -353,6 +353,10 @@ def test_modern_recipe_resumes_exactly(tmp_path):
         if name.split(".")[0] == "6":
             shutil.rmtree(tmp_path / "resumed" / "checkpoints" / name, ignore_errors=True)
             (tmp_path / "resumed" / "checkpoints" / name).unlink(missing_ok=True)
+    c.train.optimizer = "adamw"  # another optimizer's state cannot carry over: one line says so
+    with pytest.raises(ValueError, match=r"trained with optimizer 'muon', but config.train.optimizer='adamw'"):
+        trainer_lib.train(c, str(tmp_path / "resumed"))
+    c.train.optimizer = "muon"
     summary = trainer_lib.train(c, str(tmp_path / "resumed"))
     assert summary["start_step"] == 4 and summary["step"] == 6
     jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path / "resumed"), final_params(tmp_path / "straight"))

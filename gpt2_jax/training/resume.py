@@ -18,6 +18,7 @@ as many trains nothing and says so.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import ml_collections
@@ -99,6 +100,18 @@ def plan_schedule(saved_meta: dict | None, train_cfg: Any, num_steps: int) -> Sc
         f"({changes}): lr at step {step + 1} is {lr_kept:.3g}{after_end}. "
         f"config.train.resume_schedule='replan' would re-plan it (lr {lr_replanned:.3g} at step {step + 1})"
     ))
+
+
+def check_optimizer(saved_meta: dict, train_cfg: Any, directory: str) -> None:
+    """ValueError if the checkpoint's optimizer is not config.train.optimizer: its state (Muon's
+    momentum or AdamW's moments) cannot carry over. Checkpoints from before the key were AdamW."""
+    saved = saved_meta.get("config", {}).get("train", {}).get("optimizer", "adamw")
+    if saved != train_cfg.optimizer:
+        raise ValueError(
+            f"cannot resume: the checkpoint in {directory} was trained with optimizer {saved!r}, but "
+            f"config.train.optimizer={train_cfg.optimizer!r}; its optimizer state cannot carry over. Give another "
+            f"--workdir with --config.model.init_from={os.path.dirname(directory)} to keep only its weights"
+        )
 
 
 def data_state_for(saved_state: dict, global_batch_size: int) -> tuple[dict, str | None]:

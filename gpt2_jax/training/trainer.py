@@ -258,6 +258,7 @@ def _train(config: Any, workdir: str) -> dict:
     saved_meta = ckpt_lib.read_newest_meta(os.path.join(workdir, "checkpoints"))
     if saved_meta is not None:  # refuse a different model or a finished run before reading any array
         _check_model_matches(saved_meta["model"], model_config)
+        resume_lib.check_optimizer(saved_meta, t, os.path.join(workdir, "checkpoints"))
         resume_lib.check_steps(saved_meta["step"], num_steps, t, os.path.join(workdir, "checkpoints"))
     schedule = resume_lib.plan_schedule(saved_meta, t, num_steps)
     prompt = None
