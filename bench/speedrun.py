@@ -41,11 +41,11 @@ ABLATIONS = {
     "no_softcap": {"model.logit_softcap": 0.0},
     "gpt2_init": {"model.zero_init_proj": False},
 }
-# The learning-rate sweep around each recipe's configured rates (those runs are the main two): the
-# baseline's AdamW rate (min_lr stays a tenth of it); the modern recipe's Muon rate, then its AdamW rate.
+# The learning-rate sweep around each recipe's configured rate (6e-3 and 0.02: the main two runs), a
+# factor of two each way: the baseline's AdamW rate (min_lr a tenth of it), the modern recipe's Muon rate.
 SWEEP = {
-    "baseline": [{"train.learning_rate": lr, "train.min_lr": lr / 10} for lr in (6e-3, 1.2e-2, 1.5e-3)],
-    "modern": [{"train.muon_learning_rate": lr} for lr in (0.04, 0.01)],
+    "baseline": [{"train.learning_rate": lr, "train.min_lr": lr / 10} for lr in (3e-3, 1.2e-2)],
+    "modern": [{"train.muon_learning_rate": lr} for lr in (0.01, 0.04)],
 }
 SMOKE = {"model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2, "model.block_size": 16,
          "train.global_batch_size": 4, "train.num_steps": 6, "train.warmup_steps": 1, "train.eval_every": 3,
@@ -154,7 +154,8 @@ def plot(curves: dict[str, dict], path: str, target: float) -> None:
 
 
 def _show(overrides: dict) -> str:
-    return " ".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
+    return " ".join(f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                    for k, v in overrides.items())
 
 
 def main() -> None:
