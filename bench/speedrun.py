@@ -13,12 +13,16 @@ wall-clock at which its validation curve first reaches the target (linear betwee
 and the ratios modern / baseline (above 1, or null when the modern recipe never gets there, means
 it lost). Wall-clock is the sum of the training steps' times from metrics.jsonl (one record a
 step): the first step (compilation) and the evaluations are left out, everything the optimizer
-does (Muon's Newton-Schulz iterations included) is in.
+does (Muon's Newton-Schulz iterations included) is in. The two runs take turns on the machine, so
+a load that changes between them moves time_ratio; the script therefore also times both recipes'
+steps alternately in one process and prints tokens_ratio x that step-time ratio
+(time_ratio_alternating) beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -58,7 +62,9 @@ def train(recipe: str, workdir: str, overrides: dict, log) -> dict:
     A workdir that already holds this very run, finished (same recipe and overrides), is read instead
     of trained again: --workdir DIR makes an interrupted sweep go on where it stopped."""
     stamp = os.path.join(workdir, "speedrun_run.json")
-    this = {"recipe": recipe, "overrides": {k: str(v) for k, v in overrides.items()}}
+    with open(CONFIG, "rb") as f:
+        config_sha = hashlib.sha256(f.read()).hexdigest()[:16]  # an edited config is another run
+    this = {"recipe": recipe, "overrides": {k: str(v) for k, v in overrides.items()}, "config_sha256": config_sha}
     if os.path.exists(stamp):
         with open(stamp) as f:
             if json.load(f) == this:
@@ -131,6 +137,45 @@ def compare(baseline: dict, modern: dict) -> dict:
     }
 
 
+def step_times(overrides: dict, rounds: int) -> dict:
+    """Both recipes' train steps built in this process and timed alternately (baseline, modern, ...):
+    the ratio of their medians does not move when the machine's load does between the two runs."""
+    import jax
+    import numpy as np
+
+    sys.path.insert(0, ROOT)
+    import configs.speedrun_cpu as speedrun_cpu
+    from gpt2_jax.training import run as run_lib
+    from gpt2_jax.training import sharding
+    from gpt2_jax.training import step as step_lib
+
+    steps = {}
+    for recipe in ("baseline", "modern"):
+        c = speedrun_cpu.get_config(recipe)
+        for key, value in overrides.items():
+            if not key.startswith("data."):
+                block, name = key.split(".")
+                c[block][name] = type(c[block][name])(value) if c[block][name] is not None else value
+        run = run_lib.run_from_config(c, sharding.make_mesh(c.mesh))
+        rows = np.random.default_rng(0).integers(0, 50257, (c.train.global_batch_size, c.model.block_size + 1))
+        put = lambda x: jax.device_put(x.astype(np.int32), run.batch_sharding)  # noqa: E731
+        batch = {"inputs": put(rows[:, :-1]), "targets": put(rows[:, 1:])}
+        step, state = step_lib.make_train_step(run), run_lib.create_train_state(run)
+        state, metrics = step(state, batch)  # compile
+        jax.block_until_ready(metrics)
+        steps[recipe] = [step, state, batch, []]
+    for _ in range(rounds):
+        for entry in steps.values():
+            step, state, batch, times = entry
+            started = time.perf_counter()
+            entry[1], metrics = step(state, batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - started)
+    median = {recipe: float(np.median(entry[3])) for recipe, entry in steps.items()}
+    return {"baseline_step_s": median["baseline"], "modern_step_s": median["modern"],
+            "step_time_ratio": median["modern"] / median["baseline"], "rounds": rounds}
+
+
 def plot(curves: dict[str, dict], path: str, target: float) -> None:
     import matplotlib
 
@@ -165,6 +210,8 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="also run the learning-rate sweep of both recipes")
     p.add_argument("--ablate", action="store_true", help="also run the modern recipe without each switch")
     p.add_argument("--steps", type=int, default=0, help="train every run this many steps (default: the config's)")
+    p.add_argument("--step_rounds", type=int, default=10,
+                   help="alternate the two recipes' steps this many times in one process (0 = skip)")
     p.add_argument("--smoke", action="store_true", help="a tiny model for a few steps (checks the script)")
     p.add_argument("--plot", default=os.path.join(ROOT, "bench", "speedrun.png"), help="PNG path ('' = none)")
     p.add_argument("--workdir", default="", help="keep the runs here (default: a temporary folder)")
@@ -187,6 +234,12 @@ def main() -> None:
     result = compare(curves["baseline"], curves["modern"])
     out.update(result)
     out["curves"] = {k: c["val"] for k, c in curves.items()}
+    if args.step_rounds:
+        # Wall-clock again, robust to load drift: tokens to target x the step-time ratio measured
+        # with both steps alternating in one process (the runs themselves ran one after the other).
+        out.update(step_times(common, 2 if args.smoke else args.step_rounds))
+        if result["tokens_ratio"] is not None:
+            out["time_ratio_alternating"] = result["tokens_ratio"] * out["step_time_ratio"]
 
     if args.sweep:
         out["sweep"] = {}
@@ -224,6 +277,10 @@ def main() -> None:
           f"{fmt(result['modern_s'], '18.1f')}")
     print(f"tokens_ratio {fmt(result['tokens_ratio'], '.3f')} (goal <= 0.6), "
           f"time_ratio {fmt(result['time_ratio'], '.3f')} (goal <= 0.7)")
+    if "step_time_ratio" in out:
+        print(f"steps timed alternately in one process: baseline {out['baseline_step_s'] * 1e3:.0f} ms, modern "
+              f"{out['modern_step_s'] * 1e3:.0f} ms (x{out['step_time_ratio']:.2f}); tokens_ratio x that = "
+              f"{fmt(out.get('time_ratio_alternating'), '.3f')}")
     for recipe, rows in out.get("sweep", {}).items():
         for row in rows:
             print(f"sweep {recipe:8s} {_show(row['overrides']):28s} final val {row['final_val_loss']:.4f}")
