@@ -56,6 +56,7 @@ def test_the_script_end_to_end_at_a_tiny_size(tmp_path):
     out = json.loads(proc.stdout)
     assert out["source"].endswith("README.md") and os.path.getsize(tmp_path / "curves.png") > 0
     assert {"tokens_ratio", "time_ratio", "baseline_tokens", "modern_tokens"} <= set(out)
+    assert out["step_time_ratio"] == pytest.approx(out["modern_step_s"] / out["baseline_step_s"]) and out["rounds"] == 2
     assert out["target_val_loss"] == out["curves"]["baseline"][-1][2]
     if out["tokens_ratio"] is not None:
         assert out["tokens_ratio"] == pytest.approx(out["modern_tokens"] / out["baseline_tokens"])
