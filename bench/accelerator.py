@@ -96,6 +96,9 @@ def part_train(args) -> list[dict]:
     tokens = _tokens(c.train.global_batch_size, s["seq_len"], s["vocab_size"])
     peak = peak_flops_per_device() * n_dev
     auto = resolve_attention(model_config_from(c.model))[0]
+    # The attention implementation has no parameters of its own: every row starts from one initial
+    # state, initialised once (not once per row) and kept on the host, so no device holds a spare copy.
+    host_state = None
     rows = []
     for impl in impls:
         c.model.attention = impl
@@ -104,7 +107,9 @@ def part_train(args) -> list[dict]:
                "batch": c.train.global_batch_size, "seq_len": s["seq_len"], "dtype": "bfloat16"}
         try:
             run = build_run(model_config, c.train, mesh, c.train.num_steps)
-            holder = {"state": create_train_state(run)}
+            if host_state is None:
+                host_state = jax.device_get(create_train_state(run))
+            holder = {"state": jax.device_put(host_state, run.state_shardings)}
             put = lambda x: jax.device_put(x, run.batch_sharding)  # noqa: E731
             batch = {"inputs": put(tokens[:, :-1]), "targets": put(tokens[:, 1:])}
             train_step = make_train_step(run)
@@ -216,8 +221,9 @@ PARTS = {"train": part_train, "torch": part_torch, "decode": part_decode, "hf_de
 
 
 # --------------------------------------------------------------------------- the run
-def run_part(name: str, args) -> list[dict]:
-    """One part in a child process under its deadline; its rows, or one row saying why there are none."""
+def run_part(name: str, args, env: dict) -> list[dict]:
+    """One part in a child process under its deadline; its rows, or one row saying why there are none.
+    A JAX part also describes its devices into `env` (so this process need not start JAX itself)."""
     cmd = [sys.executable, os.path.abspath(__file__), f"--part={name}", f"--batch_per_device={args.batch_per_device}",
            f"--steps={args.steps}", f"--warmup={args.warmup}", f"--decode_repeats={args.decode_repeats}"]
     if args.smoke:
@@ -228,6 +234,9 @@ def run_part(name: str, args) -> list[dict]:
     except subprocess.TimeoutExpired:
         return [{"part": name, "ok": False, "error": f"did not finish within {deadline} s"}]
     rows = [json.loads(line[len("ROW "):]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    for line in proc.stdout.splitlines():
+        if line.startswith("ENV "):
+            env.update(json.loads(line[len("ENV "):]))
     if proc.returncode != 0 or not rows:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
         rows.append({"part": name, "ok": False, "error": f"exit {proc.returncode}: {tail}"})
@@ -298,12 +307,15 @@ def main() -> None:
     if args.part:
         for row in PARTS[args.part](args):
             print("ROW " + json.dumps(row), flush=True)
+        if args.part in ("train", "decode"):  # JAX is up here already
+            print("ENV " + json.dumps(environment()), flush=True)
         return
     unknown = sorted(set(args.parts.split(",")) - set(PARTS))
     if unknown:
         parser.error(f"--parts: unknown {unknown}; choose from {list(PARTS)}")
-    rows = [row for name in args.parts.split(",") for row in run_part(name, args)]
-    env = environment()
+    env = {}
+    rows = [row for name in args.parts.split(",") for row in run_part(name, args, env)]
+    env = env or environment()  # no JAX part ran (or none got that far)
     summary = summarize(rows)
     if args.json:
         print(json.dumps({"environment": env, "rows": rows, "summary": summary}))

@@ -6,11 +6,17 @@ Most of the suite's time is XLA compiling small programs (so LLVM runs at -O0, b
 more). JAX's persistent cache serves each repeat from disk. The folder is new each session (so the
 suite's time is that of a cold start, as in CI), shared with every subprocess through the
 environment; set GPT2_JAX_COMPILATION_CACHE to a folder of your own to keep it between runs.
+
+The built-in corpus is tokenised once per session too (the `corpus_cache` fixture), not once per
+test file that trains on it.
 """
 
+import fcntl
 import os
 import shutil
 import tempfile
+
+import pytest
 
 # LLVM at -O0 halves XLA:CPU compile times; the programs here are tiny, so they run as fast, and
 # XLA's own (HLO) optimisations, which decide the numerics, are the same at any level.
@@ -22,6 +28,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _OWN_CACHE = None
 if "GPT2_JAX_COMPILATION_CACHE" not in os.environ:
     _OWN_CACHE = os.environ["GPT2_JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="gpt2_jax_test_compile_cache_")
+# Set here, before pytest-xdist starts its workers, so that they all inherit the same folder.
+_CORPUS_ENV = "GPT2_JAX_TEST_CORPUS_CACHE"
+_OWN_CORPUS = None
+if _CORPUS_ENV not in os.environ:
+    _OWN_CORPUS = os.environ[_CORPUS_ENV] = tempfile.mkdtemp(prefix="gpt2_jax_test_corpus_cache_")
 
 import jax  # noqa: E402
 
@@ -31,10 +42,27 @@ jax.config.update("jax_default_matmul_precision", "highest")
 compilation_cache.enable()
 
 
+@pytest.fixture(scope="session")
+def corpus_cache() -> str:
+    """A data.cache_dir holding the built-in corpus, tokenised once for the session (every worker,
+    and the train.py subprocesses they start, reuse it). The lock keeps two workers from tokenising
+    it into the same folder at once."""
+    from gpt2_jax.data import prepare_corpus
+
+    folder = os.environ[_CORPUS_ENV]
+    with open(os.path.join(folder, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            prepare_corpus("builtin:shakespeare", folder)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return folder
+
+
 # Files with long subprocess runs first, so the two workers finish together instead of one
 # starting a long file at the end.
-_SLOW_FIRST = ("test_multihost.py", "test_checkpoint.py", "test_finetune.py", "test_model.py", "test_sampling.py",
-               "test_generate_cli.py")
+_SLOW_FIRST = ("test_multihost.py", "test_checkpoint.py", "test_recipe.py", "test_generate_cli.py", "test_bench.py",
+               "test_finetune.py", "test_model.py", "test_sampling.py", "test_train_step.py")
 
 
 def pytest_collection_modifyitems(config, items):  # noqa: ARG001
@@ -43,5 +71,6 @@ def pytest_collection_modifyitems(config, items):  # noqa: ARG001
 
 
 def pytest_unconfigure(config):  # noqa: ARG001
-    if _OWN_CACHE is not None:
-        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+    for own in (_OWN_CACHE, _OWN_CORPUS):
+        if own is not None:
+            shutil.rmtree(own, ignore_errors=True)

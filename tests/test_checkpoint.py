@@ -56,8 +56,8 @@ def env():
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("corpus_cache")
+def cache(corpus_cache):  # conftest: the built-in corpus, tokenised once per session
+    return corpus_cache
 
 
 @pytest.fixture(scope="module")
@@ -143,16 +143,26 @@ def test_ctrl_c_checkpoints_plots_and_exits_zero_then_resumes(tmp_path, cache, s
         assert got[s] == want[s]
 
 
-@pytest.mark.parametrize("target", [dict(data=1, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1),
-                                    dict(data=8, fsdp=1, tensor=1)], ids=["1-device", "data2xfsdp4", "data8"])
-def test_restore_onto_another_mesh(tmp_path, target):
+@pytest.fixture(scope="module")
+def fsdp8_checkpoint(tmp_path_factory):
+    """(workdir, state): a step-3 checkpoint written from an fsdp=8 mesh, shared by every restore target."""
     config = tiny_config()
     model_config = model_config_from(config.model)
     source = sharding_lib.make_mesh(dict(data=1, fsdp=8, tensor=1))
     state = run_lib.create_train_state(run_lib.build_run(model_config, config.train, source, 10))
-    saver = ckpt_lib.Checkpointer(str(tmp_path))
+    workdir = tmp_path_factory.mktemp("fsdp8_checkpoint")
+    saver = ckpt_lib.Checkpointer(str(workdir))
     saver.save(3, state, {"step": 3}, {"model": model_config.to_dict()})
     saver.close()
+    return workdir, state
+
+
+@pytest.mark.parametrize("target", [dict(data=1, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1),
+                                    dict(data=8, fsdp=1, tensor=1)], ids=["1-device", "data2xfsdp4", "data8"])
+def test_restore_onto_another_mesh(fsdp8_checkpoint, target):
+    tmp_path, state = fsdp8_checkpoint
+    config = tiny_config()
+    model_config = model_config_from(config.model)
 
     devices = jax.devices()[:1] if target["data"] * target["fsdp"] == 1 else None
     mesh = sharding_lib.make_mesh(target, devices=devices)

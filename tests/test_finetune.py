@@ -60,8 +60,8 @@ def hf_folder(torch, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("corpus_cache")
+def cache(corpus_cache):  # conftest: the built-in corpus, tokenised once per session
+    return corpus_cache
 
 
 def finetune_config(**overrides):

@@ -120,8 +120,8 @@ def assert_close_to(workdir, reference, steps):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("corpus_cache")
+def cache(corpus_cache):  # conftest: the built-in corpus, tokenised once per session
+    return corpus_cache
 
 
 @pytest.fixture(scope="module")

@@ -285,10 +285,11 @@ def test_default_adamw_is_optax_adamw_state_and_numerics():
         mask=optim.decay_mask))
     s1, s2 = ours.init(params), theirs.init(params)
     assert jax.tree.structure(s1) == jax.tree.structure(s2)  # old checkpoints restore
+    update1, update2 = jax.jit(ours.update), jax.jit(theirs.update)  # compiled, as training applies them
     for seed in range(2):
         g = jax.tree.map(lambda p: p * (seed + 1) * 0.1, params)
-        u1, s1 = ours.update(g, s1, params)
-        u2, s2 = theirs.update(g, s2, params)
+        u1, s1 = update1(g, s1, params)
+        u2, s2 = update2(g, s2, params)
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), u1, u2)
 
 
@@ -334,7 +335,7 @@ def test_modern_step_on_an_fsdp_tensor_mesh_equals_one_device():
     assert moved > 1e-3
 
 
-def test_modern_recipe_resumes_exactly(tmp_path):
+def test_modern_recipe_resumes_exactly(tmp_path, corpus_cache):
     """Muon + every switch + wsd: 6 steps straight equal the same run resumed from its step-4
     checkpoint (its step-6 checkpoint removed, as if it had been killed after step 4)."""
     sys.path.insert(0, ROOT)
@@ -344,7 +345,7 @@ def test_modern_recipe_resumes_exactly(tmp_path):
     c.model.update(dict(MODERN, block_size=16))
     c.train.update(dict(optimizer="muon", lr_schedule="wsd", decay_fraction=0.5, num_steps=6, checkpoint_every=4,
                         eval_every=0, warmup_steps=1, keep_checkpoints=5))
-    c.data.cache_dir = str(tmp_path / "cache")
+    c.data.cache_dir = corpus_cache
     trainer_lib.train(c, str(tmp_path / "straight"))
     straight = losses(tmp_path / "straight")
     assert straight[6] < straight[1] - 0.1

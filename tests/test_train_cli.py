@@ -29,8 +29,8 @@ def tiny_config(cache, **train):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("corpus_cache")
+def cache(corpus_cache):  # conftest: the built-in corpus, tokenised once per session
+    return corpus_cache
 
 
 def test_train_py_end_to_end_on_a_sharded_mesh_on_own_data(tmp_path):
