@@ -72,7 +72,9 @@ flags.DEFINE_integer("rounds", 2, "Rounds of (ours, then theirs), each side a fr
 flags.DEFINE_float("pause", 1.0, "Seconds of idle before each side's process starts.")
 flags.DEFINE_bool("scan_layers", False, "Our model's scan_layers switch (configs/small.py's choice on CPU: False). "
                   "The compile time of the scanned step is measured either way.")
-flags.DEFINE_enum("side", None, ["ours", "hf"], "Internal: run one side of one shape and print its JSON record.")
+flags.DEFINE_bool("loop", False, "Also time train.py's loop (gpt2_jax.training.trainer.train on the built-in corpus, "
+                  "a metrics record every step) in a third process per round, and print loop / step.")
+flags.DEFINE_enum("side", None, ["ours", "hf", "loop"], "Internal: run one side of one shape and print its JSON record.")
 flags.DEFINE_integer("seed", 0, "Seed of the weights and the token batch.")
 flags.DEFINE_bool("json", False, "Print a JSON list of records (one per shape) instead of a table.")
 
@@ -254,6 +256,8 @@ def run_side(name: str, side: str) -> dict:
     shape = SHAPES[name]
     train_cfg = _train_cfg(shape)
     tokens = np.random.default_rng(FLAGS.seed).integers(0, VOCAB_SIZE, (shape.batch_size, shape.seq_len + 1))
+    if side == "loop":
+        return run_loop(name)
     if side == "ours":
         record = {"gemm_gflops": xla_gemm_gflops()}
         step, record["n_nonembedding"], record["vocab_rows"] = build_ours(
@@ -276,6 +280,48 @@ def run_side(name: str, side: str) -> dict:
     times = [_timed(step)[0] for _ in range(FLAGS.warmup + FLAGS.steps)]
     record["step_times_s"] = times[FLAGS.warmup :]
     return record
+
+
+def run_loop(name: str) -> dict:
+    """train.py's loop at one shape: `trainer.train` for 1 + warmup + steps steps on the built-in
+    corpus, logging every step, then its final (synchronous) checkpoint. A step's loop time is the
+    wall time between its metrics record and the previous one's, as a user reads metrics.jsonl.
+
+    The model is ours of `build_ours`, except that block_size = T (the trainer trains windows of
+    block_size tokens): the position table has T rows instead of 1024 (at 124M T=256, 0.6M fewer
+    parameters of 124M for AdamW to update; the matmuls are the same).
+    """
+    import tempfile
+
+    from configs import base
+    from gpt2_jax.training import trainer
+
+    shape = SHAPES[name]
+    c = base.get_config()
+    c.model.n_layer, c.model.n_head, c.model.n_embd = shape.n_layer, shape.n_head, shape.n_embd
+    c.model.block_size, c.model.vocab_size = shape.seq_len, VOCAB_SIZE
+    c.model.pad_vocab_to_multiple = PAD_VOCAB_TO
+    c.model.dtype = c.model.param_dtype = "float32"
+    c.model.scan_layers = FLAGS.scan_layers
+    c.mesh.data = c.mesh.fsdp = c.mesh.tensor = 1
+    c.data.source = "builtin:shakespeare"
+    c.train.global_batch_size = shape.batch_size
+    c.train.num_steps = 1 + FLAGS.warmup + FLAGS.steps
+    c.train.log_every, c.train.eval_every, c.train.checkpoint_every, c.train.sample_tokens = 1, 0, 0, 0
+    c.train.seed = FLAGS.seed
+    with tempfile.TemporaryDirectory() as workdir:
+        start = time.perf_counter()
+        trainer.train(c, workdir)
+        end_wall = time.time()
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f if '"loss"' in line]
+    times = [r["time"] for r in records]
+    deltas = [b - a for a, b in zip(times, times[1:])]  # step 2 onwards; step 1 compiles
+    return {
+        "loop_step_times_s": deltas[FLAGS.warmup :],
+        "loop_total_s": time.perf_counter() - start,
+        "final_checkpoint_s": end_wall - times[-1],  # after the last record: the final save, the loss plot
+    }
 
 
 def scan_compile_seconds(name: str) -> float:
@@ -304,9 +350,10 @@ def run_shape(name: str, env: dict) -> dict:
     """Rounds of (ours, then theirs), each side in its own process; medians over all timed steps."""
     shape = SHAPES[name]
     load_before = os.getloadavg()[0]
-    runs: dict[str, list[dict]] = {"ours": [], "hf": []}
+    sides = ("ours", "hf", "loop") if FLAGS.loop else ("ours", "hf")
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     for r in range(FLAGS.rounds):
-        for side in ("ours", "hf"):
+        for side in sides:
             print(f"[{name}] {shape.describe()}: round {r + 1}/{FLAGS.rounds}, {side} "
                   f"({FLAGS.warmup} + {FLAGS.steps} steps) ...", file=sys.stderr, flush=True)
             time.sleep(FLAGS.pause)
@@ -326,6 +373,15 @@ def run_shape(name: str, env: dict) -> dict:
     tokens_per_step = shape.batch_size * shape.seq_len
     flops_per_step = train_flops_per_token(shape) * tokens_per_step
     step_ours, step_hf = statistics.median(t_ours), statistics.median(t_hf)
+    loop = {}
+    if FLAGS.loop:
+        t_loop = [t for run in runs["loop"] for t in run["loop_step_times_s"]]
+        loop = {
+            "loop_step_s": statistics.median(t_loop),
+            "loop_step_times_s": t_loop,
+            "loop_over_step": statistics.median(t_loop) / step_ours,
+            "loop_final_checkpoint_s": statistics.median(run["final_checkpoint_s"] for run in runs["loop"]),
+        }
     return {
         "shape": name,
         **dataclasses.asdict(shape),
@@ -359,6 +415,7 @@ def run_shape(name: str, env: dict) -> dict:
         # Losses of each side's first step, before its optimizer moved: both ~ln(50257) = 10.8.
         "ours_first_loss": ours[0]["first_loss"],
         "hf_first_loss": hf[0]["first_loss"],
+        **loop,
         **env,
     }
 
@@ -412,6 +469,11 @@ def print_table(records: list[dict], env: dict) -> None:
         print(f"{'':<12} {'':<22} ours/HF speed {r['speed_ours_over_hf']:.2f}x   (GEMM GFLOP/s: XLA "
               f"{r['xla_gemm_gflops']:.0f}, torch {r['torch_gemm_gflops']:.0f}; HF attention "
               f"{r['hf_attn_implementation']}; 1-min load {r['load_avg_1m'][0]:.1f} -> {r['load_avg_1m'][1]:.1f})")
+        if "loop_step_s" in r:
+            times = r["loop_step_times_s"]
+            print(f"{'':<12} {'':<22} train.py loop {1e3 * r['loop_step_s']:.1f} ms/step ({1e3 * min(times):.0f}-"
+                  f"{1e3 * max(times):.0f}) = {r['loop_over_step']:.3f}x the step; final checkpoint "
+                  f"{r['loop_final_checkpoint_s']:.1f} s")
 
 
 def main(argv) -> None:
