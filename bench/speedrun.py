@@ -155,7 +155,7 @@ def step_times(overrides: dict, rounds: int) -> dict:
         for key, value in overrides.items():
             if not key.startswith("data."):
                 block, name = key.split(".")
-                c[block][name] = type(c[block][name])(value) if c[block][name] is not None else value
+                c[block][name] = value
         run = run_lib.run_from_config(c, sharding.make_mesh(c.mesh))
         rows = np.random.default_rng(0).integers(0, 50257, (c.train.global_batch_size, c.model.block_size + 1))
         put = lambda x: jax.device_put(x.astype(np.int32), run.batch_sharding)  # noqa: E731

@@ -18,6 +18,7 @@ first evaluation at or below 3.28 is the result to read from metrics.jsonl.
 """
 
 from configs import base
+from configs.speedrun_cpu import MODERN_MODEL
 
 
 def get_config():
@@ -26,12 +27,7 @@ def get_config():
     m.preset = "gpt2"
     m.block_size = 1024
     m.dtype = "bfloat16"  # compute; parameters and optimizer state stay fp32
-    m.norm = "rmsnorm"
-    m.qk_norm = True
-    m.mlp_activation = "relu2"
-    m.tie_embeddings = False
-    m.logit_softcap = 30.0
-    m.zero_init_proj = True
+    m.update(MODERN_MODEL)
 
     t.optimizer = "muon"
     t.muon_learning_rate = 0.05

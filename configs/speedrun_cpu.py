@@ -17,6 +17,9 @@ import ml_collections
 from configs import base
 
 RECIPES = ("baseline", "modern")
+# The modern recipe's model switches (configs/speedrun_124m.py uses the same).
+MODERN_MODEL = dict(norm="rmsnorm", qk_norm=True, mlp_activation="relu2", tie_embeddings=False, logit_softcap=30.0,
+                    zero_init_proj=True)
 
 
 def get_config(recipe: str = "baseline") -> ml_collections.ConfigDict:
@@ -44,12 +47,7 @@ def get_config(recipe: str = "baseline") -> ml_collections.ConfigDict:
         t.min_lr = 6e-4
         return c
 
-    m.norm = "rmsnorm"
-    m.qk_norm = True
-    m.mlp_activation = "relu2"
-    m.tie_embeddings = False
-    m.logit_softcap = 30.0
-    m.zero_init_proj = True
+    m.update(MODERN_MODEL)
     t.optimizer = "muon"
     t.muon_learning_rate = 0.02
     t.learning_rate = 3e-3  # the AdamW groups: embeddings, head, biases and gains
