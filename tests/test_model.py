@@ -110,9 +110,11 @@ def test_cached_decoding_equals_full_forward(switches):
     )
     for prefill in (1, 6):  # token by token, and a prompt then tokens
         cache = model.init_cache(B, T)
+        k_cache = cache["blocks"]["attn"]["k"]  # [layers, B, K, L, H]
         if cfg.sliding_window:
-            assert cache["blocks"]["attn"]["k"].shape[2] == cfg.sliding_window  # ring of window slots
-        assert cache["blocks"]["attn"]["k"].shape[3] == cfg.kv_heads  # only kv heads are cached
+            assert k_cache.shape[3] == cfg.sliding_window  # ring of window slots
+        assert k_cache.shape[3] == cache["blocks"]["attn"]["pos"].shape[2]
+        assert k_cache.shape[2] == cfg.kv_heads  # only kv heads are cached
         pos = jnp.broadcast_to(jnp.arange(prefill), (B, prefill))
         logits, mut = step(cache, tokens[:, :prefill], pos)
         outs = [logits]

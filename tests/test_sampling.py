@@ -57,10 +57,11 @@ SWITCHES.append(dict(position_embedding="rotary", n_kv_head=2, sliding_window=5,
 SWITCH_IDS.append("modern-rotary-kv2-w5")
 
 
-def _cached_vs_full(cfg, prompts, n_steps):
+def _cached_vs_full(cfg, prompts, n_steps, matvec=False):
     """One compiled function: the sampler's prefill, then its decode loop (`_decode`, what
     generate runs) advanced one token at a time, keeping the logits each token was chosen from;
-    then every row recomputed by a full forward (no cache, no padding)."""
+    then every row recomputed by a full forward (no cache, no padding). matvec: the decode
+    weights in the layout generate uses for one row (kernels stored [out, in])."""
     batch = sampling._prepare(cfg, prompts, n_steps, 1, "none")
     greedy = SamplingParams.create(temperature=0)
 
@@ -69,7 +70,7 @@ def _cached_vs_full(cfg, prompts, n_steps):
         state = sampling._prefill(
             cfg, batch.gen_len, params, batch.prompt, batch.positions, batch.row_limit, jax.random.key(0), jnp.int32(-1)
         )
-        weights = sampling.DecodeWeights.from_params(cfg, params)
+        weights = sampling.DecodeWeights.from_params(cfg, params, matvec=matvec)
 
         def step(state, _):
             logits, _ = sampling._next_logits(cfg, weights, state)
@@ -86,13 +87,14 @@ def _cached_vs_full(cfg, prompts, n_steps):
     return run
 
 
+@pytest.mark.parametrize("matvec", [False, True], ids=["layout-in-out", "layout-out-in"])
 @pytest.mark.parametrize("switches", SWITCHES, ids=SWITCH_IDS)
-def test_cached_decoding_equals_full_forward_at_every_step(switches):
+def test_cached_decoding_equals_full_forward_at_every_step(switches, matvec):
     cfg = tiny(**switches)
     params = sharp_params(cfg)
     prompts = [prompt(1, 5), prompt(2, 11)]  # different lengths: left padding is exercised
     N = 20  # with the window of 5, the ring cache wraps several times
-    tokens, step_logits, full = jax.device_get(_cached_vs_full(cfg, prompts, N)(params))
+    tokens, step_logits, full = jax.device_get(_cached_vs_full(cfg, prompts, N, matvec)(params))
     for row, p in enumerate(prompts):
         for t in range(N):
             want = full[row][len(p) - 1 + t]

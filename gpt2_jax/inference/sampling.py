@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Callable
@@ -217,6 +218,29 @@ def _unstack(tree, n: int) -> tuple:
     return tuple(jax.tree_util.tree_map(lambda x: x[i], tree) for i in range(n))
 
 
+def _matvec_layout(tree, name: str = ""):
+    """A block's weights with each Linear's `kernel` [*in, *out] stored as `kernel_t` [*out, *in]."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        if key == "kernel":
+            n_in = 2 if name == "out" else 1  # attn.out contracts [N, H]; every other Linear one axis
+            def to_matrix(x, n_in=n_in):  # [*in, *out] -> [prod(out), prod(in)]
+                return x.reshape(math.prod(x.shape[:n_in]), -1).T
+
+            out["kernel_t"] = jax.tree_util.tree_map(to_matrix, value)
+        else:
+            out[key] = _matvec_layout(value, key)
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack_matvec(tree, n: int) -> tuple:
+    """_unstack, each layer's kernels stored [*out, *in] (see DecodeWeights.matvec)."""
+    return tuple(_matvec_layout(layer) for layer in _unstack(tree, n))
+
+
 @struct.dataclass
 class DecodeWeights:
     """The model's weights laid out for the decode step: every layer's as separate arrays.
@@ -230,11 +254,17 @@ class DecodeWeights:
 
     top: dict  # wte, wpe (learned positions only), ln_f, lm_head (untied heads only)
     layers: tuple  # n_layer trees of one block's weights
+    # True: every block kernel is stored with its input axes last ([*out, *in], a copy made once
+    # per call), for steps that feed one token row: XLA:CPU streams a matrix-vector product
+    # x . W^T from that layout faster than x . W from [*in, *out] (measured 1.3x on the 124M
+    # blocks' matrices, bench/README.md). With several rows [*in, *out] is faster, so False.
+    matvec: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
-    def from_params(cls, config: ModelConfig, params) -> "DecodeWeights":
+    def from_params(cls, config: ModelConfig, params, matvec: bool = False) -> "DecodeWeights":
         top = {name: tree for name, tree in params.items() if name != "blocks"}
-        return cls(top=top, layers=_unstack(params["blocks"], config.n_layer))
+        unstack = _unstack_matvec if matvec else _unstack
+        return cls(top=top, layers=unstack(params["blocks"], config.n_layer), matvec=matvec)
 
 
 def _decode_logits(config: ModelConfig, weights: DecodeWeights, caches: tuple, tokens, positions):
@@ -492,9 +522,10 @@ class _Run:
         return state
 
     def _decode_weights(self):
-        weights = DecodeWeights.from_params(self.config, self.params)
+        one_row = self.batch.prompt.shape[0] == 1  # each step of plain decoding (and of a draft) feeds one row
+        weights = DecodeWeights.from_params(self.config, self.params, matvec=one_row and self.spec is None)
         if self.spec is not None and self.spec.draft_config is not None:
-            return weights, DecodeWeights.from_params(self.spec.draft_config, self.draft_params)
+            return weights, DecodeWeights.from_params(self.spec.draft_config, self.draft_params, matvec=one_row)
         return weights
 
     def advance(self, limit: int) -> SamplingState:

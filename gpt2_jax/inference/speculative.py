@@ -135,10 +135,11 @@ def _widen(config: ModelConfig, caches: tuple, max_len: int, k: int) -> tuple:
         B = attn["pos"].shape[0]
         slot = jnp.where(attn["pos"] >= 0, attn["pos"] % L, L)  # [B, L_old]; L: dropped
         rows = jnp.arange(B)[:, None]
-        new = {
-            name: jnp.full((B, L) + x.shape[2:], -1 if name == "pos" else 0, x.dtype).at[rows, slot].set(x, mode="drop")
-            for name, x in attn.items()
-        }
+        new = {"pos": jnp.full((B, L), -1, jnp.int32).at[rows, slot].set(attn["pos"], mode="drop")}
+        for name in ("k", "v"):  # [B, K, L, H]: slots on axis 2
+            x = attn[name]
+            old = x.swapaxes(1, 2)  # [B, L_old, K, H], lined up with slot [B, L_old]
+            new[name] = jnp.zeros((B, x.shape[1], L, x.shape[3]), x.dtype).at[rows, :, slot].set(old, mode="drop")
         return {**layer, "attn": new}
 
     return tuple(widen(layer) for layer in caches)

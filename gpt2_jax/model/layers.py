@@ -73,6 +73,10 @@ class Linear(nn.Module):
 
     Written out (rather than nn.DenseGeneral) so multi-axis kernels such as q [E, N, H] are
     created at their real shape, which their logical axis names and sharding rules refer to.
+
+    Given a `kernel_t` param instead of `kernel` (the same weights as a matrix
+    [prod(out_shape), prod(in)]), it computes x . kernel_t^T: decoding one token row stores its
+    weights that way (gpt2_jax/inference/sampling.py, DecodeWeights.matvec). Nothing else creates one.
     """
 
     out_shape: tuple[int, ...]
@@ -85,8 +89,13 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         in_shape = x.shape[x.ndim - self.n_in :]
-        kernel = self.param("kernel", param_init(self.std, self.axes), in_shape + self.out_shape, self.param_dtype)
         bias = self.param("bias", zeros_init(self.axes[self.n_in :]), self.out_shape, self.param_dtype)
+        if self.has_variable("params", "kernel_t"):
+            kernel_t = self.get_variable("params", "kernel_t").astype(self.dtype)  # [out, in], flattened
+            rows = x.reshape(x.shape[: x.ndim - self.n_in] + (-1,)).astype(self.dtype)  # [..., in]
+            y = jax.lax.dot_general(rows, kernel_t, (((rows.ndim - 1,), (1,)), ((), ())))
+            return y.reshape(y.shape[:-1] + self.out_shape) + bias.astype(self.dtype)
+        kernel = self.param("kernel", param_init(self.std, self.axes), in_shape + self.out_shape, self.param_dtype)
         x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
         return jnp.tensordot(x, kernel, axes=self.n_in) + bias
 
@@ -107,7 +116,9 @@ class Attention(nn.Module):
     """Causal self-attention with n_kv_head key/value heads shared by groups of query heads.
 
     With `decode=True` the module keeps a KV cache in the "cache" collection: k and v
-    [B, L, K, H] and the position stored in each slot [B, L] (-1 = empty). L is the length of
+    [B, K, L, H] and the position stored in each slot [B, L] (-1 = empty). Heads come before
+    slots so that a decode step's attention matmuls read the cache as it lies (batched over
+    B x K): in [B, L, K, H] every step transposed every layer's cache first. L is the length of
     the input seen when the cache is created (`GPT2.init_cache`), capped at the sliding window.
     A token at position p goes to slot p mod L of its own row, so rows may advance by different
     amounts per call (speculative decoding) and slots are reused as a ring buffer: with a window
@@ -152,24 +163,41 @@ class Attention(nn.Module):
         else:
             initializing = not self.has_variable("cache", "k")
             L = T if cfg.sliding_window is None else min(T, cfg.sliding_window)
-            cache_k = self.variable("cache", "k", jnp.zeros, (B, L, K, H), k.dtype)
-            cache_v = self.variable("cache", "v", jnp.zeros, (B, L, K, H), v.dtype)
+            cache_k = self.variable("cache", "k", jnp.zeros, (B, K, L, H), k.dtype)
+            cache_v = self.variable("cache", "v", jnp.zeros, (B, K, L, H), v.dtype)
             cache_pos = self.variable("cache", "pos", lambda: jnp.full((B, L), -1, jnp.int32))
             if initializing:
                 out = attend(cfg, q, positions, [(k, v, positions)], drop)
             else:
-                cached = (cache_k.value, cache_v.value, cache_pos.value)
-                out = attend(cfg, q, positions, [cached, (k, v, positions)], drop)
+                # Write first, then attend over the cache alone, when no new token evicts a key
+                # that a new query still sees: one token per row (its slot held position p - L,
+                # outside any window L >= window), or no ring (no window). XLA then updates the
+                # cache in place; attending over [old cache, new keys] instead keeps the old cache
+                # alive past the write, which costs a copy of every layer's cache per step.
+                write_first = T == 1 or cfg.sliding_window is None
+                def cached():  # as attend takes keys: [B, L, K, H]
+                    return (cache_k.value.swapaxes(1, 2), cache_v.value.swapaxes(1, 2), cache_pos.value)
+
+                if not write_first:
+                    out = attend(cfg, q, positions, [cached(), (k, v, positions)], drop)
                 # Write the newest min(T, L) columns into the ring; older ones can never be
                 # attended to again (with a window) or do not fit (the caller's error). Padding
                 # (-1) gets slot L, out of range, which the scatter drops.
-                L = cache_k.value.shape[1]
+                L = cache_pos.value.shape[1]
                 n = min(T, L)
                 new_pos = positions[:, T - n :].astype(jnp.int32)  # [B, n]
                 slots = jnp.where(new_pos >= 0, new_pos % L, L)  # [B, n]
                 rows = jnp.arange(B)[:, None]  # [B, 1]
-                for var, new in ((cache_k, k[:, T - n :]), (cache_v, v[:, T - n :]), (cache_pos, new_pos)):
-                    var.value = var.value.at[rows, slots].set(new.astype(var.value.dtype), mode="drop")
+                # One index triple per (row, head, token), even at B = 1: a single-slot write would
+                # become a dynamic-update-slice, which XLA:CPU then fuses into each of the cache's
+                # readers (copying the cache for every copy of the write).
+                heads = jnp.arange(K)[None, :, None]  # [1, K, 1]
+                for var, new in ((cache_k, k[:, T - n :]), (cache_v, v[:, T - n :])):
+                    update = new.swapaxes(1, 2).astype(var.value.dtype)  # [B, K, n, H]
+                    var.value = var.value.at[rows[:, :, None], heads, slots[:, None, :]].set(update, mode="drop")
+                cache_pos.value = cache_pos.value.at[rows, slots].set(new_pos, mode="drop")
+                if write_first:
+                    out = attend(cfg, q, positions, [cached()], drop)
         out = out.reshape(B, T, N, H)
         return Linear((cfg.n_embd,), ("heads", "head_dim", "embed"), residual_std(cfg), cfg.dtype,
                       cfg.param_dtype, n_in=2, name="out")(out)
