@@ -60,6 +60,9 @@ if TYPE_CHECKING:
 
 EOT_ID = 50256  # GPT-2's <|endoftext|>; the same number as gpt2_jax.data.tokenizer.EOT_ID
 MIN_BUCKET = 16
+# Fewest new tokens for which one-row decoding stores its kernels [out, in]: transposing the block
+# weights costs about as much as 30 steps save (124M on a 2-core CPU: ~130 ms once, ~4 ms a step).
+MATVEC_MIN_TOKENS = 32
 TRUNCATE_MODES = ("none", "left")
 
 
@@ -522,10 +525,12 @@ class _Run:
         return state
 
     def _decode_weights(self):
-        one_row = self.batch.prompt.shape[0] == 1  # each step of plain decoding (and of a draft) feeds one row
-        weights = DecodeWeights.from_params(self.config, self.params, matvec=one_row and self.spec is None)
+        # The [out, in] layout when each step of plain decoding (or of a draft model) feeds one
+        # row, and there are enough steps to repay transposing the block weights once.
+        matvec = self.batch.prompt.shape[0] == 1 and int(self.batch.row_limit.max()) >= MATVEC_MIN_TOKENS
+        weights = DecodeWeights.from_params(self.config, self.params, matvec=matvec and self.spec is None)
         if self.spec is not None and self.spec.draft_config is not None:
-            return weights, DecodeWeights.from_params(self.spec.draft_config, self.draft_params, matvec=one_row)
+            return weights, DecodeWeights.from_params(self.spec.draft_config, self.draft_params, matvec=matvec)
         return weights
 
     def advance(self, limit: int) -> SamplingState:
