@@ -13,7 +13,8 @@ time of the whole generate call, prefill included). Needs torch and transformers
 
 For batch 1 the table also shows the weight traffic this rate implies (weight bytes x tokens/s:
 a decode step reads every weight once) beside the machine's memory bandwidth measured with a
-large array copy; the rate above which decoding cannot go from DRAM is bandwidth / weight bytes.
+large array copy (before the runs, and again before each round of timed runs: the median of the
+rounds' figures counts); the rate above which decoding cannot go from DRAM is bandwidth / weight bytes.
 A CPU whose last-level cache holds much of the weights can beat that figure.
 """
 
@@ -38,11 +39,14 @@ flags.DEFINE_integer("seed", 0, "Seed of the weights and the prompts.")
 flags.DEFINE_bool("json", False, "Print one JSON object per batch size instead of a table.")
 
 
-def median_times(fns, repeats: int) -> list[tuple[float, object]]:
-    """(median wall time, output) of each function: one warm-up each, then timed runs in turn."""
+def median_times(fns, repeats: int, each_round=None) -> list[tuple[float, object]]:
+    """(median wall time, output) of each function: one warm-up each, then timed runs in turn;
+    `each_round()`, if given, runs before each round of timed runs."""
     outs = [fn() for fn in fns]
     times = [[] for _ in fns]
     for _ in range(repeats):
+        if each_round is not None:
+            each_round()
         for i, fn in enumerate(fns):
             start = time.perf_counter()
             outs[i] = fn()
@@ -50,15 +54,15 @@ def median_times(fns, repeats: int) -> list[tuple[float, object]]:
     return [(statistics.median(t), out) for t, out in zip(times, outs)]
 
 
-def copy_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
-    """GB/s of a large array copy (read + write), median of 5: the DRAM bandwidth decoding sees."""
+def copy_bandwidth_gbs(n_bytes: int = 1 << 30, runs: int = 5) -> float:
+    """GB/s of a large array copy (read + write), median of `runs`: the DRAM bandwidth decoding sees."""
     import numpy as np
 
     src = np.ones(n_bytes // 4, np.float32)
     dst = np.empty_like(src)
     np.copyto(dst, src)
     times = []
-    for _ in range(5):
+    for _ in range(runs):
         start = time.perf_counter()
         np.copyto(dst, src)
         times.append(time.perf_counter() - start)
@@ -92,6 +96,11 @@ def main(argv) -> None:
         variants[dtype] = (config.replace(dtype=dtype, param_dtype=dtype), cast)
     weight_bytes = {d: sum(x.nbytes for x in jax.tree_util.tree_leaves(p)) for d, (_, p) in variants.items()}
     bandwidth = copy_bandwidth_gbs()
+    with open("/proc/cpuinfo") as f:
+        lines = f.readlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    cpu_flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    vector = sorted({x for x in cpu_flags if x.startswith(("avx512f", "avx512_bf16", "amx")) or x in ("avx2", "fma")})
     rng = np.random.default_rng(FLAGS.seed)
     N = FLAGS.new_tokens
     print(f"GPT-2 124M, prompt {FLAGS.prompt_len}, {N} new tokens, greedy; torch threads "
@@ -111,10 +120,17 @@ def main(argv) -> None:
                                   max_new_tokens=N, min_new_tokens=N)
             return out[:, FLAGS.prompt_len :].tolist()
 
-        results = median_times([theirs] + [ours(d) for d in variants], FLAGS.repeats)
+        # The bandwidth is measured again before each round of timed runs (3 copies), so the
+        # DRAM-bound rate comes from the same minutes as the rates it is compared with.
+        copies = [bandwidth]
+        results = median_times([theirs] + [ours(d) for d in variants], FLAGS.repeats,
+                               each_round=lambda: copies.append(copy_bandwidth_gbs(runs=3)))
+        bandwidth_now = statistics.median(copies[1:]) if len(copies) > 1 else bandwidth
         t_hf, tokens_hf = results[0]
         record = {"batch_size": batch_size, "prompt_len": FLAGS.prompt_len, "new_tokens": N,
-                  "hf_tokens_per_s": batch_size * N / t_hf, "copy_bandwidth_gbs": bandwidth}
+                  "hf_tokens_per_s": batch_size * N / t_hf, "copy_bandwidth_gbs": bandwidth_now,
+                  "copy_bandwidth_range_gbs": [min(copies), max(copies)], "cpu": cpu,
+                  "vector_extensions": vector, "cores": len(os.sched_getaffinity(0))}
         for dtype, (t_ours, tokens_ours) in zip(variants, results[1:]):
             # Random 0.02-scale weights give near-uniform logits, so rounding may flip a near-tie:
             # agreement is reported, not required (tests/test_generate_cli.py checks exact parity).
@@ -124,7 +140,8 @@ def main(argv) -> None:
                 "ours_tokens_per_s": rate,
                 "speedup_over_hf_fp32": t_hf / t_ours,
                 "weight_bytes": weight_bytes[dtype],
-                "dram_limit_tokens_per_s": bandwidth * 1e9 / weight_bytes[dtype] * batch_size,
+                "dram_limit_tokens_per_s": bandwidth_now * 1e9 / weight_bytes[dtype] * batch_size,
+                "of_dram_limit": rate / (bandwidth_now * 1e9 / weight_bytes[dtype] * batch_size),
                 "implied_weight_traffic_gbs": weight_bytes[dtype] * rate / batch_size / 1e9,
                 "token_agreement_with_hf": agree,
             }
