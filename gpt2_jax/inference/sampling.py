@@ -332,7 +332,7 @@ class SamplingState:
     """Everything the decode loop carries. B rows, G = bucketed number of new tokens."""
 
     tokens: jax.Array  # [B, G] int32 new tokens; padding after a row is done
-    cache: tuple  # one KV cache per layer: {"attn": {k, v [B, L, K, H], pos [B, L], index []}}
+    cache: tuple  # one KV cache per layer: {"attn": {k [B, K, L, H], v [B, K, H, L], pos [B, L]}}
     last: jax.Array  # [B] int32 newest token of each row, fed at the next step
     position: jax.Array  # [B] int32 position of `last`
     done: jax.Array  # [B] bool

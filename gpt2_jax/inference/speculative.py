@@ -136,10 +136,11 @@ def _widen(config: ModelConfig, caches: tuple, max_len: int, k: int) -> tuple:
         slot = jnp.where(attn["pos"] >= 0, attn["pos"] % L, L)  # [B, L_old]; L: dropped
         rows = jnp.arange(B)[:, None]
         new = {"pos": jnp.full((B, L), -1, jnp.int32).at[rows, slot].set(attn["pos"], mode="drop")}
-        for name in ("k", "v"):  # [B, K, L, H]: slots on axis 2
-            x = attn[name]
-            old = x.swapaxes(1, 2)  # [B, L_old, K, H], lined up with slot [B, L_old]
-            new[name] = jnp.zeros((B, x.shape[1], L, x.shape[3]), x.dtype).at[rows, :, slot].set(old, mode="drop")
+        k, v = attn["k"], attn["v"]  # [B, K, L, H] and [B, K, H, L]
+        K, H = k.shape[1], k.shape[3]
+        # Indexed by [B, L_old] pairs around the other axes, each update is [B, L_old, K, H].
+        new["k"] = jnp.zeros((B, K, L, H), k.dtype).at[rows, :, slot].set(k.swapaxes(1, 2), mode="drop")
+        new["v"] = jnp.zeros((B, K, H, L), v.dtype).at[rows, :, :, slot].set(v.transpose(0, 3, 1, 2), mode="drop")
         return {**layer, "attn": new}
 
     return tuple(widen(layer) for layer in caches)

@@ -115,10 +115,11 @@ def apply_rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 class Attention(nn.Module):
     """Causal self-attention with n_kv_head key/value heads shared by groups of query heads.
 
-    With `decode=True` the module keeps a KV cache in the "cache" collection: k and v
-    [B, K, L, H] and the position stored in each slot [B, L] (-1 = empty). Heads come before
-    slots so that a decode step's attention matmuls read the cache as it lies (batched over
-    B x K): in [B, L, K, H] every step transposed every layer's cache first. L is the length of
+    With `decode=True` the module keeps a KV cache in the "cache" collection: k [B, K, L, H],
+    v [B, K, H, L] and the position stored in each slot [B, L] (-1 = empty). These are the
+    layouts a decode step's two attention matmuls (q . k^T over H, p . v over L, batched over
+    B x K) read as they lie; with k and v as [B, L, K, H], XLA:CPU transposed every layer's
+    cache at every step. L is the length of
     the input seen when the cache is created (`GPT2.init_cache`), capped at the sliding window.
     A token at position p goes to slot p mod L of its own row, so rows may advance by different
     amounts per call (speculative decoding) and slots are reused as a ring buffer: with a window
@@ -164,7 +165,7 @@ class Attention(nn.Module):
             initializing = not self.has_variable("cache", "k")
             L = T if cfg.sliding_window is None else min(T, cfg.sliding_window)
             cache_k = self.variable("cache", "k", jnp.zeros, (B, K, L, H), k.dtype)
-            cache_v = self.variable("cache", "v", jnp.zeros, (B, K, L, H), v.dtype)
+            cache_v = self.variable("cache", "v", jnp.zeros, (B, K, H, L), v.dtype)
             cache_pos = self.variable("cache", "pos", lambda: jnp.full((B, L), -1, jnp.int32))
             if initializing:
                 out = attend(cfg, q, positions, [(k, v, positions)], drop)
@@ -176,7 +177,7 @@ class Attention(nn.Module):
                 # alive past the write, which costs a copy of every layer's cache per step.
                 write_first = T == 1 or cfg.sliding_window is None
                 def cached():  # as attend takes keys: [B, L, K, H]
-                    return (cache_k.value.swapaxes(1, 2), cache_v.value.swapaxes(1, 2), cache_pos.value)
+                    return (cache_k.value.swapaxes(1, 2), cache_v.value.transpose(0, 3, 1, 2), cache_pos.value)
 
                 if not write_first:
                     out = attend(cfg, q, positions, [cached(), (k, v, positions)], drop)
@@ -192,9 +193,13 @@ class Attention(nn.Module):
                 # become a dynamic-update-slice, which XLA:CPU then fuses into each of the cache's
                 # readers (copying the cache for every copy of the write).
                 heads = jnp.arange(K)[None, :, None]  # [1, K, 1]
-                for var, new in ((cache_k, k[:, T - n :]), (cache_v, v[:, T - n :])):
-                    update = new.swapaxes(1, 2).astype(var.value.dtype)  # [B, K, n, H]
-                    var.value = var.value.at[rows[:, :, None], heads, slots[:, None, :]].set(update, mode="drop")
+                index = (rows[:, :, None], heads, slots[:, None, :])  # [B, K, n] each, broadcast
+                update_k = k[:, T - n :].swapaxes(1, 2).astype(cache_k.value.dtype)  # [B, K, n, H]
+                update_v = v[:, T - n :].swapaxes(1, 2).astype(cache_v.value.dtype)
+                cache_k.value = cache_k.value.at[index].set(update_k, mode="drop")
+                # v's slot axis is last: the index pairs sit around the H slice, so the update is
+                # again [B, K, n] + [H].
+                cache_v.value = cache_v.value.at[index[0], index[1], :, index[2]].set(update_v, mode="drop")
                 cache_pos.value = cache_pos.value.at[rows, slots].set(new_pos, mode="drop")
                 if write_first:
                     out = attend(cfg, q, positions, [cached()], drop)
