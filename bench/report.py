@@ -91,6 +91,7 @@ def chart(train: list[dict], generate: list[dict], path: str) -> None:
     ax.set_xticks(x, [f"batch {r['batch_size']}" for r in generate])
     ax.set_ylabel("new tokens/s (greedy, 124M)")
     ax.set_title("Decoding")
+    ax.margins(y=0.2)  # room for the labels above the bars
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
