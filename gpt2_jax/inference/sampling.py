@@ -241,7 +241,7 @@ def _matvec_layout(tree, name: str = ""):
 
 @functools.partial(jax.jit, static_argnums=1)
 def _unstack_matvec(tree, n: int) -> tuple:
-    """_unstack, each layer's kernels stored [*out, *in] (see DecodeWeights.matvec)."""
+    """_unstack, each layer's kernels stored [*out, *in] (see DecodeWeights.from_params)."""
     return tuple(_matvec_layout(layer) for layer in _unstack(tree, n))
 
 
@@ -258,17 +258,16 @@ class DecodeWeights:
 
     top: dict  # wte, wpe (learned positions only), ln_f, lm_head (untied heads only)
     layers: tuple  # n_layer trees of one block's weights
-    # True: every block kernel is stored with its input axes last ([*out, *in], a copy made once
-    # per call), for steps that feed one token row: XLA:CPU streams a matrix-vector product
-    # x . W^T from that layout faster than x . W from [*in, *out] (measured 1.3x on the 124M
-    # blocks' matrices, bench/README.md). With several rows [*in, *out] is faster, so False.
-    matvec: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def from_params(cls, config: ModelConfig, params, matvec: bool = False) -> "DecodeWeights":
+        """matvec=True stores every block kernel as `kernel_t` [*out, *in] (a copy), for steps
+        that feed one token row: XLA:CPU streams a matrix-vector product x . W^T from that layout
+        faster than x . W from [*in, *out] (measured 1.3x on the 124M blocks' matrices,
+        BENCHMARKS.md). With several rows [*in, *out] is faster."""
         top = {name: tree for name, tree in params.items() if name != "blocks"}
         unstack = _unstack_matvec if matvec else _unstack
-        return cls(top=top, layers=unstack(params["blocks"], config.n_layer), matvec=matvec)
+        return cls(top=top, layers=unstack(params["blocks"], config.n_layer))
 
 
 def _decode_logits(config: ModelConfig, weights: DecodeWeights, caches: tuple, tokens, positions):
@@ -307,7 +306,7 @@ def decode_weights(config: ModelConfig, params, matvec: bool = False) -> DecodeW
     leaves, treedef = jax.tree_util.tree_flatten(params)
     key = (config, matvec, treedef)
     hit = _DECODE_WEIGHTS.get(key)
-    if hit is not None and len(hit[0]) == len(leaves) and all(r() is x for r, x in zip(hit[0], leaves)):
+    if hit is not None and all(r() is x for r, x in zip(hit[0], leaves)):  # same treedef: as many leaves
         return hit[1]
     weights = DecodeWeights.from_params(config, params, matvec)
     try:

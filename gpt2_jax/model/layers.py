@@ -76,7 +76,7 @@ class Linear(nn.Module):
 
     Given a `kernel_t` param instead of `kernel` (the same weights as a matrix
     [prod(out_shape), prod(in)]), it computes x . kernel_t^T: decoding one token row stores its
-    weights that way (gpt2_jax/inference/sampling.py, DecodeWeights.matvec). Nothing else creates one.
+    weights that way (gpt2_jax/inference/sampling.py, DecodeWeights.from_params). Nothing else creates one.
     """
 
     out_shape: tuple[int, ...]
