@@ -33,6 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from absl import app, flags, logging  # noqa: E402
 
+from bench.cpu_facts import cpu_facts  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to time.")
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per row.")
@@ -48,9 +50,10 @@ flags.DEFINE_integer("rounds", 2, "With --separate: rounds of (HF's timed runs h
 flags.DEFINE_string("side_dir", None, "Internal: time our entries on the model and prompts in this folder, print JSON.")
 
 
-def median_times(fns, repeats: int, each_round=None) -> list[tuple[float, object]]:
-    """(median wall time, output) of each function: one warm-up each, then timed runs in turn;
-    `each_round()`, if given, runs before each round of timed runs."""
+def timed_runs(fns, repeats: int, each_round=None) -> tuple[list[list[float]], list]:
+    """(wall times of each function's timed runs, each one's last output): one warm-up call each,
+    then `repeats` rounds in which the functions take turns; `each_round()`, if given, runs
+    before each round."""
     outs = [fn() for fn in fns]
     times = [[] for _ in fns]
     for _ in range(repeats):
@@ -60,6 +63,12 @@ def median_times(fns, repeats: int, each_round=None) -> list[tuple[float, object
             start = time.perf_counter()
             outs[i] = fn()
             times[i].append(time.perf_counter() - start)
+    return times, outs
+
+
+def median_times(fns, repeats: int, each_round=None) -> list[tuple[float, object]]:
+    """(median wall time, output) of each function: `timed_runs`, reduced to medians."""
+    times, outs = timed_runs(fns, repeats, each_round)
     return [(statistics.median(t), out) for t, out in zip(times, outs)]
 
 
@@ -76,15 +85,6 @@ def copy_bandwidth_gbs(n_bytes: int = 1 << 30, runs: int = 5) -> float:
         np.copyto(dst, src)
         times.append(time.perf_counter() - start)
     return 2 * n_bytes / statistics.median(times) / 1e9
-
-
-def cpu_info() -> dict:
-    with open("/proc/cpuinfo") as f:
-        lines = f.readlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
-    cpu_flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    vector = sorted({x for x in cpu_flags if x.startswith(("avx512f", "avx512_bf16", "amx")) or x in ("avx2", "fma")})
-    return {"cpu": cpu, "vector_extensions": vector, "cores": len(os.sched_getaffinity(0))}
 
 
 def our_variants(folder: str) -> dict:
@@ -117,16 +117,9 @@ def run_side(folder: str) -> None:
 
     variants = our_variants(folder)
     prompts = np.load(os.path.join(folder, "prompts.npy"))
-    fns = [ours_fn(v, prompts) for v in variants.values()]
     copies = []
-    outs = [fn() for fn in fns]
-    times = [[] for _ in fns]
-    for _ in range(FLAGS.repeats):
-        copies.append(copy_bandwidth_gbs(runs=3))
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            outs[i] = fn()
-            times[i].append(time.perf_counter() - start)
+    times, outs = timed_runs([ours_fn(v, prompts) for v in variants.values()], FLAGS.repeats,
+                             each_round=lambda: copies.append(copy_bandwidth_gbs(runs=3)))
     print(json.dumps({
         "times": dict(zip(variants, times)), "tokens": dict(zip(variants, outs)), "copies": copies,
         "weight_bytes": {d: sum(x.nbytes for x in jax.tree_util.tree_leaves(p)) for d, (_, p) in variants.items()},
@@ -206,7 +199,7 @@ def main(argv) -> None:
         record = {"batch_size": batch_size, "prompt_len": FLAGS.prompt_len, "new_tokens": N,
                   "hf_tokens_per_s": batch_size * N / t_hf, "copy_bandwidth_gbs": bandwidth_now,
                   "copy_bandwidth_range_gbs": [min(copies), max(copies)], "separate_processes": FLAGS.separate,
-                  **cpu_info()}
+                  **cpu_facts(), "cores": len(os.sched_getaffinity(0))}
         for dtype, (t_ours, tokens) in ours.items():
             # Random 0.02-scale weights give near-uniform logits, so rounding may flip a near-tie:
             # agreement is reported, not required (tests/test_generate_cli.py checks exact parity).

@@ -45,7 +45,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -472,17 +471,9 @@ def environment() -> dict:
     import torch
     import transformers
 
-    cpu = ""
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    with open("/proc/cpuinfo") as f:
-        flags_ = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    vector = sorted({x for x in flags_ if x.startswith(("avx512f", "avx512_bf16", "amx")) or x in ("avx2", "fma")})
-    return {"cpu": cpu, "vector_extensions": vector, "cpus": os.cpu_count(), "jax": jax.__version__,
+    from bench.cpu_facts import cpu_facts
+
+    return {**cpu_facts(), "cpus": os.cpu_count(), "jax": jax.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "torch_threads": torch.get_num_threads()}
 

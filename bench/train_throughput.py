@@ -427,18 +427,11 @@ def environment() -> dict:
     import torch
     import transformers
 
+    from bench.cpu_facts import cpu_facts
+
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # what each HF child process sets
-    cpu, cpu_flags = "unknown", []
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            lines = f.readlines()
-        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
-        cpu_flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     return {
-        "cpu": cpu,
-        # Which vector units the GEMMs of both sides can use (AVX-512 and AMX change the picture).
-        "vector_extensions": sorted({x for x in cpu_flags if x.startswith(("avx512f", "avx512_bf16", "amx"))
-                                     or x in ("avx2", "fma")}),
+        **cpu_facts(),
         "cores": len(os.sched_getaffinity(0)),
         "jax_device": jax.devices()[0].device_kind,
         "torch_threads": torch.get_num_threads(),
