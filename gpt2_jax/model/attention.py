@@ -12,7 +12,8 @@
   auto       (default) splash on TPU; cudnn on GPU when its rules hold, else blockwise (a log
              line says why); blockwise on CPU.
 
-`resolve_attention` makes that choice - the one place the platform is looked at - and
+`resolve_attention` makes that choice - the one place the platform is looked at, read from the
+devices of the mesh in effect (gpt2_jax/model/platform.py), not the process's backend - and
 `causal_self_attention` runs it. The choice applies where token t sits at position t with no
 padding and no cache: training and whole-row evaluation. Explicit positions (padded prompts), the
 KV cache of decoding and dropout on the attention probabilities keep the dense rule (`attend`),
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from gpt2_jax.model.blockwise import causal_attention
+from gpt2_jax.model import platform
 from gpt2_jax.model.config import ModelConfig
 
 IMPLEMENTATIONS = ("auto", "blockwise", "dense", "splash", "cudnn")
@@ -50,15 +52,15 @@ def cudnn_unfit(config: ModelConfig) -> str | None:
 
 
 def _on_gpu(backend: str | None = None) -> bool:
-    return (backend or jax.default_backend()) in ("gpu", "cuda", "rocm")
+    return (backend or platform.current()) in ("gpu", "cuda", "rocm")
 
 
 def resolve_attention(config: ModelConfig, backend: str | None = None) -> tuple[str, str]:
-    """(implementation, why) for `config.attention` on `backend` (default: jax's default backend).
+    """(implementation, why) for `config.attention` on `backend` (default: the mesh's platform).
 
     Raises ValueError when an explicit 'cudnn' cannot run on a GPU (naming the rule it breaks).
     """
-    backend = backend or jax.default_backend()
+    backend = backend or platform.current()
     choice = config.attention
     if choice == "auto":
         if backend == "tpu":

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 
+from gpt2_jax.model import platform
+
 # The kernel's key blocks must be multiples of the TPU's 128 lanes. 512 is MaxText's default for
 # long sequences; shorter (padded) sequences take the largest of these that divides them.
 _BLOCKS = (512, 256, 128)
@@ -72,7 +74,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | Non
     Inside a mesh (jax.set_mesh + the logical axis rules) the kernel runs per shard.
     """
     B, T, K, G, H = q.shape
-    interpret = jax.default_backend() != "tpu"
+    interpret = platform.current() != "tpu"  # the mesh's devices: a TPU program compiled on a CPU host
     qh = (q * jnp.asarray(H**-0.5, q.dtype)).transpose(0, 2, 3, 1, 4).reshape(B, K * G, T, H)  # [B, N, T, H]
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from gpt2_jax.model import ModelConfig, abstract_params, init_params
+from gpt2_jax.model import ModelConfig, abstract_params, init_params, platform
 from gpt2_jax.model.attention import resolve_attention
 from gpt2_jax.model.config import model_config_from
 from gpt2_jax.training import sharding
@@ -79,7 +79,8 @@ def _state_around(tx: optax.GradientTransformation) -> Callable:
 def build_run(model_config: ModelConfig, train_cfg: Any, mesh: Mesh, num_steps: int) -> Run:
     """Validates, then builds the schedule, optimizer and state layout once; allocates nothing."""
     sharding.validate_mesh_for(model_config, train_cfg, mesh)
-    resolve_attention(model_config)  # an attention choice this platform cannot run fails here, by key
+    # An attention choice the mesh's platform cannot run fails here, by key.
+    resolve_attention(model_config, platform.of_mesh(mesh).name)
     schedule = make_schedule(train_cfg, num_steps)
     tx = make_optimizer(train_cfg, schedule)
     shapes = jax.eval_shape(_init_fn(model_config, tx, sharding.batch_divisor(mesh)), jax.random.PRNGKey(0))

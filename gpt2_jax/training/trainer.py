@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from gpt2_jax import data as data_lib
+from gpt2_jax.model import platform
 from gpt2_jax.model.attention import resolve_attention
 from gpt2_jax.model.config import ModelConfig, count_params
 from gpt2_jax.training import checkpoint as ckpt_lib
@@ -71,17 +72,18 @@ class _Signals:
             signal.signal(sig, old)
 
 
-def peak_flops_per_device(override: float = 0.0) -> float | None:
-    """The reference FLOP/s of one device for MFU: the config's override, a TPU/GPU's dense bf16
-    peak, or on a CPU the fixed CPU_REFERENCE_FLOPS_PER_CPU for each CPU this process may use, shared
-    by its devices. None for an accelerator missing from the table."""
+def peak_flops_per_device(override: float = 0.0, mesh: Any = None) -> float | None:
+    """The reference FLOP/s of one device of `mesh` (default: the mesh in effect, else this process's
+    devices) for MFU: the config's override, a TPU/GPU's dense bf16 peak, or on a CPU the fixed
+    CPU_REFERENCE_FLOPS_PER_CPU for each CPU this process may use, shared by its devices. None for an
+    accelerator missing from the table."""
     if override > 0:
         return override
-    device = jax.devices()[0]
+    kind = platform.of_mesh(mesh)
     for name, peak in _PEAK_FLOPS.items():
-        if name.lower() in device.device_kind.lower():
+        if name.lower() in kind.device_kind.lower():
             return peak
-    if device.platform != "cpu":
+    if kind.name != "cpu":
         return None
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return CPU_REFERENCE_FLOPS_PER_CPU * cpus / jax.local_device_count()
@@ -344,7 +346,7 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
     if tokens_at_start is None:
         tokens_at_start = start_step * tokens_per_step
     flops_per_step = model_config.train_flops_per_token(model_config.block_size) * tokens_per_step
-    peak = peak_flops_per_device(t.peak_flops_per_device)
+    peak = peak_flops_per_device(t.peak_flops_per_device, mesh)
     if peak is None and is_main:
         print(f"no MFU: the peak FLOP/s of a {jax.devices()[0].device_kind} is not known; "
               "set config.train.peak_flops_per_device", flush=True)
@@ -357,7 +359,7 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
             f"{train_iter.steps_per_epoch} steps/epoch",
             flush=True,
         )
-        print("attention: %s (%s)" % resolve_attention(model_config), flush=True)
+        print("attention: %s (%s)" % resolve_attention(model_config, platform.of_mesh(mesh).name), flush=True)
 
     signals = _Signals()
     signals.install()
