@@ -2,12 +2,14 @@
 
     python train.py --config configs/small.py [--config.train.num_steps=200] [--workdir DIR]
     python train.py --config configs/gpt2_124m.py --preflight [--preflight_devices 64]   # no training
+    python train.py --config configs/gpt2_124m.py --preflight --topology v5e-8 [--slices 2] [--json]
 
 Multi-host: on a Cloud TPU VM every worker runs the same command (jax.distributed finds its
 peers); elsewhere add --coordinator_address HOST:PORT --num_processes N --process_id I.
 Exit codes (gpt2_jax/cli.py): 0 done, 2 a usage or input error (one `error:` line), 1 a bug.
 """
 
+import json
 import os
 import re
 import traceback
@@ -28,6 +30,13 @@ flags.DEFINE_integer("preflight_devices", None, "With --preflight: plan for this
                      "exist here: sizes from abstract shapes, no compilation).")
 flags.DEFINE_float("preflight_device_memory_gb", None, "With --preflight: the device memory in GiB to check "
                    "against (for devices that do not report it, e.g. CPU).")
+flags.DEFINE_string("topology", None, "With --preflight: compile for this Cloud TPU slice on this host (no TPU "
+                    "needed; libtpu from `pip install -e \".[tpu]\"`), e.g. v5e-8, v5p-8, v4-8, v6e-8.")
+flags.DEFINE_integer("slices", None, "With --topology: this many such slices (sets config.mesh.slices: the data "
+                     "axis spans them).")
+flags.DEFINE_bool("fit_search", False, "With --topology: find the largest micro-batch that fits by compiling "
+                  "(a few more compiles) instead of a linear estimate from two.")
+flags.DEFINE_bool("json", False, "With --preflight: print the report as one JSON object.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -49,17 +58,21 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and jax log a lot at INFO
     config = load_config()
+    topology = _check_topology_flags()
     if not FLAGS.preflight:  # a missing corpus fails here, in a fraction of a second, before jax loads
         from gpt2_jax.data.corpus import check_source
 
         for source in filter(None, (config.data.source, config.data.val_source)):
             check_source(source)
+    if topology is not None:
+        topology.prepare_environment(topology.parse(FLAGS.topology))  # before jax loads: the CPU backend, libtpu without a chip
     import jax
 
     from gpt2_jax import compilation_cache
 
     # Beside the corpus cache: a second run of the same config loads its programs instead of compiling.
-    compilation_cache.enable(default=os.path.join(config.data.cache_dir, "jax_cache"))
+    if topology is None:  # a TPU program compiled here is for another machine: nothing to cache
+        compilation_cache.enable(default=os.path.join(config.data.cache_dir, "jax_cache"))
     if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.tpu_pod:
         from gpt2_jax.training.distributed import initialize
 
@@ -67,9 +80,10 @@ def main(argv):
     if FLAGS.preflight:
         from gpt2_jax.training.preflight import format_report, report
 
-        figures = report(config, FLAGS.preflight_devices, device_memory_gb=FLAGS.preflight_device_memory_gb)
+        figures = report(config, FLAGS.preflight_devices, device_memory_gb=FLAGS.preflight_device_memory_gb,
+                         topology=FLAGS.topology, slices=FLAGS.slices, fit_search=FLAGS.fit_search)
         if jax.process_index() == 0:
-            print(format_report(figures))
+            print(json.dumps(figures) if FLAGS.json else format_report(figures))
         return
     from gpt2_jax.training.trainer import NonFiniteLossError, done_line, train
 
@@ -83,6 +97,31 @@ def main(argv):
         cli.fail(str(e))
     if jax.process_index() == 0:
         print(done_line(summary))
+
+
+def _check_topology_flags():
+    """The topology module when --topology is given (checked: name, libtpu, flag combination), else None."""
+    if FLAGS.topology is None:
+        for name in ("slices", "fit_search"):
+            if FLAGS[name].present:
+                cli.fail(f"--{name} needs --preflight --topology NAME")
+        return None
+    from gpt2_jax.training import topology
+
+    if not FLAGS.preflight:
+        cli.fail("--topology compiles for a TPU slice without training: add --preflight")
+    if FLAGS.preflight_devices is not None:
+        cli.fail("--topology and --preflight_devices both set the device count: give one")
+    if FLAGS.slices is not None and FLAGS.slices < 1:
+        cli.fail(f"--slices={FLAGS.slices} must be a positive number of TPU slices")
+    try:
+        topology.parse(FLAGS.topology)
+    except ValueError as e:
+        cli.fail(str(e))
+    missing = topology.libtpu_missing()
+    if missing:
+        cli.fail(missing)
+    return topology
 
 
 def unknown_key_message(error: Exception) -> str | None:

@@ -94,6 +94,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # replicate parameters, split the batch
     c.mesh.fsdp = 1  # shard parameters and optimizer state (ZeRO-3), split the batch
     c.mesh.tensor = 1  # split attention heads and MLP columns
+    # TPU slices joined by the data-centre network (multi-slice): data, fsdp and tensor above are per
+    # slice, and the data axis also spans the slices (only data parallelism crosses the slow link).
+    # `train.py --preflight --topology v5e-16 --slices 2` compiles such a run.
+    c.mesh.slices = 1
 
     # ---- data
     c.data = d = ml_collections.ConfigDict()

@@ -35,41 +35,58 @@ axis does not divide) raise ValueError, as training itself would.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
+from gpt2_jax.model import platform
+from gpt2_jax.model.attention import resolve_attention
 from gpt2_jax.model.config import ModelConfig, count_params
+from gpt2_jax.training import compiled as compiled_lib
 from gpt2_jax.training import init_from
 from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding
-from gpt2_jax.training import step as step_lib
+from gpt2_jax.training import topology as topology_lib
 
 REPLICATED_STATE_WARN_BYTES = 1 << 30  # 1 GiB: below this, replicating the state costs little
 
 
-def report(config: Any, num_devices: int | None = None, *, device_memory_gb: float | None = None) -> dict:
+def report(config: Any, num_devices: int | None = None, *, device_memory_gb: float | None = None,
+           topology: str | None = None, slices: int | None = None, fit_search: bool = False) -> dict:
     """Per-device memory, FLOPs and warnings for training `config` on `num_devices` devices.
 
     `config` is a full training config (configs/*.py). `num_devices` defaults to every device of this
     process's run; more than that plans from abstract shapes without compiling. `device_memory_gb`
     (GiB, 2**30 bytes) replaces the device's own memory figure (needed on CPU, which reports none).
+
+    `topology` (a Cloud TPU type, e.g. "v5e-8"; training/topology.py) compiles for that slice instead,
+    `slices` of them (config.mesh.slices, the data axis across slices); the figures then include the
+    attention the TPU runs, its Mosaic kernels, whether the step fits a chip's HBM, the largest
+    micro-batch that does (`fit_search`: found by compiling, else a linear estimate) and the eval step.
     Returns plain numbers (bytes, FLOPs) and strings; `format_report` renders them.
     """
     model_config = init_from.model_config_for(config.model)  # init_from's architecture where it is set
     t = config.train
-    available = len(jax.devices())
-    n = available if num_devices is None else num_devices
+    mesh_cfg = ml_collections.ConfigDict(config.mesh.to_dict())
+    if slices is not None:
+        mesh_cfg.slices = slices
+    spec = None
+    if topology is not None:
+        spec = topology_lib.parse(topology)
+        devices = topology_lib.devices(spec, sharding.num_slices(mesh_cfg))
+        available = n = len(devices)
+    else:
+        devices = jax.devices()
+        available = len(devices)
+        n = available if num_devices is None else num_devices
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"num_devices={num_devices!r} must be a positive integer")
     if n <= available:
-        mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:n])
+        mesh = sharding.make_mesh(mesh_cfg, devices=devices[:n])
     else:
-        shape = mesh_shape(config.mesh, n)
+        shape = sharding.mesh_shape(mesh_cfg, n)
         mesh = jax.sharding.AbstractMesh(
             tuple(shape[a] for a in sharding.MESH_AXES), sharding.MESH_AXES,
             axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES),
@@ -83,7 +100,7 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
     warnings = list(batch_warnings)
     # State sizes do not depend on the batch: a batch that does not divide is a warning above, so
     # build the state against one that does (model dimensions are still checked, and raise).
-    state_train_cfg = _replaced(t, global_batch_size=sharding.batch_divisor(mesh) * accum)
+    state_train_cfg = compiled_lib.with_train(t, global_batch_size=sharding.batch_divisor(mesh) * accum)
     num_steps = max(int(t.num_steps), 1)  # shapes only; the schedule does not change them
     run = run_lib.build_run(model_config, state_train_cfg, mesh, num_steps)
     abstract = run.abstract_state
@@ -91,29 +108,47 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
     opt_state_bytes = bytes_per_device(abstract.opt_state)
     state_bytes = bytes_per_device(abstract)
 
-    device = jax.devices()[0]
-    memory_limit, memory_source = _device_memory(device, device_memory_gb)
+    device = devices[0]
+    if spec is not None:
+        memory_limit, memory_source = spec.hbm_bytes, f"{spec.generation} HBM per chip"
+    else:
+        memory_limit, memory_source = _device_memory(device, device_memory_gb)
     tokens_per_step = t.global_batch_size * model_config.block_size
+    on = platform.of_mesh(mesh) if n <= available else platform.of_devices(devices)
     figures: dict[str, Any] = {
         "model": _model_name(config.model, model_config),
         "params": count_params(abstract.params),
+        "topology": topology,
+        "slices": sharding.num_slices(mesh_cfg),
         "num_devices": n,
+        "devices": n,
         "available_devices": available,
         "device_kind": device.device_kind,
         "mesh": mesh_sizes,
+        "attention": resolve_attention(model_config, on.name)[0],
         "global_batch_size": t.global_batch_size,
         "grad_accum_steps": t.grad_accum_steps,
+        "micro_batch_per_device": t.global_batch_size / accum / sharding.batch_divisor(mesh),
         "block_size": model_config.block_size,
+        "remat": model_config.remat,
         "tokens_per_step": tokens_per_step,
         "params_bytes": params_bytes,
         "opt_state_bytes": opt_state_bytes,
         "state_bytes": state_bytes,
         "activation_bytes": None,
         "peak_bytes": None,
+        "peak_bytes_per_device": None,
         "device_memory_bytes": memory_limit,
+        "hbm_bytes_per_device": memory_limit,
         "device_memory_source": memory_source,
+        "fits": None,
+        "mosaic_kernels": None,
         "flops_per_step": None,
+        "bytes_accessed_per_chip": None,
         "flops_per_step_analytic": model_config.train_flops_per_token(model_config.block_size) * tokens_per_step,
+        "largest_micro_batch_per_device": None,
+        "largest_micro_batch_note": "",
+        "eval_step": None,
         "compiled": False,
         "compile_note": "",
         "compile_s": None,
@@ -129,7 +164,8 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
         figures["compile_note"] = "compilation skipped: the batch does not divide (see warnings)"
     else:
         start = time.perf_counter()
-        figures.update(_compiled_figures(run, t))
+        full_run = run_lib.build_run(model_config, t, mesh, num_steps)
+        figures.update(_compiled_figures(full_run, spec, memory_limit, fit_search))
         figures["compile_s"] = time.perf_counter() - start
         figures["compiled"] = True
 
@@ -150,26 +186,44 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
         need = figures["peak_bytes"] if figures["peak_bytes"] is not None else state_bytes
         what = "peak (state + activations)" if figures["peak_bytes"] is not None else \
             "parameters + optimizer state alone (activations come on top)"
-        if need > memory_limit:
+        if figures["fits"] is False or need > memory_limit:
             warnings.append(
                 f"device memory overflow: {what} need {_human(need)} per device, the device has "
-                f"{_human(memory_limit)} ({memory_source}); shard more (config.mesh.fsdp), use smaller "
-                "micro-batches (raise config.train.grad_accum_steps) or set config.model.remat=True"
+                f"{_human(memory_limit)} ({memory_source}); " + _remedy(figures, model_config)
             )
+    if figures["fits"] is None and figures["peak_bytes"] is not None and memory_limit is not None:
+        figures["fits"] = figures["peak_bytes"] <= memory_limit
     return figures
+
+
+def _remedy(figures: dict, model_config: ModelConfig) -> str:
+    """Which knob makes a step that does not fit fit."""
+    largest = figures["largest_micro_batch_per_device"]
+    micro = figures["micro_batch_per_device"]
+    out = []
+    if largest and micro and largest < micro:
+        ways = figures["mesh"]["data"] * figures["mesh"]["fsdp"]
+        accum = figures["grad_accum_steps"]
+        # The smallest accumulation whose micro-batch (per shard) is at most `largest` and divides.
+        needed = next((a for a in range(accum, figures["global_batch_size"] + 1)
+                       if figures["global_batch_size"] % (a * ways) == 0
+                       and figures["global_batch_size"] // (a * ways) <= largest), None)
+        if needed is not None:
+            out.append(f"config.train.grad_accum_steps={needed} (a micro-batch of "
+                       f"{figures['global_batch_size'] // (needed * ways)} per device; {largest} fit)")
+    if model_config.remat in (False, "none"):
+        out.append("config.model.remat=True (recompute block activations)")
+    out.append("more fsdp (config.mesh.fsdp)")
+    return "use smaller micro-batches (raise config.train.grad_accum_steps), " + ", or ".join(out) \
+        if not out[0].startswith("config.train") else "set " + ", or ".join(out)
+
+
+bytes_per_device = compiled_lib.bytes_per_device
 
 
 def mesh_shape(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
     """config.mesh resolved for `num_devices` devices, without devices (sharding.make_mesh's rules)."""
     return sharding.mesh_shape(mesh_cfg, num_devices)
-
-
-def bytes_per_device(tree: Any) -> int:
-    """Bytes one device holds of a tree of jax.ShapeDtypeStruct with shardings (evenly split)."""
-    return sum(
-        math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-        for leaf in jax.tree_util.tree_leaves(tree)
-    )
 
 
 def _batch_warnings(t: Any, mesh_sizes: dict[str, int]) -> list[str]:
@@ -187,52 +241,31 @@ def _batch_warnings(t: Any, mesh_sizes: dict[str, int]) -> list[str]:
     return out
 
 
-def _compiled_figures(run: run_lib.Run, t: Any) -> dict[str, Any]:
-    """Activation / peak bytes and FLOPs from the compiled train step (abstract inputs only).
-
-    `t` is the config.train block as written: its global_batch_size may differ from the run's,
-    whose state was laid out for a batch that divides the mesh.
-    """
-    accum = t.grad_accum_steps
-
-    def compile_step(step_run: run_lib.Run, batch_size: int):
-        spec = step_run.batch_sharding
-        batch = {k: jax.ShapeDtypeStruct((batch_size, step_run.model_config.block_size), jnp.int32, sharding=spec)
-                 for k in step_lib.BATCH_KEYS}
-        with sharding.sharding_context(step_run.mesh):
-            return step_lib.make_train_step(step_run).jitted.lower(step_run.abstract_state, batch).compile()
-
+def _compiled_figures(run: run_lib.Run, spec: Any, memory_limit: int | None, fit_search: bool) -> dict[str, Any]:
+    """Figures from the compiled programs of `run` (abstract inputs only; see training/compiled.py)."""
     figures: dict[str, Any] = {}
-    compiled = compile_step(run, t.global_batch_size)
-    memory = compiled.memory_analysis()
-    if memory is not None:  # None where a backend does not report it
-        # The state is donated: outputs alias arguments, so they are counted once.
-        peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-                + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
-        figures.update(activation_bytes=int(memory.temp_size_in_bytes), peak_bytes=int(peak))
-
-    model_config = run.model_config
-    if model_config.scan_layers or accum > 1:  # loops whose bodies XLA's cost analysis counts once
-        one_micro = _replaced(t, global_batch_size=t.global_batch_size // accum, grad_accum_steps=1)
-        unrolled = run_lib.build_run(model_config.replace(scan_layers=False), one_micro, run.mesh, run.num_steps)
-        compiled = compile_step(unrolled, one_micro.global_batch_size)
-    flops = _flops(compiled.cost_analysis())
-    if flops is not None:  # the per-device (SPMD) program, run by every device, for one micro-batch
-        figures["flops_per_step"] = accum * flops * run.mesh.size
+    train = compiled_lib.compile_train_step(run)
+    figures.update(activation_bytes=train.temp_bytes, peak_bytes=train.peak_bytes,
+                   peak_bytes_per_device=train.peak_bytes, mosaic_kernels=train.mosaic_kernels,
+                   train_compile_s=train.compile_s)
+    if spec is not None or not train.fits:
+        figures["fits"] = train.fits and (memory_limit is None or (train.peak_bytes or 0) <= memory_limit)
+        if not train.fits:
+            figures["compile_error"] = train.error
+    flops, accessed = compiled_lib.train_cost_per_step(run)
+    figures["flops_per_step"] = flops
+    figures["bytes_accessed_per_chip"] = accessed
+    if spec is not None:
+        usable = train.usable_bytes or memory_limit
+        fit = compiled_lib.largest_micro_batch(run, train, usable, search=fit_search)
+        figures["largest_micro_batch_per_device"] = fit.per_device
+        figures["largest_micro_batch_exact"] = fit.exact
+        figures["largest_micro_batch_note"] = fit.note
+        if train.fits:
+            evaluated = compiled_lib.compile_eval_step(run)
+            figures["eval_step"] = {"fits": evaluated.fits, "peak_bytes": evaluated.peak_bytes,
+                                    "mosaic_kernels": evaluated.mosaic_kernels, "compile_s": evaluated.compile_s}
     return figures
-
-
-def _replaced(train_cfg: Any, **changes: Any) -> ml_collections.ConfigDict:
-    """A copy of a config.train block with some keys changed (the caller's config is left alone)."""
-    out = ml_collections.ConfigDict(train_cfg.to_dict())
-    out.update(changes)
-    return out
-
-
-def _flops(cost: Any) -> float | None:
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
-        cost = cost[0] if cost else None
-    return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def _device_memory(device: jax.Device, override_gb: float | None) -> tuple[int | None, str | None]:
@@ -271,10 +304,17 @@ def format_report(figures: dict) -> str:
     unknown = "unknown (not compiled)"
     memory = (f"{_human(f['device_memory_bytes'])} ({f['device_memory_source']})" if f["device_memory_bytes"]
               else "unknown (--preflight_device_memory_gb sets it)")
+    if f["topology"]:
+        slices = f" x {f['slices']} slices" if f["slices"] > 1 else ""
+        where = f"{f['num_devices']} x {f['device_kind']} ({f['topology']}{slices}, compiled on this host by libtpu)"
+    else:
+        where = f"{f['num_devices']} x {f['device_kind']} ({f['available_devices']} available here)"
     lines = [
         f"preflight: {f['model']}, {f['params']:,} parameters",
-        f"devices:   {f['num_devices']} x {f['device_kind']} ({f['available_devices']} available here)",
+        f"devices:   {where}",
         f"mesh:      {mesh}",
+        f"attention: {f['attention']}" + (f" ({f['mosaic_kernels']} Mosaic kernel(s) in the train step)"
+                                          if f["mosaic_kernels"] is not None and f["topology"] else ""),
         f"batch:     {f['global_batch_size']} x {f['block_size']} tokens = {f['tokens_per_step']:,} tokens/step, "
         f"{f['grad_accum_steps']} micro-batch(es) of {micro} = {micro / ways:g} per data x fsdp shard",
         "per device:",
@@ -283,6 +323,23 @@ def format_report(figures: dict) -> str:
         f"  activations / temp  {_human(f['activation_bytes']) if f['activation_bytes'] is not None else unknown}",
         f"  peak                {_human(f['peak_bytes']) if f['peak_bytes'] is not None else unknown}",
         f"  device memory       {memory}",
+    ]
+    if f["fits"] is not None:
+        lines.append("  fits                " + ("yes" if f["fits"] else "NO" + (
+            f" (the compiler refused it: {f['compile_error']})" if f.get("compile_error") else "")))
+    if f["largest_micro_batch_per_device"] is not None or f["largest_micro_batch_note"]:
+        largest = f["largest_micro_batch_per_device"]
+        lines.append(f"  largest micro-batch {largest if largest is not None else 'unknown'} sequences per device "
+                     f"({f['largest_micro_batch_note']})")
+    if f["eval_step"]:
+        e = f["eval_step"]
+        lines.append(f"  eval step peak      {_human(e['peak_bytes']) if e['peak_bytes'] else 'unknown'}, "
+                     f"{'fits' if e['fits'] else 'does NOT fit'}, {e['mosaic_kernels']} Mosaic kernel(s)")
+    if f["bytes_accessed_per_chip"] is not None:
+        lines.append(f"  bytes accessed      {_human(f['bytes_accessed_per_chip'])} per step "
+                     f"({f['bytes_accessed_per_chip'] / (f['tokens_per_step'] / ways) / 1e6:.2f} MB "
+                     "per token; XLA cost analysis)")
+    lines += [
         "FLOPs per step (all devices):",
         f"  compiled (XLA cost analysis)  {f['flops_per_step']:.3e}" if f["flops_per_step"] is not None
         else f"  compiled (XLA cost analysis)  {unknown}",

@@ -58,14 +58,30 @@ _RULES: dict[str, MeshAxes] = dict(LOGICAL_AXIS_RULES)
 
 
 # --------------------------------------------------------------------------- mesh
+def num_slices(mesh_cfg: Any) -> int:
+    """config.mesh.slices (1 where a mesh config has no such key), checked."""
+    slices = mesh_cfg["slices"] if "slices" in mesh_cfg else 1
+    if not isinstance(slices, int) or isinstance(slices, bool) or slices < 1:
+        raise ValueError(f"config.mesh.slices={slices!r} must be a positive integer (TPU slices joined by the "
+                         "data-centre network; 1 = one slice)")
+    return slices
+
+
 def mesh_shape(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
     """`config.mesh` resolved for `num_devices` devices (-1 takes all remaining ones), or ValueError.
 
-    Needs no devices, so preflight can lay out meshes larger than this machine.
+    With config.mesh.slices = K > 1 the devices form K slices: data, fsdp and tensor (and -1) are
+    resolved for one slice's num_devices / K devices, and the data axis then spans the K slices
+    (K x data): only data parallelism crosses the slower network between slices, as in MaxText's
+    dcn_data_parallelism. Needs no devices, so preflight can lay out meshes larger than this machine.
     """
-    n = num_devices
+    slices = num_slices(mesh_cfg)
+    if num_devices % slices:
+        raise ValueError(f"config.mesh.slices={slices} does not divide the device count {num_devices}")
+    n = num_devices // slices
     sizes = {axis: mesh_cfg[axis] for axis in MESH_AXES}
     shown = " x ".join(f"{axis}={size}" for axis, size in sizes.items())
+    where = f" in each of {slices} slices" if slices > 1 else ""
 
     for axis, size in sizes.items():
         if not isinstance(size, int) or isinstance(size, bool) or size == 0 or size < -1:
@@ -75,39 +91,63 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
         raise ValueError(f"config.mesh: at most one axis may be -1, got {shown} ({', '.join(fill)} are -1)")
     known = math.prod(size for size in sizes.values() if size != -1)
     if known > n:
-        raise ValueError(f"config.mesh: {shown} needs {known} devices, but only {n} are available")
+        raise ValueError(f"config.mesh: {shown} needs {known} devices, but only {n} are available{where}")
     if fill:
         if n % known:
             raise ValueError(
-                f"config.mesh.{fill[0]}=-1 cannot take the remaining devices: {n} devices are not divisible "
+                f"config.mesh.{fill[0]}=-1 cannot take the remaining devices: {n} devices{where} are not divisible "
                 f"by the other axes' product {known} ({shown})"
             )
         sizes[fill[0]] = n // known
     total = math.prod(sizes.values())
     if total != n:
         raise ValueError(
-            f"config.mesh: data x fsdp x tensor = {total} ({shown}) must equal the device count {n}; "
+            f"config.mesh: data x fsdp x tensor = {total} ({shown}) must equal the device count {n}{where}; "
             "set one axis to -1 to take the remaining devices"
         )
+    sizes["data"] *= slices
     return sizes
+
+
+def _slice_groups(devices: list[jax.Device], slices: int) -> list[list[jax.Device]]:
+    """The devices of each slice: by the devices' slice_index (TPU), else K equal runs (simulated)."""
+    if slices == 1:
+        return [devices]
+    if all(getattr(d, "slice_index", None) is not None for d in devices):
+        indices = sorted({d.slice_index for d in devices})
+        if len(indices) != slices:
+            raise ValueError(f"config.mesh.slices={slices}, but the devices come from {len(indices)} slice(s)")
+        return [[d for d in devices if d.slice_index == i] for i in indices]
+    per = len(devices) // slices
+    return [devices[i * per:(i + 1) * per] for i in range(slices)]
 
 
 def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ("data", "fsdp", "tensor") mesh from `config.mesh`; -1 takes all remaining devices.
 
-    `mesh_cfg` is the `config.mesh` ConfigDict (or a dict) with integer keys data, fsdp, tensor.
-    The product must equal the number of devices (all of `jax.devices()` by default).
+    `mesh_cfg` is the `config.mesh` ConfigDict (or a dict) with integer keys data, fsdp, tensor
+    (and optionally slices). The product must equal the number of devices (all of `jax.devices()`
+    by default). With slices = K > 1, each slice's devices form a data x fsdp x tensor block and
+    the K blocks are stacked along data (a hybrid mesh: fsdp and tensor stay inside a slice).
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(mesh_cfg, len(devices))
-    # jax.make_mesh orders devices along the physical topology (rings on TPU). Auto axes: the
-    # compiler propagates shardings from our explicit in/out shardings and constraints.
-    return jax.make_mesh(
-        tuple(sizes[axis] for axis in MESH_AXES),
-        MESH_AXES,
-        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-        devices=devices,
-    )
+    slices = num_slices(mesh_cfg)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)  # the compiler propagates from our shardings
+    if slices == 1:
+        # jax.make_mesh orders devices along the physical topology (rings on TPU).
+        return jax.make_mesh(tuple(sizes[axis] for axis in MESH_AXES), MESH_AXES, axis_types=axis_types,
+                             devices=devices)
+    per_slice = (sizes["data"] // slices, sizes["fsdp"], sizes["tensor"])
+    blocks = []
+    for group in _slice_groups(devices, slices):
+        if group[0].platform == "tpu":  # physical order inside the slice, as jax.make_mesh does
+            from jax.experimental import mesh_utils
+
+            blocks.append(mesh_utils.create_device_mesh(per_slice, devices=group))
+        else:
+            blocks.append(np.array(group, dtype=object).reshape(per_slice))
+    return Mesh(np.concatenate(blocks, axis=0), MESH_AXES, axis_types=axis_types)
 
 
 @contextlib.contextmanager

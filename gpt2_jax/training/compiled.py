@@ -1,0 +1,219 @@
+"""What the compiler says about a run's programs: memory per device, FLOPs, kernels, and the largest
+micro-batch that fits. Everything is lowered from abstract inputs, so nothing is allocated, and the
+mesh's devices may be a TPU slice this host does not have (training/topology.py).
+
+Used by preflight (training/preflight.py). Three facts about XLA shape the functions below:
+  * a program over a device's memory fails to compile on TPU (RESOURCE_EXHAUSTED, naming the bytes
+    it needed), so "fits" is "compiles", and a failed compile still gives its size;
+  * cost analysis counts a loop body once, and the step loops over layers (scan_layers) and
+    micro-batches: FLOPs come from 1- and 2-layer copies of the step with layers unrolled and one
+    micro-batch, F(L) = F(1) + (L - 1) (F(2) - F(1)) (the layers are identical), times the number
+    of micro-batches (which counts the optimizer update once per micro-batch: well under 1%);
+  * Pallas kernels compiled by Mosaic appear as `tpu_custom_call` instructions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from gpt2_jax.training import run as run_lib
+from gpt2_jax.training import sharding
+from gpt2_jax.training import step as step_lib
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+# XLA:TPU's out-of-memory messages, two forms seen (sizes in binary units: 15.75G of a 16 GiB chip).
+_TEMP_OVER = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
+_USED_OF = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+
+
+@dataclasses.dataclass
+class Compiled:
+    """One program's compile: its memory per device (peak = arguments + outputs not aliased to them
+    + temporaries + code), or the compiler's out-of-memory refusal with what it said it needed."""
+
+    fits: bool
+    compile_s: float
+    peak_bytes: int | None = None
+    temp_bytes: int | None = None
+    argument_bytes: int | None = None
+    usable_bytes: int | None = None  # what the compiler said a device can hold (OOM messages only)
+    mosaic_kernels: int = 0
+    flops: float | None = None  # per device, this program as compiled (loops counted once)
+    bytes_accessed: float | None = None
+    error: str = ""
+
+
+def _bytes(number: str, unit: str) -> int:
+    return int(float(number) * _UNITS[unit])
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
+
+
+def compile_program(jitted: Any, *args: Any, mesh: Any) -> Compiled:
+    """Lowers and compiles `jitted(*args)` (abstract args) under the mesh's sharding rules."""
+    start = time.perf_counter()
+    try:
+        with sharding.sharding_context(mesh):
+            compiled = jitted.lower(*args).compile()
+    except Exception as e:  # noqa: BLE001 - only out-of-memory is an answer; anything else is re-raised
+        if not is_out_of_memory(e):
+            raise
+        return _refused(e, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    out = Compiled(fits=True, compile_s=seconds)
+    memory = compiled.memory_analysis()
+    if memory is not None:  # None where a backend does not report it
+        # The state is donated: outputs alias arguments, so they are counted once.
+        out.peak_bytes = int(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                             + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+        out.temp_bytes = int(memory.temp_size_in_bytes)
+        out.argument_bytes = int(memory.argument_size_in_bytes)
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0] if cost else None
+    if cost:
+        out.flops = float(cost["flops"]) if "flops" in cost else None
+        out.bytes_accessed = float(cost["bytes accessed"]) if "bytes accessed" in cost else None
+    out.mosaic_kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+    return out
+
+
+def _refused(error: Exception, seconds: float) -> Compiled:
+    text = str(error)
+    out = Compiled(fits=False, compile_s=seconds, error=text.strip().splitlines()[0][:300])
+    if match := _TEMP_OVER.search(text):
+        out.temp_bytes = _bytes(*match.group(1, 2))
+        out.usable_bytes = _bytes(*match.group(3, 4))
+    elif match := _USED_OF.search(text):
+        out.peak_bytes = _bytes(*match.group(1, 2))
+        out.usable_bytes = _bytes(*match.group(3, 4))
+    return out
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes one device holds of a tree of jax.ShapeDtypeStruct with shardings (evenly split)."""
+    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+               for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def abstract_batch(run: run_lib.Run, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    spec = run.batch_sharding
+    return {k: jax.ShapeDtypeStruct((batch_size, run.model_config.block_size), jnp.int32, sharding=spec)
+            for k in step_lib.BATCH_KEYS}
+
+
+def with_train(train_cfg: Any, **changes: Any) -> ml_collections.ConfigDict:
+    """A copy of a config.train block with some keys changed (the caller's config is left alone)."""
+    out = ml_collections.ConfigDict(train_cfg.to_dict())
+    out.update(changes)
+    return out
+
+
+def compile_train_step(run: run_lib.Run, batch_size: int | None = None) -> Compiled:
+    """The train step of `run` for a global batch of `batch_size` rows (default: the run's)."""
+    t = run.train_cfg
+    if batch_size is not None and batch_size != t.global_batch_size:
+        run = run_lib.build_run(run.model_config, with_train(t, global_batch_size=batch_size), run.mesh, run.num_steps)
+    step = step_lib.make_train_step(run)
+    result = compile_program(step.jitted, run.abstract_state, abstract_batch(run, run.train_cfg.global_batch_size),
+                             mesh=run.mesh)
+    if result.peak_bytes is None and result.temp_bytes is not None and result.argument_bytes is None:
+        # Refused: arguments (the state, donated into the outputs) + the temporaries it asked for.
+        result.argument_bytes = bytes_per_device(run.abstract_state)
+        result.peak_bytes = result.argument_bytes + result.temp_bytes
+    return result
+
+
+def compile_eval_step(run: run_lib.Run) -> Compiled:
+    """The eval step on one micro-batch (eval runs global_batch_size rows; see the trainer)."""
+    step = step_lib.make_eval_step(run)
+    return compile_program(step.jitted, run.abstract_state.params,
+                           abstract_batch(run, run.train_cfg.global_batch_size), mesh=run.mesh)
+
+
+def train_cost_per_step(run: run_lib.Run) -> tuple[float | None, float | None]:
+    """(FLOPs of one optimizer step over all devices, bytes one device accesses in it), from compiled
+    programs (module docstring). Bytes accessed is XLA's cost-analysis count of HBM traffic."""
+    t, model_config = run.train_cfg, run.model_config
+    accum = t.grad_accum_steps
+    one_micro = with_train(t, global_batch_size=t.global_batch_size // accum, grad_accum_steps=1)
+    costs = []
+    for layers in (1, 2):
+        small = run_lib.build_run(model_config.replace(scan_layers=False, n_layer=layers), one_micro, run.mesh,
+                                  run.num_steps)
+        costs.append(compile_train_step(small))
+    extra = model_config.n_layer - 1
+
+    def total(f1: float | None, f2: float | None) -> float | None:
+        return None if f1 is None or f2 is None else accum * (f1 + extra * (f2 - f1))
+
+    flops = total(costs[0].flops, costs[1].flops)
+    return (None if flops is None else flops * run.mesh.size), total(costs[0].bytes_accessed, costs[1].bytes_accessed)
+
+
+@dataclasses.dataclass
+class Fit:
+    per_device: int | None  # the largest micro-batch rows per batch shard (data x fsdp) that fit
+    exact: bool  # True: found by compiling (it fits, one more does not); False: a linear estimate
+    note: str
+
+
+def largest_micro_batch(run: run_lib.Run, first: Compiled, usable_bytes: int, *, search: bool) -> Fit:
+    """The largest micro-batch per batch shard whose train step fits `usable_bytes` per device.
+
+    Peak memory is close to linear in the micro-batch: two compiles (the run's own, `first`, and one
+    more) give the line, and its crossing with `usable_bytes` is the estimate. With `search`, compiles
+    then walk from the estimate to the exact answer (fits at n, not at n + 1).
+    """
+    t = run.train_cfg
+    ways = sharding.batch_divisor(run.mesh)
+    accum = t.grad_accum_steps
+    b0 = t.global_batch_size // accum // ways
+    peaks: dict[int, Compiled] = {b0: first}
+
+    def at(b: int) -> Compiled:
+        if b not in peaks:
+            peaks[b] = compile_train_step(run_lib.build_run(
+                run.model_config, with_train(t, global_batch_size=b * ways * accum),
+                run.mesh, run.num_steps))
+        return peaks[b]
+
+    if first.peak_bytes is None:
+        return Fit(None, False, "no memory figure from the compiler")
+    b1 = b0 * 2 if first.fits else max(b0 // 2, 1)
+    if b1 == b0:
+        b1 = b0 + 1
+    second = at(b1)
+    if second.peak_bytes is None:
+        return Fit(None, False, "no memory figure from the compiler")
+    slope = (second.peak_bytes - first.peak_bytes) / (b1 - b0)
+    if slope <= 0:
+        return Fit(None, False, "peak memory did not grow with the batch")
+    estimate = int((usable_bytes - first.peak_bytes) / slope + b0)
+    if not search:
+        return Fit(max(estimate, 0), False, f"estimate: peak linear in the micro-batch ({b0} and {b1} compiled)")
+    n = max(estimate, 1)
+    if not at(n).fits:  # walk down, halving the step, to the first that fits
+        high = n
+        low = max(b for b, c in peaks.items() if c.fits) if any(c.fits for c in peaks.values()) else 0
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if at(mid).fits else (low, mid)
+        n = low
+    else:
+        while at(n + 1).fits:
+            n += 1
+    if n == 0:
+        return Fit(0, True, "compiled: not even 1 row per shard fits")
+    return Fit(n, True, f"compiled: {n} fits, {n + 1} does not")
