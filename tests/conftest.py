@@ -25,6 +25,10 @@ for _flag in _FLAGS:
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compiling for TPU slices (tests/test_tpu_compile.py) in both workers and their subprocesses at once.
+from gpt2_jax.training import topology  # noqa: E402 - no jax inside
+
+topology.prepare_environment()
 _OWN_CACHE = None
 if "GPT2_JAX_COMPILATION_CACHE" not in os.environ:
     _OWN_CACHE = os.environ["GPT2_JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="gpt2_jax_test_compile_cache_")

@@ -39,9 +39,9 @@ def make_config(model=None, **train):
     return cfg
 
 
-def mesh_of(data=1, fsdp=1, tensor=1):
-    n = data * fsdp * tensor
-    return sharding.make_mesh(dict(data=data, fsdp=fsdp, tensor=tensor), jax.devices()[:n])
+def mesh_of(data=1, fsdp=1, tensor=1, slices=1):
+    n = data * fsdp * tensor * slices
+    return sharding.make_mesh(dict(data=data, fsdp=fsdp, tensor=tensor, slices=slices), jax.devices()[:n])
 
 
 def token_batch(mesh, batch_size=8, length=16, seed=0):
@@ -59,9 +59,21 @@ def test_make_mesh_fills_minus_one_and_names_axes():
     assert dict(sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1)).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
 
 
+def test_slices_stack_whole_slices_along_data():
+    # Two simulated slices of 4 devices: fsdp and tensor stay inside a slice, data spans the slices.
+    mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=2, slices=2))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)
+    assert sorted(ids[0].flat) == [0, 1, 2, 3] and sorted(ids[1].flat) == [4, 5, 6, 7]
+    assert sharding.mesh_shape(dict(data=2, fsdp=-1, tensor=1, slices=4), 64) == {"data": 8, "fsdp": 8, "tensor": 1}
+
+
 @pytest.mark.parametrize(
     "mesh_cfg,message",
     [
+        (dict(data=1, fsdp=-1, tensor=1, slices=3), r"config.mesh.slices=3 does not divide the device count 8"),
+        (dict(data=1, fsdp=-1, tensor=1, slices=0), r"config.mesh.slices=0 must be a positive integer"),
+        (dict(data=1, fsdp=8, tensor=1, slices=2), r"needs 8 devices, but only 4 are available in each of 2 slices"),
         (dict(data=2, fsdp=2, tensor=1), r"data x fsdp x tensor = 4 .* must equal the device count 8"),
         (dict(data=-1, fsdp=-1, tensor=1), r"at most one axis may be -1"),
         (dict(data=4, fsdp=4, tensor=1), r"needs 16 devices, but only 8 are available"),
@@ -70,7 +82,8 @@ def test_make_mesh_fills_minus_one_and_names_axes():
         (dict(data=1, fsdp=-2, tensor=1), r"config.mesh.fsdp=-2 must be a positive integer or -1"),
         (dict(data=-1, fsdp=3, tensor=1), r"config.mesh.data=-1 cannot take the remaining devices: 8 devices"),
     ],
-    ids=["product", "two-minus-one", "too-big", "too-big-with-fill", "zero", "below-minus-one", "fill-not-dividing"],
+    ids=["slices-not-dividing", "slices-zero", "slices-too-big", "product", "two-minus-one", "too-big",
+         "too-big-with-fill", "zero", "below-minus-one", "fill-not-dividing"],
 )
 def test_bad_mesh_raises_naming_the_values(mesh_cfg, message):
     with pytest.raises(ValueError, match=message):
@@ -207,8 +220,8 @@ def born_on_fsdp8():
 
 @pytest.mark.parametrize(
     "mesh_axes",
-    [dict(data=8), dict(fsdp=8), dict(data=2, fsdp=4), dict(fsdp=4, tensor=2)],
-    ids=["data8", "fsdp8", "data2-fsdp4", "fsdp4-tensor2"],
+    [dict(data=8), dict(fsdp=8), dict(data=2, fsdp=4), dict(fsdp=4, tensor=2), dict(slices=2, fsdp=2, tensor=2)],
+    ids=["data8", "fsdp8", "data2-fsdp4", "fsdp4-tensor2", "2slices-fsdp2-tensor2"],
 )
 def test_one_step_on_a_mesh_equals_one_device(mesh_axes):
     initial, ref_state, ref_metrics = reference_run()
