@@ -65,7 +65,8 @@ def main(argv):
         for source in filter(None, (config.data.source, config.data.val_source)):
             check_source(source)
     if topology is not None:
-        topology.prepare_environment(topology.parse(FLAGS.topology))  # before jax loads: the CPU backend, libtpu without a chip
+        # Before jax loads: the CPU backend, libtpu without a chip.
+        topology.prepare_environment(topology.parse(FLAGS.topology))
     import jax
 
     from gpt2_jax import compilation_cache
@@ -106,7 +107,7 @@ def _check_topology_flags():
             if FLAGS[name].present:
                 cli.fail(f"--{name} needs --preflight --topology NAME")
         return None
-    from gpt2_jax.training import topology
+    from gpt2_jax import topology
 
     if not FLAGS.preflight:
         cli.fail("--topology compiles for a TPU slice without training: add --preflight")

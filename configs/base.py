@@ -77,7 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.grad_clip = 1.0  # global-norm clipping; 0 disables
     t.seed = 0  # params init, data order and dropout all derive from it
     t.eval_every = 200  # steps; 0 disables periodic eval
-    t.eval_steps = 20  # batches per eval
+    t.eval_steps = 20  # global batches per eval, run as grad_accum_steps micro-batches each
     t.log_every = 10  # steps between metrics.jsonl records
     t.checkpoint_every = 500  # steps; a checkpoint is also written at the end
     t.keep_checkpoints = 3

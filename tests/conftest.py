@@ -26,7 +26,7 @@ for _flag in _FLAGS:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Compiling for TPU slices (tests/test_tpu_compile.py) in both workers and their subprocesses at once.
-from gpt2_jax.training import topology  # noqa: E402 - no jax inside
+from gpt2_jax import topology  # noqa: E402 - no jax inside
 
 topology.prepare_environment()
 _OWN_CACHE = None

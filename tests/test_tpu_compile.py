@@ -20,11 +20,14 @@ else:
 
 from helpers import subprocess_env  # noqa: E402
 
+from gpt2_jax import topology  # noqa: E402
 from gpt2_jax.model.config import model_config_from  # noqa: E402
 from gpt2_jax.training import compiled as compiled_lib  # noqa: E402
-from gpt2_jax.training import preflight  # noqa: E402
+from gpt2_jax.training import (
+    preflight,  # noqa: E402
+    sharding,  # noqa: E402
+)
 from gpt2_jax.training import run as run_lib  # noqa: E402
-from gpt2_jax.training import sharding, topology  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 # T=256, GQA (4 query heads on 2 kv heads, head_dim 64: splash's lanes), a sliding window, bf16.
@@ -115,7 +118,8 @@ def test_unknown_topology_is_refused(name):
 def test_preflight_cli_compiles_two_v5e_16_slices():
     train = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py")]
     out = subprocess.run(train + ["--preflight", "--topology", "v5e-16", "--slices", "2", "--json",
-                                  "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.train.global_batch_size=32"],
+                                  "--config.mesh.data=1",
+                                  "--config.mesh.fsdp=-1", "--config.train.global_batch_size=32"],
                          env=subprocess_env(1), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)

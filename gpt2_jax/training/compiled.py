@@ -1,110 +1,40 @@
 """What the compiler says about a run's programs: memory per device, FLOPs, kernels, and the largest
 micro-batch that fits. Everything is lowered from abstract inputs, so nothing is allocated, and the
-mesh's devices may be a TPU slice this host does not have (training/topology.py).
+mesh's devices may be a TPU slice this host does not have (gpt2_jax/topology.py).
 
-Used by preflight (training/preflight.py). Three facts about XLA shape the functions below:
-  * a program over a device's memory fails to compile on TPU (RESOURCE_EXHAUSTED, naming the bytes
-    it needed), so "fits" is "compiles", and a failed compile still gives its size;
-  * cost analysis counts a loop body once, and the step loops over layers (scan_layers) and
-    micro-batches: FLOPs come from 1- and 2-layer copies of the step with layers unrolled and one
-    micro-batch, F(L) = F(1) + (L - 1) (F(2) - F(1)) (the layers are identical), times the number
-    of micro-batches (which counts the optimizer update once per micro-batch: well under 1%);
-  * Pallas kernels compiled by Mosaic appear as `tpu_custom_call` instructions.
+Used by preflight (training/preflight.py); one program's figures come from gpt2_jax/compile_report.py.
+XLA's cost analysis counts a loop body once, and the step loops over layers (scan_layers) and
+micro-batches: FLOPs (and bytes accessed) come from 1- and 2-layer copies of the step with layers
+unrolled and one micro-batch, F(L) = F(1) + (L - 1) (F(2) - F(1)) (the layers are identical), times
+the number of micro-batches (which counts the optimizer update once per micro-batch: well under 1%).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from gpt2_jax.compile_report import Compiled, bytes_per_device, measure
 from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding
 from gpt2_jax.training import step as step_lib
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-# XLA:TPU's out-of-memory messages, two forms seen (sizes in binary units: 15.75G of a 16 GiB chip).
-_TEMP_OVER = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)")
-_USED_OF = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
-
-
-@dataclasses.dataclass
-class Compiled:
-    """One program's compile: its memory per device (peak = arguments + outputs not aliased to them
-    + temporaries + code), or the compiler's out-of-memory refusal with what it said it needed."""
-
-    fits: bool
-    compile_s: float
-    peak_bytes: int | None = None
-    temp_bytes: int | None = None
-    argument_bytes: int | None = None
-    usable_bytes: int | None = None  # what the compiler said a device can hold (OOM messages only)
-    mosaic_kernels: int = 0
-    flops: float | None = None  # per device, this program as compiled (loops counted once)
-    bytes_accessed: float | None = None
-    error: str = ""
-
-
-def _bytes(number: str, unit: str) -> int:
-    return int(float(number) * _UNITS[unit])
-
-
-def is_out_of_memory(error: Exception) -> bool:
-    text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
+__all__ = ["Compiled", "bytes_per_device", "compile_train_step", "compile_eval_step", "largest_micro_batch",
+           "train_cost_per_step"]
 
 
 def compile_program(jitted: Any, *args: Any, mesh: Any) -> Compiled:
     """Lowers and compiles `jitted(*args)` (abstract args) under the mesh's sharding rules."""
-    start = time.perf_counter()
-    try:
+
+    def build():
         with sharding.sharding_context(mesh):
-            compiled = jitted.lower(*args).compile()
-    except Exception as e:  # noqa: BLE001 - only out-of-memory is an answer; anything else is re-raised
-        if not is_out_of_memory(e):
-            raise
-        return _refused(e, time.perf_counter() - start)
-    seconds = time.perf_counter() - start
-    out = Compiled(fits=True, compile_s=seconds)
-    memory = compiled.memory_analysis()
-    if memory is not None:  # None where a backend does not report it
-        # The state is donated: outputs alias arguments, so they are counted once.
-        out.peak_bytes = int(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-                             + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
-        out.temp_bytes = int(memory.temp_size_in_bytes)
-        out.argument_bytes = int(memory.argument_size_in_bytes)
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
-        cost = cost[0] if cost else None
-    if cost:
-        out.flops = float(cost["flops"]) if "flops" in cost else None
-        out.bytes_accessed = float(cost["bytes accessed"]) if "bytes accessed" in cost else None
-    out.mosaic_kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
-    return out
+            return jitted.lower(*args).compile()
 
-
-def _refused(error: Exception, seconds: float) -> Compiled:
-    text = str(error)
-    out = Compiled(fits=False, compile_s=seconds, error=text.strip().splitlines()[0][:300])
-    if match := _TEMP_OVER.search(text):
-        out.temp_bytes = _bytes(*match.group(1, 2))
-        out.usable_bytes = _bytes(*match.group(3, 4))
-    elif match := _USED_OF.search(text):
-        out.peak_bytes = _bytes(*match.group(1, 2))
-        out.usable_bytes = _bytes(*match.group(3, 4))
-    return out
-
-
-def bytes_per_device(tree: Any) -> int:
-    """Bytes one device holds of a tree of jax.ShapeDtypeStruct with shardings (evenly split)."""
-    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-               for leaf in jax.tree_util.tree_leaves(tree))
+    return measure(build)
 
 
 def abstract_batch(run: run_lib.Run, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -136,10 +66,10 @@ def compile_train_step(run: run_lib.Run, batch_size: int | None = None) -> Compi
 
 
 def compile_eval_step(run: run_lib.Run) -> Compiled:
-    """The eval step on one micro-batch (eval runs global_batch_size rows; see the trainer)."""
+    """The eval step on one micro-batch, the rows the trainer evaluates at a time."""
     step = step_lib.make_eval_step(run)
-    return compile_program(step.jitted, run.abstract_state.params,
-                           abstract_batch(run, run.train_cfg.global_batch_size), mesh=run.mesh)
+    rows = run.train_cfg.global_batch_size // run.train_cfg.grad_accum_steps
+    return compile_program(step.jitted, run.abstract_state.params, abstract_batch(run, rows), mesh=run.mesh)
 
 
 def train_cost_per_step(run: run_lib.Run) -> tuple[float | None, float | None]:

@@ -41,14 +41,13 @@ from typing import Any
 import jax
 import ml_collections
 
+from gpt2_jax import topology as topology_lib
 from gpt2_jax.model import platform
 from gpt2_jax.model.attention import resolve_attention
 from gpt2_jax.model.config import ModelConfig, count_params
 from gpt2_jax.training import compiled as compiled_lib
-from gpt2_jax.training import init_from
+from gpt2_jax.training import init_from, sharding
 from gpt2_jax.training import run as run_lib
-from gpt2_jax.training import sharding
-from gpt2_jax.training import topology as topology_lib
 
 REPLICATED_STATE_WARN_BYTES = 1 << 30  # 1 GiB: below this, replicating the state costs little
 

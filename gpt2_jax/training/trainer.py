@@ -328,16 +328,20 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
     def save(step: int) -> None:
         checkpointer.save(step, state, train_iter.get_state(), {**meta, "tokens": tokens_seen(step)})
 
+    # Evaluation runs micro-batches, as training does: a whole global batch of logits at once would
+    # need grad_accum_steps times the memory that the train step was sized for.
+    eval_batch = t.global_batch_size // t.grad_accum_steps
+
     def evaluate() -> float:
         it = data_lib.make_batch_iterator(
-            val_tokens, block_size=model_config.block_size, global_batch_size=t.global_batch_size,
+            val_tokens, block_size=model_config.block_size, global_batch_size=eval_batch,
             seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count(),
             name="validation split",
         )
-        steps = min(t.eval_steps, it.steps_per_epoch)
+        steps = min(t.eval_steps * t.grad_accum_steps, it.steps_per_epoch)  # eval_steps global batches
         total = 0.0
         for _ in range(steps):
-            total += float(eval_step(state.params, _global_batch(next(it), batch_sharding, t.global_batch_size))["loss"])
+            total += float(eval_step(state.params, _global_batch(next(it), batch_sharding, eval_batch))["loss"])
         it.close()
         return total / steps
 
