@@ -3,6 +3,7 @@
     python generate.py --ckpt WORKDIR --prompt "To be, or not to be" --max_new_tokens 100 --top_k 200
     python generate.py --hf path/to/gpt2 --prompt_file prompt.txt --temperature 0 --json
     echo "Once upon a time" | python generate.py --hf path/to/gpt2 --num_samples 3
+    python generate.py --preset gpt2-xl --preflight --topology v5e-1    # compile for one TPU chip
     python generate.py --hf path/to/gpt2 --prompt_file code.py --temperature 0 --speculate 4
 
 One non-JSON sample is streamed to the terminal as it is produced; tokens/s go to stderr.
@@ -39,6 +40,12 @@ flags.DEFINE_enum("truncate", "none", ["none", "left"], "'left' drops the prompt
 flags.DEFINE_integer("speculate", 0, "Speculative decoding: tokens drafted per pass of the model (prompt lookup, "
                      "or --draft_ckpt); 0 = off. Greedy output is unchanged.")
 flags.DEFINE_string("draft_ckpt", None, "A smaller model's training checkpoint to draft with (same vocabulary).")
+flags.DEFINE_bool("preflight", False, "Compile the prefill and decode programs for one chip of --topology and report "
+                  "weight, KV-cache and peak bytes against its HBM; generate nothing.")
+flags.DEFINE_string("topology", None, "With --preflight: a Cloud TPU type (e.g. v5e-1, v6e-1; libtpu from "
+                    "`pip install -e \".[tpu]\"`); the programs are compiled for one of its chips.")
+flags.DEFINE_string("preset", None, "With --preflight: a GPT-2 size (gpt2, gpt2-medium, gpt2-large, gpt2-xl) "
+                    "instead of --ckpt / --hf; no weights are read.")
 
 
 
@@ -76,10 +83,49 @@ def print_stream(tokens, decode_token_bytes) -> None:
     report_speed(n, tokens.run_s, tokens.compile_s)
 
 
+def preflight() -> None:
+    """--preflight --topology NAME: generate's programs compiled for one TPU chip (gpt2_jax/inference/preflight.py)."""
+    from gpt2_jax import topology
+
+    if FLAGS.topology is None:
+        raise ValueError("--preflight needs --topology NAME (a Cloud TPU type, e.g. v5e-1)")
+    spec = topology.parse(FLAGS.topology)
+    missing = topology.libtpu_missing()
+    if missing:
+        raise ValueError(missing)
+    if (FLAGS.preset is None) == (FLAGS.ckpt is None and FLAGS.hf is None):
+        raise ValueError("--preflight needs one model: --preset NAME, --ckpt DIR or --hf DIR")
+    topology.prepare_environment(spec)  # before jax loads
+    from gpt2_jax.inference import preflight as preflight_lib
+    from gpt2_jax.model.config import ModelConfig
+
+    if FLAGS.preset is not None:
+        if FLAGS.ckpt is not None or FLAGS.hf is not None:
+            raise ValueError("--preset and --ckpt / --hf both name a model: give one")
+        config = ModelConfig.from_preset(FLAGS.preset, dtype=FLAGS.dtype, param_dtype=FLAGS.dtype)
+    else:
+        from gpt2_jax.inference.export import load_model
+
+        config, _ = load_model(ckpt=FLAGS.ckpt, hf=FLAGS.hf, dtype=FLAGS.dtype)
+    prompt_ids = None
+    if FLAGS.prompt is not None or FLAGS.prompt_file is not None:
+        from gpt2_jax.data.tokenizer import EOT_ID, get_tokenizer
+
+        prompt_ids = get_tokenizer().encode(read_prompt(), allowed_special="all") or [EOT_ID]
+    figures = preflight_lib.report(config, FLAGS.topology, prompt_ids=prompt_ids, max_new_tokens=FLAGS.max_new_tokens,
+                                   num_samples=FLAGS.num_samples, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                                   top_p=FLAGS.top_p)
+    print(json.dumps(figures) if FLAGS.json else preflight_lib.format_report(figures))
+
+
 def main(argv) -> None:
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # keep library chatter (orbax, jax) off the terminal
+    if FLAGS.preflight or FLAGS.topology is not None or FLAGS.preset is not None:
+        if not FLAGS.preflight:
+            raise ValueError("--topology and --preset need --preflight (generate.py samples from --ckpt or --hf)")
+        return preflight()
     from gpt2_jax.inference.export import check_source
     from gpt2_jax.inference.options import validate_sampling, validate_speculate
 

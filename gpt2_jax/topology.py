@@ -113,7 +113,9 @@ def devices(spec: Slice, slices: int = 1) -> list:
     """The jax devices of `slices` such slices (each device carries its slice_index)."""
     from jax.experimental import topologies
 
-    kwargs = {"chip_config_name": "megacore"} if spec.megacore else {}
+    kwargs: dict = {"chip_config_name": "megacore"} if spec.megacore else {}
+    if spec.chips < 4:  # a host holds 2x2 chips by default; a one-chip slice is one host of one chip
+        kwargs["chips_per_host_bounds"] = (1, 1, 1)
     if slices > 1:
         kwargs["num_slices"] = slices
     return list(topologies.get_topology_desc(topology_name=spec.topology, platform="tpu", **kwargs).devices)
