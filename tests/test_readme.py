@@ -17,7 +17,7 @@ from helpers import make_checkpoint, random_params
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
 INSTALL = "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && python train.py --config configs/small.py"
-TEST = '. .venv/bin/activate && pip install -e ".[test]" torch==2.13.0 && python -m pytest -q'
+TEST = '. .venv/bin/activate && pip install -e ".[test,tpu]" torch==2.13.0 && python -m pytest -q'
 
 
 def blocks(language: str) -> list[str]:
@@ -33,7 +33,9 @@ def test_install_line_trains_without_test_tools_and_the_test_line_adds_them():
     assert {re.split(r"[<>=]", d)[0] for d in project["optional-dependencies"]["test"]} >= {"pytest", "transformers"}
     ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
     assert "pip install --quiet -e .  " in ci  # line 1's install, then the test command's
-    assert 'pip install --quiet -e ".[test]" torch==2.13.0' in ci and ci.rstrip().endswith("python -m pytest -q")
+    assert 'pip install --quiet -e ".[test,tpu]" torch==2.13.0' in ci and ci.rstrip().endswith("python -m pytest -q")
+    # The TPU compiler comes in an extra: the training install stays lean.
+    assert "libtpu" not in needed and any(d.startswith("jax[tpu]") for d in project["optional-dependencies"]["tpu"])
 
 
 def test_the_library_never_imports_the_test_references():

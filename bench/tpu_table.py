@@ -1,0 +1,96 @@
+"""GPT-2 sizes on Cloud TPU slices, measured by the TPU compiler on this host (no TPU needed).
+
+    python bench/tpu_table.py [--models gpt2,gpt2-medium] [--topologies v5e-8,v6e-8] [--remat off,full]
+                              [--out bench/tpu_table.jsonl] [--flops]
+
+For each (model, topology, remat): configs/gpt2_124m.py with that preset (T=1024, bf16, attention
+'auto' = splash, fsdp over the slice, one micro-batch per step), its train step compiled at a
+micro-batch per chip and at twice (or half) that, peak bytes per chip from `memory_analysis()` (or
+the compiler's out-of-memory refusal), and the largest micro-batch per chip that fits estimated
+from the line through the two (training/compiled.py). `--flops` adds compiled FLOPs over the
+model's formula (two more small compiles). One JSON line per entry is appended to --out as soon as
+it is measured, so a long sweep can be stopped and resumed (entries already there are skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gpt2_jax import topology  # noqa: E402
+
+MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+TOPOLOGIES = ("v5e-8", "v6e-8", "v5p-8", "v4-8")
+
+
+def measure(model: str, name: str, remat: str, flops: bool, first_per_chip: int) -> dict:
+    from configs import gpt2_124m
+    from gpt2_jax.model.config import model_config_from
+    from gpt2_jax.training import compiled, sharding
+    from gpt2_jax.training import run as run_lib
+
+    spec = topology.parse(name)
+    c = gpt2_124m.get_config()
+    c.model.preset = model
+    c.model.remat = remat != "off"
+    c.train.grad_accum_steps = 1
+    c.train.global_batch_size = first_per_chip * spec.chips
+    mesh = sharding.make_mesh(c.mesh, devices=topology.devices(spec))
+    model_config = model_config_from(c.model)
+    run = run_lib.build_run(model_config, c.train, mesh, 100)
+    start = time.perf_counter()
+    first = compiled.compile_train_step(run)
+    fit = compiled.largest_micro_batch(run, first, first.usable_bytes or int(spec.hbm_bytes * 0.984), search=False)
+    row = {
+        "model": model, "topology": name, "remat": remat, "block_size": model_config.block_size,
+        "micro_batch_per_chip": first_per_chip, "fits": first.fits, "peak_bytes": first.peak_bytes,
+        "hbm_bytes": spec.hbm_bytes, "mosaic_kernels": first.mosaic_kernels,
+        "largest_micro_batch_per_chip": fit.per_device, "largest_note": fit.note,
+        "state_bytes": compiled.bytes_per_device(run.abstract_state),
+    }
+    if flops:
+        total, accessed = compiled.train_cost_per_step(run)
+        analytic = model_config.train_flops_per_token(model_config.block_size) * c.train.global_batch_size * \
+            model_config.block_size
+        row.update(flops_per_step=total, flops_analytic=analytic, flops_ratio=None if total is None else total / analytic,
+                   bytes_accessed_per_chip=accessed,
+                   bytes_per_token=None if accessed is None else accessed / (first_per_chip * model_config.block_size))
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
+    parser.add_argument("--remat", default="off,full")
+    parser.add_argument("--micro_batch", type=int, default=8, help="first micro-batch per chip compiled")
+    parser.add_argument("--flops", action="store_true")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "tpu_table.jsonl"))
+    args = parser.parse_args()
+    topology.prepare_environment()
+    import jax
+
+    done = set()
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            done = {(r["model"], r["topology"], r["remat"]) for r in map(json.loads, f) if r}
+    with jax.default_matmul_precision("default"):
+        for model in args.models.split(","):
+            for name in args.topologies.split(","):
+                for remat in args.remat.split(","):
+                    if (model, name, remat) in done:
+                        continue
+                    row = measure(model, name, remat, args.flops, args.micro_batch)
+                    print(json.dumps(row), flush=True)
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
