@@ -90,7 +90,7 @@ def preflight() -> None:
     if FLAGS.topology is None:
         raise ValueError("--preflight needs --topology NAME (a Cloud TPU type, e.g. v5e-1)")
     spec = topology.parse(FLAGS.topology)
-    missing = topology.libtpu_missing()
+    missing = topology.compiler_missing(spec)
     if missing:
         raise ValueError(missing)
     if (FLAGS.preset is None) == (FLAGS.ckpt is None and FLAGS.hf is None):

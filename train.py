@@ -101,7 +101,7 @@ def main(argv):
 
 
 def _check_topology_flags():
-    """The topology module when --topology is given (checked: name, libtpu, flag combination), else None."""
+    """The topology module when --topology is given (checked: name, compiler, flag combination), else None."""
     if FLAGS.topology is None:
         for name in ("slices", "fit_search"):
             if FLAGS[name].present:
@@ -116,10 +116,10 @@ def _check_topology_flags():
     if FLAGS.slices is not None and FLAGS.slices < 1:
         cli.fail(f"--slices={FLAGS.slices} must be a positive number of TPU slices")
     try:
-        topology.parse(FLAGS.topology)
+        spec = topology.parse(FLAGS.topology)
     except ValueError as e:
         cli.fail(str(e))
-    missing = topology.libtpu_missing()
+    missing = topology.compiler_missing(spec)
     if missing:
         cli.fail(missing)
     return topology

@@ -45,11 +45,11 @@ def measure(model: str, name: str, remat: str, flops: bool, first_per_chip: int)
     run = run_lib.build_run(model_config, c.train, mesh, 100)
     start = time.perf_counter()
     first = compiled.compile_train_step(run)
-    fit = compiled.largest_micro_batch(run, first, first.usable_bytes or int(spec.hbm_bytes * 0.984), search=False)
+    fit = compiled.largest_micro_batch(run, first, first.usable_bytes or spec.usable_bytes or spec.hbm_bytes, search=False)
     row = {
         "model": model, "topology": name, "remat": remat, "block_size": model_config.block_size,
         "micro_batch_per_chip": first_per_chip, "fits": first.fits, "peak_bytes": first.peak_bytes,
-        "hbm_bytes": spec.hbm_bytes, "mosaic_kernels": first.mosaic_kernels,
+        "hbm_bytes": spec.hbm_bytes, "mosaic_kernels": first.mosaic_kernels, "cudnn_attention": first.cudnn_attention,
         "largest_micro_batch_per_chip": fit.per_device, "largest_note": fit.note,
         "state_bytes": compiled.bytes_per_device(run.abstract_state),
     }

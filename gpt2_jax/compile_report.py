@@ -37,7 +37,8 @@ class Compiled:
     temp_bytes: int | None = None
     argument_bytes: int | None = None
     usable_bytes: int | None = None  # what the compiler said a device can hold (OOM messages only)
-    mosaic_kernels: int = 0
+    mosaic_kernels: int = 0  # Pallas kernels compiled by Mosaic (TPU)
+    cudnn_attention: int = 0  # cuDNN fused-attention calls, forward and backward (GPU)
     flops: float | None = None  # per device, this program as compiled (loops counted once)
     bytes_accessed: float | None = None
     error: str = ""
@@ -77,7 +78,9 @@ def measure(build: Callable[[], Any]) -> Compiled:
     if cost:
         out.flops = float(cost["flops"]) if "flops" in cost else None
         out.bytes_accessed = float(cost["bytes accessed"]) if "bytes accessed" in cost else None
-    out.mosaic_kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+    text = compiled.as_text()
+    out.mosaic_kernels = text.count('custom_call_target="tpu_custom_call"')
+    out.cudnn_attention = text.count('custom_call_target="__cudnn$fmha')
     return out
 
 

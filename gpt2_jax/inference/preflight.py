@@ -64,7 +64,8 @@ def report(config: ModelConfig, topology: str, *, prompt_ids: list[int] | None =
         "cache_tokens": int(batch.prompt.shape[1] + batch.gen_len),
         "weight_bytes": bytes_per_device(params), "kv_cache_bytes": bytes_per_device(state.cache),
         "hbm_bytes_per_device": spec.hbm_bytes, "prefill": program(prefill), "decode": program(decode),
-        "fits": prefill.fits and decode.fits and max(prefill.peak_bytes or 0, decode.peak_bytes or 0) <= spec.hbm_bytes,
+        "fits": prefill.fits and decode.fits and
+        max(prefill.peak_bytes or 0, decode.peak_bytes or 0) <= (spec.usable_bytes or spec.hbm_bytes),
         "compile_s": prefill.compile_s + decode.compile_s,
     }
 
@@ -80,7 +81,7 @@ def format_report(f: dict[str, Any]) -> str:
 
     return "\n".join([
         f"preflight (decoding): {f['params']:,} parameters, {f['dtype']}, on one {f['device_kind']} "
-        f"({f['topology']}, compiled on this host by libtpu)",
+        f"({f['topology']}, compiled on this host, no device)",
         f"  batch {f['batch']} x {f['prompt_tokens']} prompt tokens, KV cache for {f['cache_tokens']} positions",
         f"  weights  {_human(f['weight_bytes'])}",
         f"  KV cache {_human(f['kv_cache_bytes'])}",

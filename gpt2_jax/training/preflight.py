@@ -110,6 +110,10 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
     device = devices[0]
     if spec is not None:
         memory_limit, memory_source = spec.hbm_bytes, f"{spec.generation} HBM per chip"
+        if spec.usable_bytes is not None:
+            memory_limit = spec.usable_bytes
+            memory_source = (f"{topology_lib.GPU_MEMORY_FRACTION:.0%} of an {spec.generation}'s "
+                             f"{_human(spec.hbm_bytes)}: jax preallocates that much")
     else:
         memory_limit, memory_source = _device_memory(device, device_memory_gb)
     tokens_per_step = t.global_batch_size * model_config.block_size
@@ -138,10 +142,11 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
         "peak_bytes": None,
         "peak_bytes_per_device": None,
         "device_memory_bytes": memory_limit,
-        "hbm_bytes_per_device": memory_limit,
+        "hbm_bytes_per_device": spec.hbm_bytes if spec is not None else memory_limit,
         "device_memory_source": memory_source,
         "fits": None,
         "mosaic_kernels": None,
+        "cudnn_attention": None,
         "flops_per_step": None,
         "bytes_accessed_per_chip": None,
         "flops_per_step_analytic": model_config.train_flops_per_token(model_config.block_size) * tokens_per_step,
@@ -246,6 +251,7 @@ def _compiled_figures(run: run_lib.Run, spec: Any, memory_limit: int | None, fit
     train = compiled_lib.compile_train_step(run)
     figures.update(activation_bytes=train.temp_bytes, peak_bytes=train.peak_bytes,
                    peak_bytes_per_device=train.peak_bytes, mosaic_kernels=train.mosaic_kernels,
+                   cudnn_attention=train.cudnn_attention,
                    train_compile_s=train.compile_s)
     if spec is not None or not train.fits:
         figures["fits"] = train.fits and (memory_limit is None or (train.peak_bytes or 0) <= memory_limit)
@@ -263,7 +269,8 @@ def _compiled_figures(run: run_lib.Run, spec: Any, memory_limit: int | None, fit
         if train.fits:
             evaluated = compiled_lib.compile_eval_step(run)
             figures["eval_step"] = {"fits": evaluated.fits, "peak_bytes": evaluated.peak_bytes,
-                                    "mosaic_kernels": evaluated.mosaic_kernels, "compile_s": evaluated.compile_s}
+                                    "mosaic_kernels": evaluated.mosaic_kernels,
+                                    "cudnn_attention": evaluated.cudnn_attention, "compile_s": evaluated.compile_s}
     return figures
 
 
@@ -305,15 +312,17 @@ def format_report(figures: dict) -> str:
               else "unknown (--preflight_device_memory_gb sets it)")
     if f["topology"]:
         slices = f" x {f['slices']} slices" if f["slices"] > 1 else ""
-        where = f"{f['num_devices']} x {f['device_kind']} ({f['topology']}{slices}, compiled on this host by libtpu)"
+        where = f"{f['num_devices']} x {f['device_kind']} ({f['topology']}{slices}, compiled on this host, no device)"
     else:
         where = f"{f['num_devices']} x {f['device_kind']} ({f['available_devices']} available here)"
     lines = [
         f"preflight: {f['model']}, {f['params']:,} parameters",
         f"devices:   {where}",
         f"mesh:      {mesh}",
-        f"attention: {f['attention']}" + (f" ({f['mosaic_kernels']} Mosaic kernel(s) in the train step)"
-                                          if f["mosaic_kernels"] is not None and f["topology"] else ""),
+        f"attention: {f['attention']}" + (
+            f" ({f['cudnn_attention']} cuDNN attention call(s) in the train step)" if f["cudnn_attention"]
+            else f" ({f['mosaic_kernels']} Mosaic kernel(s) in the train step)"
+            if f["mosaic_kernels"] is not None and f["topology"] else ""),
         f"batch:     {f['global_batch_size']} x {f['block_size']} tokens = {f['tokens_per_step']:,} tokens/step, "
         f"{f['grad_accum_steps']} micro-batch(es) of {micro} = {micro / ways:g} per data x fsdp shard",
         "per device:",
@@ -333,7 +342,9 @@ def format_report(figures: dict) -> str:
     if f["eval_step"]:
         e = f["eval_step"]
         lines.append(f"  eval step peak      {_human(e['peak_bytes']) if e['peak_bytes'] else 'unknown'}, "
-                     f"{'fits' if e['fits'] else 'does NOT fit'}, {e['mosaic_kernels']} Mosaic kernel(s)")
+                     f"{'fits' if e['fits'] else 'does NOT fit'}, " + (
+                         f"{e['cudnn_attention']} cuDNN attention call(s)" if e["cudnn_attention"]
+                         else f"{e['mosaic_kernels']} Mosaic kernel(s)"))
     if f["bytes_accessed_per_chip"] is not None:
         lines.append(f"  bytes accessed      {_human(f['bytes_accessed_per_chip'])} per step "
                      f"({f['bytes_accessed_per_chip'] / (f['tokens_per_step'] / ways) / 1e6:.2f} MB "
