@@ -18,6 +18,7 @@ import pytest
 
 from gpt2_jax.model.config import model_config_from
 from gpt2_jax.training import checkpoint as ckpt_lib
+from gpt2_jax.training import metrics_file
 from gpt2_jax.training import optim as optim_lib
 from gpt2_jax.training import resume as resume_lib
 from gpt2_jax.training import run as run_lib
@@ -204,19 +205,79 @@ def test_truncated_checkpoint_is_reported_and_the_previous_one_used(tmp_path, ca
     biggest = files[-1]
     with open(biggest, "r+b") as f:
         f.truncate(biggest.stat().st_size // 2)
-    loader = ckpt_lib.Checkpointer(str(tmp_path))
-    restored = loader.restore_latest(abstract)
-    loader.close()
-    assert restored is not None and restored[1] == {"step": 1}
-    said = r"checkpoint step 2 \(file .* has \d+ bytes, \d+ were written\): unusable, skipped; using step 1\n"
-    assert re.fullmatch(said, capsys.readouterr().err)  # once, with what was skipped and the step used
-    # generate.py's loader falls back the same way...
+    problem = r"checkpoint step 2 \(file .* has \d+ bytes, \d+ were written\): unusable, "
+    # generate.py's loader falls back, says so once, and leaves the workdir as it is...
     config, _ = ckpt_lib.restore_params(str(tmp_path))
-    assert re.fullmatch(said, capsys.readouterr().err)
-    # ...but a step folder named on purpose is that step or an error.
+    assert re.fullmatch(problem + r"skipped; using step 1\n", capsys.readouterr().err)
+    # ...a step folder named on purpose is that step or an error...
     with pytest.raises(ValueError, match=r"checkpoints/2 is unusable: file .* bytes") as error:
         ckpt_lib.restore_params(str(tmp_path / "checkpoints" / "2"))
     assert "using" not in str(error.value) and capsys.readouterr().err == ""
+    # ...and a training run falls back too, moving the bad step aside so that it can save step 2 again.
+    loader = ckpt_lib.Checkpointer(str(tmp_path))
+    restored = loader.restore_latest(abstract)
+    assert restored is not None and restored[1] == {"step": 1}
+    said = capsys.readouterr().err
+    assert re.fullmatch(problem + r"moved aside to 2\.corrupt-\d{8}T\d{6}Z; using step 1\n", said)
+    aside = tmp_path / "checkpoints" / said.split("moved aside to ")[1].split(";")[0]
+    assert (aside / "params").is_dir() and aside.with_name(aside.name + ".sizes.json").exists()
+    assert loader.all_steps() == [1] and not step2.exists()
+    loader.save(2, restored[0], {"step": 2}, restored[2])
+    loader.close()
+    assert ckpt_lib.verify_step(str(tmp_path / "checkpoints"), 2) is None
+    assert ckpt_lib.newest_meta(str(tmp_path))[1] == 2 and capsys.readouterr().err == ""
+    ckpt_lib.Checkpointer(str(tmp_path)).close()  # orbax's clean-up of temporary folders leaves it alone
+    assert (aside / "params").is_dir()
+
+
+def test_a_truncated_newest_checkpoint_is_replaced_by_the_runs_that_follow(tmp_path, cache, capsys):
+    # The schedule of test_resume_with_other_steps_schedule_or_model: one compiled step serves both.
+    config = tiny_config(num_steps=2, checkpoint_every=1, warmup_steps=1)
+    config.data.cache_dir = str(cache)
+    trainer_lib.train(config, str(tmp_path))
+    ckdir = tmp_path / "checkpoints"
+    biggest = max((p for p in (ckdir / "2").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(biggest, "r+b") as f:
+        f.truncate(biggest.stat().st_size // 2)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 3.1')  # the torn end of a write cut by SIGKILL
+    capsys.readouterr()
+    # The same command again: back to step 1, step 2 moved aside, then saved anew at the end.
+    trainer_lib.train(config, str(tmp_path))
+    out, err = capsys.readouterr()
+    assert re.search(r"checkpoint step 2 \(file .*\): unusable, moved aside to 2\.corrupt-\S+; using step 1\n", err)
+    assert "resumed from step 1" in out
+    assert "metrics.jsonl: dropped 1 record(s) past step 1 (logged after the checkpoint this run starts from) and " \
+           "1 unreadable line(s) (a write cut short)" in out
+    assert len([n for n in os.listdir(ckdir) if re.fullmatch(r"2\.corrupt-\d{8}T\d{6}Z", n)]) == 1
+    # Asking for more steps: resumes from the new step 2, with nothing to skip, and saves step 3.
+    config.train.num_steps = 3
+    trainer_lib.train(config, str(tmp_path))
+    out, err = capsys.readouterr()
+    assert "resumed from step 2" in out and "unusable" not in err and "dropped" not in out
+    loader = ckpt_lib.Checkpointer(str(tmp_path))
+    assert loader.all_steps() == [1, 2, 3]
+    assert all(ckpt_lib.verify_step(str(ckdir), s) is None for s in (2, 3))
+    loader.close()
+    assert ckpt_lib.restore_params(str(ckdir / "2"))[0].n_embd == 32  # the new step 2 loads on its own
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+
+
+def test_metrics_keep_through_drops_later_and_torn_records_only(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert metrics_file.keep_through(str(path), 3) is None and not path.exists()
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)] + [json.dumps({"step": 3, "val_loss": 2.0})]
+    path.write_text("\n".join(lines) + "\n")
+    before = path.stat().st_mtime_ns
+    assert metrics_file.keep_through(str(path), 3) is None and path.stat().st_mtime_ns == before  # untouched
+    path.write_bytes(path.read_bytes() + json.dumps({"step": 4, "loss": 1.0}).encode() + b"\n" + b'{"step": 5, "lo\xc3')
+    assert metrics_file.keep_through(str(path), 3) == (
+        "metrics.jsonl: dropped 1 record(s) past step 3 (logged after the checkpoint this run starts from) and "
+        "1 unreadable line(s) (a write cut short)")
+    assert path.read_text() == "\n".join(lines) + "\n"
+    assert metrics_file.keep_through(str(path), 0) is not None and path.read_text() == ""
+    assert os.listdir(tmp_path) == ["metrics.jsonl"]
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path, capsys):

@@ -10,7 +10,9 @@ file, so a truncated file is noticed before orbax reads garbage.
 
 Orbax writes each step into a temporary folder and renames it when complete, so a process killed
 mid-save leaves a temporary folder, never a step that looks whole. Restoring walks back from the
-newest step and skips (and names) any that is incomplete, truncated or unreadable.
+newest step and skips (and names) any that is incomplete, truncated or unreadable. A training run
+that falls back that way moves each skipped step aside, to `<step>.corrupt-<UTC time>/` (kept for
+a look, never deleted), so that its own later saves of those steps are written normally.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -88,22 +91,45 @@ def _restore_checked(directory: str, step: int, restore: Callable[[int], Any]) -
         return None, _failure(e)
 
 
-def restore_newest_usable(directory: str, steps: list[int], restore: Callable[[int], Any]) -> tuple[Any, list[str]]:
+def set_aside(directory: str, step: int) -> str:
+    """Renames the step folder (and its size record) to `<step>.corrupt-<UTC time>`; returns the new path.
+
+    Orbax sees only folders named by a number, so the step is free to be saved again.
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = os.path.join(directory, f"{step}.corrupt-{stamp}")
+    n = 1
+    while os.path.exists(target):  # set aside twice within a second
+        n += 1
+        target = os.path.join(directory, f"{step}.corrupt-{stamp}-{n}")
+    os.rename(os.path.join(directory, str(step)), target)
+    if os.path.exists(_sizes_path(directory, step)):
+        os.rename(_sizes_path(directory, step), target + ".sizes.json")
+    return target
+
+
+def restore_newest_usable(directory: str, steps: list[int], restore: Callable[[int], Any], *,
+                          move_aside: bool = False) -> tuple[Any, list[str]]:
     """Tries `restore(step)` from the newest step back; returns (result or None, problems met).
 
     A step whose files do not match their recorded sizes, or whose restore raises, is skipped in
     favour of the previous one; once a step restores, one line on stderr names what was skipped,
-    why, and the step used.
+    why, and the step used. With `move_aside` the skipped steps are also moved aside (`set_aside`),
+    but only once an older step has restored: when none does, nothing is touched.
     """
-    problems = []
+    problems, skipped = [], []
     for step in sorted(steps, reverse=True):
         result, problem = _restore_checked(directory, step, restore)
         if problem is None:
             if problems:
-                print(f"checkpoint {'; '.join(problems)}: unusable, skipped; using step {step}",
+                done = "skipped"
+                if move_aside:
+                    done = "moved aside to " + ", ".join(os.path.basename(set_aside(directory, s)) for s in skipped)
+                print(f"checkpoint {'; '.join(problems)}: unusable, {done}; using step {step}",
                       file=sys.stderr, flush=True)
             return result, problems
         problems.append(f"step {step} ({problem})")
+        skipped.append(step)
     return None, problems
 
 
@@ -119,6 +145,8 @@ def read_newest_meta(directory: str) -> dict | None:
     options = ocp.CheckpointManagerOptions(create=False)  # read_only=True would log three warnings
     with ocp.CheckpointManager(directory, item_names=ITEMS, options=options) as manager:
         for step in steps:
+            if verify_step(directory, step) is not None:
+                continue  # a truncated step: the restore names it and walks back past it
             try:
                 return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             except Exception:  # noqa: BLE001 - an unreadable step: the restore walks back past it
@@ -225,9 +253,16 @@ class Checkpointer:
         steps = self.all_steps()
         if not steps:
             return None
-        result, problems = restore_newest_usable(self.directory, steps, lambda step: self._restore(step, abstract_state))
+        result, problems = restore_newest_usable(self.directory, steps, lambda step: self._restore(step, abstract_state),
+                                                 move_aside=jax.process_index() == 0)
         if result is None:
             raise ValueError(f"no usable checkpoint in {self.directory}: " + "; ".join(problems))
+        if problems:  # process 0 has moved the skipped steps aside: every process forgets them
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("gpt2_jax: unusable checkpoints moved aside")
+            self.manager.reload()
         return result
 
     def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:

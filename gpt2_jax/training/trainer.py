@@ -25,6 +25,7 @@ from gpt2_jax.model.attention import resolve_attention
 from gpt2_jax.model.config import ModelConfig, count_params
 from gpt2_jax.training import checkpoint as ckpt_lib
 from gpt2_jax.training import init_from as init_from_lib
+from gpt2_jax.training import metrics_file
 from gpt2_jax.training import resume as resume_lib
 from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding as sharding_lib
@@ -147,7 +148,7 @@ def plot_loss_curve(workdir: str) -> str | None:
         for line in f:
             r = json.loads(line)
             if "loss" in r:
-                train[r["step"]] = r["loss"]  # a resumed run rewrites steps: keep the latest
+                train[r["step"]] = r["loss"]
             if "val_loss" in r:
                 val[r["step"]] = r["val_loss"]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -311,7 +312,8 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
     nothing_to_do = resume_lib.check_steps(start_step, num_steps, t, checkpointer.directory)
     if nothing_to_do is not None:
         notes = [nothing_to_do]
-    if is_main:
+    if is_main:  # the records an interrupted run logged past this run's start, which it logs again
+        notes.append(metrics_file.keep_through(os.path.join(workdir, "metrics.jsonl"), start_step))
         for note in filter(None, notes):
             print(note, flush=True)
     if nothing_to_do is not None:
