@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -100,17 +101,46 @@ def assert_same_as_straight(workdir, straight):
     jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(workdir), final_params(straight))
 
 
-def test_resume_after_sigkill_is_exact(tmp_path, cache, straight):
+def wait_for(proc, condition, timeout=240):
+    t0 = time.time()
+    while not condition():
+        assert proc.poll() is None and time.time() - t0 < timeout, proc.communicate()[0][-3000:]
+        time.sleep(0.002)
+
+
+def test_a_second_run_is_refused_and_a_sigkilled_run_resumes_exactly_with_each_step_logged_once(
+        tmp_path, cache, straight):
     workdir = tmp_path / "killed"
     sizes = os.path.join(workdir, "checkpoints", f"{N}.sizes.json")
-    # Kill once the step-N checkpoint is complete and training has gone past it.
-    code, _ = run_until(train_cmd(workdir, cache), lambda: os.path.exists(sizes) and logged_steps(workdir) > N + 1,
-                        signal.SIGKILL)
-    assert code == -signal.SIGKILL
+    first = subprocess.Popen(train_cmd(workdir, cache), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        # A second run on the same workdir, while the first is training (held still meanwhile).
+        wait_for(first, lambda: logged_steps(workdir) >= 1)
+        first.send_signal(signal.SIGSTOP)
+        try:
+            second = subprocess.run(train_cmd(workdir, cache), env=env(), timeout=120, capture_output=True, text=True)
+        finally:
+            first.send_signal(signal.SIGCONT)
+        assert second.returncode == 2 and len(second.stderr.splitlines()) == 1, second.stderr
+        assert second.stderr.startswith(f"error: workdir {workdir} is in use by another train.py (host "
+                                        f"{socket.gethostname()}, pid {first.pid}, since ")
+        # Killed once the step-N checkpoint is complete and training has gone past it.
+        wait_for(first, lambda: os.path.exists(sizes) and logged_steps(workdir) > N + 1)
+        first.kill()
+        assert first.wait() == -signal.SIGKILL
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.communicate()
     assert logged_steps(workdir) < 2 * N
     out = subprocess.run(train_cmd(workdir, cache), check=True, env=env(), timeout=300, capture_output=True, text=True)
-    assert f"resumed from step {N}" in out.stdout
-    assert_same_as_straight(workdir, straight)
+    assert f"took over the lock of train.py pid {first.pid} on host {socket.gethostname()}: that process has " \
+           "ended" in out.stdout
+    assert f"resumed from step {N}" in out.stdout and f"past step {N} (logged after the checkpoint" in out.stdout
+    assert_same_as_straight(workdir, straight)  # the first run was unharmed by the second
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 2 * N + 1))  # each step once
+    assert not (workdir / "train.lock").exists()
 
 
 def test_resume_after_sigkill_during_an_async_save_is_exact(tmp_path, cache, straight):

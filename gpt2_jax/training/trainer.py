@@ -30,6 +30,7 @@ from gpt2_jax.training import resume as resume_lib
 from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding as sharding_lib
 from gpt2_jax.training import step as step_lib
+from gpt2_jax.training import workdir_lock
 
 # Keys that may differ between a checkpoint and the config resuming it: they change how the
 # model is computed, not what its parameters are.
@@ -220,16 +221,37 @@ def train(config: Any, workdir: str) -> dict:
     """Trains as `config` says, resuming from `workdir`'s newest good checkpoint if there is one.
 
     Returns a summary dict (final step, last loss, last val loss, ...); `done_line` renders it. A
-    start that fails leaves no workdir behind if this call created it and nothing was written.
+    start that fails leaves no workdir behind if this call created it and nothing was written. The
+    workdir's lock (training/workdir_lock.py) is held throughout, by process 0.
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
     created = not os.path.exists(workdir)
+    lock = _lock(workdir)
     try:
         return _train(config, workdir)
     except BaseException:
+        if lock is not None:
+            lock.release()
         if created and jax.process_index() == 0 and not _has_results(workdir):
             shutil.rmtree(workdir, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock(workdir: str) -> workdir_lock.WorkdirLock | None:
+    """Process 0 takes the workdir's lock (the others get None); every process raises if it could not."""
+    held = None
+    if jax.process_index() == 0:
+        try:
+            held = workdir_lock.acquire(workdir, say=lambda line: print(line, flush=True))
+        except workdir_lock.WorkdirBusyError:
+            _any_process(True)
+            raise
+    if _any_process(False):
+        raise workdir_lock.WorkdirBusyError(f"workdir {workdir} is in use by another run (process 0 says which)")
+    return held
 
 
 def _has_results(workdir: str) -> bool:
