@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from typing import Any
 
@@ -94,8 +95,6 @@ def peak_flops_per_device(override: float = 0.0, mesh: Any = None) -> float | No
 def _summary_writer(logdir: str):
     """tensorboardX's SummaryWriter. tensorboardX imports torch, where it is installed, only to accept
     torch tensors (1-2 s of start-up); we log Python floats, so torch stays hidden while it loads."""
-    import sys
-
     hide = "torch" not in sys.modules
     if hide:
         sys.modules["torch"] = None  # `import torch` raises ImportError while this is in place
@@ -384,6 +383,9 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
             flush=True,
         )
         print("attention: %s (%s)" % resolve_attention(model_config, platform.of_mesh(mesh).name), flush=True)
+    # A disk too full for a checkpoint is said now, not when the first save fails (maybe hours from now).
+    every = t.checkpoint_every
+    checkpointer.check_space(min(num_steps, (start_step // every + 1) * every) if every > 0 else num_steps, state)
 
     signals = _Signals()
     signals.install()
@@ -392,6 +394,7 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
         from tqdm import tqdm
 
         progress = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0)
+        checkpointer.say = lambda line: progress.write(line, file=sys.stderr)
 
     window_t, window_steps = time.perf_counter(), 0
     step = start_step
