@@ -4,8 +4,10 @@ other steps, schedule or batch size does."""
 
 import glob
 import json
+import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -23,6 +25,7 @@ from gpt2_jax.training import metrics_file
 from gpt2_jax.training import optim as optim_lib
 from gpt2_jax.training import resume as resume_lib
 from gpt2_jax.training import run as run_lib
+from gpt2_jax.training import save_failures
 from gpt2_jax.training import sharding as sharding_lib
 from gpt2_jax.training import step as step_lib
 from gpt2_jax.training import trainer as trainer_lib
@@ -342,6 +345,66 @@ def test_nan_loss_stops_training_naming_the_step(tmp_path, cache, monkeypatch):
     with pytest.raises(trainer_lib.NonFiniteLossError, match="loss is nan at step 5"):
         trainer_lib.train(config, str(tmp_path))
     assert ckpt_lib.Checkpointer(str(tmp_path)).all_steps() == [3]  # the last good one stays
+
+
+def _failing_saves(monkeypatch, make_it_fail):
+    """Checkpointer saves in which `make_it_fail(checkpointer)` runs just before the save of step 6."""
+    real = ckpt_lib.Checkpointer._save
+
+    def save(self, step, *args):
+        if step == 6:
+            make_it_fail(self)
+        return real(self, step, *args)
+
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "_save", save)
+
+
+def test_a_failed_save_ends_the_run_in_one_line_leaving_earlier_checkpoints_usable(tmp_path, cache, monkeypatch,
+                                                                                    capsys, caplog):
+    # The schedule of test_nan_loss_stops_training_naming_the_step: one compiled step serves both.
+    config = tiny_config(num_steps=8, checkpoint_every=3)
+    config.data.cache_dir = str(cache)
+    # A real failure, written by orbax's background thread: the file size limit drops to 1 MB for the
+    # save of step 6 (the OS refuses writes past it with EFBIG, much as a full disk does with ENOSPC).
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing us
+    _failing_saves(monkeypatch, lambda _: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limit[1])))
+    try:
+        with pytest.raises(save_failures.CheckpointSaveError) as error:
+            trainer_lib.train(config, str(tmp_path / "efbig"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert str(error.value) == ("checkpoint at step 6 not saved: file too large (errno 27); the checkpoint at step 3 "
+                                "is intact and a rerun resumes from it")
+    ckdir = tmp_path / "efbig" / "checkpoints"
+    assert sorted(os.listdir(ckdir)) == ["3", "3.sizes.json"]  # the half-written step 6 is gone
+    assert ckpt_lib.restore_params(str(tmp_path / "efbig"))[0].n_embd == 32
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # orbax's tracebacks kept quiet
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "efbig" / "train.lock").exists()
+
+    # A full disk, as tensorstore reports it, with 3 MB free: said before training starts, then one line
+    # naming the space needed and free.
+    monkeypatch.setattr(save_failures, "free_bytes", lambda directory: 3 << 20)
+
+    def full(checkpointer):
+        os.makedirs(os.path.join(checkpointer.directory, "6.orbax-checkpoint-tmp", "params"))
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing \"opt_state.1.0.mu.wte.embedding/0.0\" in OCDBT database: "
+                         "Failed to write 4358144 bytes to file 12: No space left on device [os_error_code='28']")
+
+    _failing_saves(monkeypatch, full)
+    with pytest.raises(save_failures.CheckpointSaveError) as error:
+        trainer_lib.train(config, str(tmp_path / "full"))
+    ckdir = tmp_path / "full" / "checkpoints"
+    with open(ckdir / "3.sizes.json") as f:
+        need = round(sum(json.load(f).values()) / 2**20)
+    assert str(error.value) == (f"checkpoint at step 6 not saved: no space left on device (needs ~{need} MB, 3 MB free "
+                                f"in {ckdir}); the checkpoint at step 3 is intact and a rerun resumes from it")
+    assert sorted(os.listdir(ckdir)) == ["3", "3.sizes.json"]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: 3 MB free in {ckdir}, but a checkpoint takes ~")
+    assert warnings[0].endswith("the save at step 3 will likely fail (no space left on device)")
 
 
 def test_resume_with_other_steps_schedule_or_model(tmp_path, cache, capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import sys
 from typing import Any
@@ -49,6 +50,21 @@ def no_space(error: BaseException) -> bool:
     return False
 
 
+def _cause(error: BaseException) -> str:
+    """The operating system's reason for a failed write where there is one (tensorstore puts it at the
+    end of a long message: `...: File too large [os_error_code='27']`), else the error's first line."""
+    if isinstance(error, OSError) and error.strerror:
+        reason = f"{error.strerror[:1].lower()}{error.strerror[1:]} (errno {error.errno})"
+        return reason + (f" writing {error.filename}" if error.filename else "")
+    text = str(error)
+    found = re.search(r":\s*([^:\[]+?)\s*\[os_error_code='(\d+)'\]", text)
+    if found:
+        reason = found.group(1)
+        return f"{reason[:1].lower()}{reason[1:]} (errno {found.group(2)})"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def remove_partial(directory: str) -> list[str]:
     """Removes the temporary folders of unfinished saves in `directory`; returns their names."""
     if not os.path.isdir(directory):
@@ -67,8 +83,7 @@ def failure(step: int, error: BaseException, directory: str, need: int, kept: in
         why = (f"no space left on device (needs ~{need / MB:.0f} MB, {free_bytes(directory) / MB:.0f} MB free "
                f"in {directory})")
     else:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        why = f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+        why = _cause(error)
     after = f"; the checkpoint at step {kept} is intact and a rerun resumes from it" if kept is not None else \
         "; no earlier checkpoint: a rerun starts again from step 0"
     return CheckpointSaveError(f"checkpoint at step {step} not saved: {why}{after}")
