@@ -218,6 +218,7 @@ def test_restore_onto_another_mesh(fsdp8_checkpoint, target):
 
 
 def _two_checkpoints(tmp_path):
+    """(abstract state, state) of the tiny model, saved as steps 1 and 2 in `tmp_path`."""
     config = tiny_config()
     model_config = model_config_from(config.model)
     mesh = sharding_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
@@ -228,11 +229,11 @@ def _two_checkpoints(tmp_path):
     saver.wait()
     saver.save(2, state, {"step": 2}, {"model": model_config.to_dict()})
     saver.close()
-    return run.abstract_state
+    return run.abstract_state, state
 
 
 def test_truncated_checkpoint_is_reported_and_the_previous_one_used(tmp_path, capsys):
-    abstract = _two_checkpoints(tmp_path)
+    abstract, _ = _two_checkpoints(tmp_path)
     step2 = tmp_path / "checkpoints" / "2"
     files = sorted((p for p in step2.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     biggest = files[-1]
@@ -314,7 +315,7 @@ def test_metrics_keep_through_drops_later_and_torn_records_only(tmp_path):
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path, capsys):
-    abstract = _two_checkpoints(tmp_path)
+    abstract, _ = _two_checkpoints(tmp_path)
     ck = tmp_path / "checkpoints"
     shutil.rmtree(ck / "2")
     (ck / "2.orbax-checkpoint-tmp-1234").mkdir()  # what a save killed half-way leaves behind
@@ -347,12 +348,12 @@ def test_nan_loss_stops_training_naming_the_step(tmp_path, cache, monkeypatch):
     assert ckpt_lib.Checkpointer(str(tmp_path)).all_steps() == [3]  # the last good one stays
 
 
-def _failing_saves(monkeypatch, make_it_fail):
-    """Checkpointer saves in which `make_it_fail(checkpointer)` runs just before the save of step 6."""
+def _failing_saves(monkeypatch, make_it_fail, at_step):
+    """Checkpointer saves in which `make_it_fail(checkpointer)` runs just before the save of `at_step`."""
     real = ckpt_lib.Checkpointer._save
 
     def save(self, step, *args):
-        if step == 6:
+        if step == at_step:
             make_it_fail(self)
         return real(self, step, *args)
 
@@ -368,7 +369,7 @@ def test_a_failed_save_ends_the_run_in_one_line_leaving_earlier_checkpoints_usab
     # save of step 6 (the OS refuses writes past it with EFBIG, much as a full disk does with ENOSPC).
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing us
-    _failing_saves(monkeypatch, lambda _: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limit[1])))
+    _failing_saves(monkeypatch, lambda _: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limit[1])), 6)
     try:
         with pytest.raises(save_failures.CheckpointSaveError) as error:
             trainer_lib.train(config, str(tmp_path / "efbig"))
@@ -384,27 +385,36 @@ def test_a_failed_save_ends_the_run_in_one_line_leaving_earlier_checkpoints_usab
     assert "Traceback" not in capsys.readouterr().err
     assert not (tmp_path / "efbig" / "train.lock").exists()
 
-    # A full disk, as tensorstore reports it, with 3 MB free: said before training starts, then one line
-    # naming the space needed and free.
+
+def test_a_full_disk_is_said_before_the_save_and_named_when_it_fails(tmp_path, monkeypatch, capsys):
+    _, state = _two_checkpoints(tmp_path)
+    ckdir = tmp_path / "checkpoints"
     monkeypatch.setattr(save_failures, "free_bytes", lambda directory: 3 << 20)
 
-    def full(checkpointer):
-        os.makedirs(os.path.join(checkpointer.directory, "6.orbax-checkpoint-tmp", "params"))
+    def full(checkpointer):  # tensorstore's error for a full disk, and the folder it leaves behind
+        os.makedirs(os.path.join(checkpointer.directory, "3.orbax-checkpoint-tmp", "params"))
         raise ValueError("RESOURCE_EXHAUSTED: Error writing \"opt_state.1.0.mu.wte.embedding/0.0\" in OCDBT database: "
                          "Failed to write 4358144 bytes to file 12: No space left on device [os_error_code='28']")
 
-    _failing_saves(monkeypatch, full)
+    _failing_saves(monkeypatch, full, 3)
+    saver = ckpt_lib.Checkpointer(str(tmp_path))
+    capsys.readouterr()
     with pytest.raises(save_failures.CheckpointSaveError) as error:
-        trainer_lib.train(config, str(tmp_path / "full"))
-    ckdir = tmp_path / "full" / "checkpoints"
-    with open(ckdir / "3.sizes.json") as f:
-        need = round(sum(json.load(f).values()) / 2**20)
-    assert str(error.value) == (f"checkpoint at step 6 not saved: no space left on device (needs ~{need} MB, 3 MB free "
-                                f"in {ckdir}); the checkpoint at step 3 is intact and a rerun resumes from it")
-    assert sorted(os.listdir(ckdir)) == ["3", "3.sizes.json"]
-    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and warnings[0].startswith(f"warning: 3 MB free in {ckdir}, but a checkpoint takes ~")
-    assert warnings[0].endswith("the save at step 3 will likely fail (no space left on device)")
+        saver.save(3, state, {"step": 3}, {"model": {}})
+    saver.close()
+    with open(ckdir / "2.sizes.json") as f:
+        need = round(sum(json.load(f).values()) / 2**20)  # as much as the checkpoint before
+    assert str(error.value) == (f"checkpoint at step 3 not saved: no space left on device (needs ~{need} MB, 3 MB free "
+                                f"in {ckdir}); the checkpoint at step 2 is intact and a rerun resumes from it")
+    assert capsys.readouterr().err == (f"warning: 3 MB free in {ckdir}, but a checkpoint takes ~{need} MB: the save at "
+                                       "step 3 will likely fail (no space left on device)\n")
+    assert sorted(os.listdir(ckdir)) == ["1", "1.sizes.json", "2", "2.sizes.json"]  # the partial folder is gone
+    assert ckpt_lib.newest_meta(str(tmp_path))[1] == 2
+    # A step that exists is never written over (orbax would rewrite its metadata before refusing).
+    saver = ckpt_lib.Checkpointer(str(tmp_path))
+    with pytest.raises(save_failures.CheckpointSaveError, match=f"checkpoint at step 2 not saved: {ckdir}/2 already "):
+        saver.save(2, state, {"step": 2}, {"model": {}})
+    saver.close()
 
 
 def test_resume_with_other_steps_schedule_or_model(tmp_path, cache, capsys):
