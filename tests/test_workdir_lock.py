@@ -47,8 +47,8 @@ def test_stale_locks_on_this_host_are_taken_over_with_one_line(tmp_path):
         path = write_lock(tmp_path / "w", **holder)
         said = []
         lock = workdir_lock.acquire(str(tmp_path / "w"), say=said.append)
-        assert said == [f"workdir {tmp_path / 'w'}: took over the lock of train.py pid {holder['pid']} on host "
-                        f"{socket.gethostname()}: {reason}"]
+        assert said == [(f"workdir {tmp_path / 'w'}: took over the lock of train.py pid {holder['pid']} on host "
+                         f"{socket.gethostname()}: {reason}")]
         assert json.loads(path.read_text())["token"] in lock.content
         lock.release()
         assert not path.exists()
@@ -76,4 +76,5 @@ def test_the_holder_keeps_its_heartbeat_and_release_spares_a_lock_taken_over(tmp
     with open(lock.path, "w") as f:
         f.write(json.dumps({"host": "elsewhere", "pid": 1}))  # taken over by a run that judged us gone
     lock.release()
-    assert json.loads(open(lock.path).read())["host"] == "elsewhere"
+    with open(lock.path) as f:
+        assert json.load(f)["host"] == "elsewhere"
