@@ -301,8 +301,10 @@ def _train(config: Any, workdir: str) -> dict:
         return _train_loop(config, workdir, run, checkpointer, train_iter, val_tokens,
                            num_steps=num_steps, schedule=schedule, prompt=prompt, params=params)
     finally:
-        checkpointer.close()
-        train_iter.close()
+        try:
+            checkpointer.close()  # raises CheckpointSaveError if the last save failed: the run is not done
+        finally:
+            train_iter.close()
 
 
 def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val_tokens, *, num_steps: int,
