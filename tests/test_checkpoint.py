@@ -417,6 +417,24 @@ def test_a_full_disk_is_said_before_the_save_and_named_when_it_fails(tmp_path, m
     saver.close()
 
 
+def test_a_last_save_that_fails_in_the_background_is_raised_by_close(tmp_path):
+    _, state = _two_checkpoints(tmp_path)
+    saver = ckpt_lib.Checkpointer(str(tmp_path))
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limit[1]))  # the OS refuses writes past 1 MB
+    try:
+        saver.save(3, state, {"step": 3}, {"model": {}})  # returns while orbax writes
+        with pytest.raises(save_failures.CheckpointSaveError) as error:
+            saver.close()  # as train() does after the last step: the run must not be reported done
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert str(error.value) == ("checkpoint at step 3 not saved: file too large (errno 27); the checkpoint at step 2 "
+                                "is intact and a rerun resumes from it")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "1.sizes.json", "2", "2.sizes.json"]
+
+
 def test_resume_with_other_steps_schedule_or_model(tmp_path, cache, capsys):
     config = tiny_config(num_steps=2, checkpoint_every=0, warmup_steps=1)
     config.data.cache_dir = str(cache)

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from typing import Any
 
 import jax
@@ -65,14 +66,25 @@ def _cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def remove_partial(directory: str) -> list[str]:
-    """Removes the temporary folders of unfinished saves in `directory`; returns their names."""
-    if not os.path.isdir(directory):
-        return []
-    names = sorted(n for n in os.listdir(directory) if "orbax-checkpoint-tmp" in n)
-    for name in names:
-        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
-    return names
+def _partial(directory: str) -> list[str]:
+    return sorted(n for n in os.listdir(directory) if "orbax-checkpoint-tmp" in n) if os.path.isdir(directory) else []
+
+
+def remove_partial(directory: str, *, settle_s: float = 2.0) -> list[str]:
+    """Removes the temporary folders of unfinished saves in `directory`; returns their names.
+
+    When one write of a save fails, orbax stops waiting for the others, which may still create files
+    for a moment: the folders are removed again until none comes back (at most `settle_s` seconds).
+    """
+    removed, deadline = set(), time.monotonic() + settle_s
+    while names := _partial(directory):
+        removed.update(names)
+        for name in names:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return sorted(removed)
 
 
 def failure(step: int, error: BaseException, directory: str, need: int, kept: int | None) -> CheckpointSaveError:
