@@ -2,6 +2,7 @@
 machine, another host's stopped heartbeat) is taken over with one line, and release removes only our own
 lock. train.py meeting it is in test_checkpoint.py (two runs at once, then a SIGKILL and a resume)."""
 
+import errno
 import json
 import os
 import socket
@@ -78,3 +79,16 @@ def test_the_holder_keeps_its_heartbeat_and_release_spares_a_lock_taken_over(tmp
     lock.release()
     with open(lock.path) as f:
         assert json.load(f)["host"] == "elsewhere"
+
+
+def test_a_filesystem_without_hard_links_still_gets_one_run(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted", src)
+
+    monkeypatch.setattr(os, "link", no_links)
+    lock = workdir_lock.acquire(str(tmp_path))
+    with pytest.raises(workdir_lock.WorkdirBusyError, match=f"pid {os.getpid()}"):
+        workdir_lock.acquire(str(tmp_path))
+    assert os.listdir(tmp_path) == ["train.lock"]  # no temporary file left
+    lock.release()
+    assert os.listdir(tmp_path) == []

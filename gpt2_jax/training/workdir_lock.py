@@ -8,12 +8,14 @@ it every HEARTBEAT_S seconds. A lock whose holder is gone is taken over, with on
     the machine has restarted since (another boot id: a power loss);
   - written from another host (a shared filesystem): no heartbeat for STALE_AFTER_S seconds.
 The file is written whole before it appears (a hard link of a finished temporary file), so a run
-killed while taking the lock never leaves a half-written one.
+killed while taking the lock never leaves a half-written one (where a filesystem has no hard links,
+an empty or unreadable lock is taken over once it is STALE_AFTER_S old).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import socket
@@ -124,6 +126,16 @@ def _create(path: str, content: str) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError as e:  # a filesystem without hard links (some FUSE mounts): create-if-absent, then write
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(content)
+        return True
     finally:
         os.remove(tmp)
 
