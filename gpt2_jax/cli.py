@@ -3,8 +3,9 @@
 train.py, generate.py, `python -m gpt2_jax.export` and `python -m gpt2_jax.evaluate` exit with
   0  success, and after --help / --helpshort / --helpfull (the help is what was asked for);
   2  a usage or input error: a bad or missing flag, an unknown config key, a missing or unusable
-     file or checkpoint, a config the run cannot start with, a loss that turned NaN. The last line
-     on stderr is `error: <what is wrong>`; there is no traceback;
+     file or checkpoint, a config the run cannot start with, a loss that turned NaN, a workdir
+     another run holds, a checkpoint that cannot be written (a full disk). The last line on stderr
+     is `error: <what is wrong>`; there is no traceback;
   1  anything else: a bug, reported with its traceback.
 Ctrl-C outside training's own handler (which checkpoints and exits 0) prints `interrupted` and
 exits 130, as shells do. Free of jax, so a bad flag is refused before anything heavy loads.

@@ -4,10 +4,13 @@ other steps, schedule or batch size does."""
 
 import glob
 import json
+import logging
 import os
 import re
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,9 +21,11 @@ import pytest
 
 from gpt2_jax.model.config import model_config_from
 from gpt2_jax.training import checkpoint as ckpt_lib
+from gpt2_jax.training import metrics_file
 from gpt2_jax.training import optim as optim_lib
 from gpt2_jax.training import resume as resume_lib
 from gpt2_jax.training import run as run_lib
+from gpt2_jax.training import save_failures
 from gpt2_jax.training import sharding as sharding_lib
 from gpt2_jax.training import step as step_lib
 from gpt2_jax.training import trainer as trainer_lib
@@ -99,17 +104,46 @@ def assert_same_as_straight(workdir, straight):
     jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(workdir), final_params(straight))
 
 
-def test_resume_after_sigkill_is_exact(tmp_path, cache, straight):
+def wait_for(proc, condition, timeout=240):
+    t0 = time.time()
+    while not condition():
+        assert proc.poll() is None and time.time() - t0 < timeout, proc.communicate()[0][-3000:]
+        time.sleep(0.002)
+
+
+def test_a_second_run_is_refused_and_a_sigkilled_run_resumes_exactly_with_each_step_logged_once(
+        tmp_path, cache, straight):
     workdir = tmp_path / "killed"
     sizes = os.path.join(workdir, "checkpoints", f"{N}.sizes.json")
-    # Kill once the step-N checkpoint is complete and training has gone past it.
-    code, _ = run_until(train_cmd(workdir, cache), lambda: os.path.exists(sizes) and logged_steps(workdir) > N + 1,
-                        signal.SIGKILL)
-    assert code == -signal.SIGKILL
+    first = subprocess.Popen(train_cmd(workdir, cache), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        # A second run on the same workdir, while the first is training (held still meanwhile).
+        wait_for(first, lambda: logged_steps(workdir) >= 1)
+        first.send_signal(signal.SIGSTOP)
+        try:
+            second = subprocess.run(train_cmd(workdir, cache), env=env(), timeout=120, capture_output=True, text=True)
+        finally:
+            first.send_signal(signal.SIGCONT)
+        assert second.returncode == 2 and len(second.stderr.splitlines()) == 1, second.stderr
+        assert second.stderr.startswith(f"error: workdir {workdir} is in use by another train.py (host "
+                                        f"{socket.gethostname()}, pid {first.pid}, since ")
+        # Killed once the step-N checkpoint is complete and training has gone past it.
+        wait_for(first, lambda: os.path.exists(sizes) and logged_steps(workdir) > N + 1)
+        first.kill()
+        assert first.wait() == -signal.SIGKILL
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.communicate()
     assert logged_steps(workdir) < 2 * N
     out = subprocess.run(train_cmd(workdir, cache), check=True, env=env(), timeout=300, capture_output=True, text=True)
-    assert f"resumed from step {N}" in out.stdout
-    assert_same_as_straight(workdir, straight)
+    assert f"took over the lock of train.py pid {first.pid} on host {socket.gethostname()}: that process has " \
+           "ended" in out.stdout
+    assert f"resumed from step {N}" in out.stdout and f"past step {N} (logged after the checkpoint" in out.stdout
+    assert_same_as_straight(workdir, straight)  # the first run was unharmed by the second
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 2 * N + 1))  # each step once
+    assert not (workdir / "train.lock").exists()
 
 
 def test_resume_after_sigkill_during_an_async_save_is_exact(tmp_path, cache, straight):
@@ -184,6 +218,7 @@ def test_restore_onto_another_mesh(fsdp8_checkpoint, target):
 
 
 def _two_checkpoints(tmp_path):
+    """(abstract state, state) of the tiny model, saved as steps 1 and 2 in `tmp_path`."""
     config = tiny_config()
     model_config = model_config_from(config.model)
     mesh = sharding_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
@@ -194,33 +229,93 @@ def _two_checkpoints(tmp_path):
     saver.wait()
     saver.save(2, state, {"step": 2}, {"model": model_config.to_dict()})
     saver.close()
-    return run.abstract_state
+    return run.abstract_state, state
 
 
 def test_truncated_checkpoint_is_reported_and_the_previous_one_used(tmp_path, capsys):
-    abstract = _two_checkpoints(tmp_path)
+    abstract, _ = _two_checkpoints(tmp_path)
     step2 = tmp_path / "checkpoints" / "2"
     files = sorted((p for p in step2.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     biggest = files[-1]
     with open(biggest, "r+b") as f:
         f.truncate(biggest.stat().st_size // 2)
-    loader = ckpt_lib.Checkpointer(str(tmp_path))
-    restored = loader.restore_latest(abstract)
-    loader.close()
-    assert restored is not None and restored[1] == {"step": 1}
-    said = r"checkpoint step 2 \(file .* has \d+ bytes, \d+ were written\): unusable, skipped; using step 1\n"
-    assert re.fullmatch(said, capsys.readouterr().err)  # once, with what was skipped and the step used
-    # generate.py's loader falls back the same way...
+    problem = r"checkpoint step 2 \(file .* has \d+ bytes, \d+ were written\): unusable, "
+    # generate.py's loader falls back, says so once, and leaves the workdir as it is...
     config, _ = ckpt_lib.restore_params(str(tmp_path))
-    assert re.fullmatch(said, capsys.readouterr().err)
-    # ...but a step folder named on purpose is that step or an error.
+    assert re.fullmatch(problem + r"skipped; using step 1\n", capsys.readouterr().err)
+    # ...a step folder named on purpose is that step or an error...
     with pytest.raises(ValueError, match=r"checkpoints/2 is unusable: file .* bytes") as error:
         ckpt_lib.restore_params(str(tmp_path / "checkpoints" / "2"))
     assert "using" not in str(error.value) and capsys.readouterr().err == ""
+    # ...and a training run falls back too, moving the bad step aside so that it can save step 2 again.
+    loader = ckpt_lib.Checkpointer(str(tmp_path))
+    restored = loader.restore_latest(abstract)
+    assert restored is not None and restored[1] == {"step": 1}
+    said = capsys.readouterr().err
+    assert re.fullmatch(problem + r"moved aside to 2\.corrupt-\d{8}T\d{6}Z; using step 1\n", said)
+    aside = tmp_path / "checkpoints" / said.split("moved aside to ")[1].split(";")[0]
+    assert (aside / "params").is_dir() and aside.with_name(aside.name + ".sizes.json").exists()
+    assert loader.all_steps() == [1] and not step2.exists()
+    loader.save(2, restored[0], {"step": 2}, restored[2])
+    loader.close()
+    assert ckpt_lib.verify_step(str(tmp_path / "checkpoints"), 2) is None
+    assert ckpt_lib.newest_meta(str(tmp_path))[1] == 2 and capsys.readouterr().err == ""
+    ckpt_lib.Checkpointer(str(tmp_path)).close()  # orbax's clean-up of temporary folders leaves it alone
+    assert (aside / "params").is_dir()
+
+
+def test_a_truncated_newest_checkpoint_is_replaced_by_the_runs_that_follow(tmp_path, cache, capsys):
+    # The schedule of test_resume_with_other_steps_schedule_or_model: one compiled step serves both.
+    config = tiny_config(num_steps=2, checkpoint_every=1, warmup_steps=1)
+    config.data.cache_dir = str(cache)
+    trainer_lib.train(config, str(tmp_path))
+    ckdir = tmp_path / "checkpoints"
+    biggest = max((p for p in (ckdir / "2").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(biggest, "r+b") as f:
+        f.truncate(biggest.stat().st_size // 2)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 3.1')  # the torn end of a write cut by SIGKILL
+    capsys.readouterr()
+    # The same command again: back to step 1, step 2 moved aside, then saved anew at the end.
+    trainer_lib.train(config, str(tmp_path))
+    out, err = capsys.readouterr()
+    assert re.search(r"checkpoint step 2 \(file .*\): unusable, moved aside to 2\.corrupt-\S+; using step 1\n", err)
+    assert "resumed from step 1" in out
+    assert "metrics.jsonl: dropped 1 record(s) past step 1 (logged after the checkpoint this run starts from) and " \
+           "1 unreadable line(s) (a write cut short)" in out
+    assert len([n for n in os.listdir(ckdir) if re.fullmatch(r"2\.corrupt-\d{8}T\d{6}Z", n)]) == 1
+    # Asking for more steps: resumes from the new step 2, with nothing to skip, and saves step 3.
+    config.train.num_steps = 3
+    trainer_lib.train(config, str(tmp_path))
+    out, err = capsys.readouterr()
+    assert "resumed from step 2" in out and "unusable" not in err and "dropped" not in out
+    loader = ckpt_lib.Checkpointer(str(tmp_path))
+    assert loader.all_steps() == [1, 2, 3]
+    assert all(ckpt_lib.verify_step(str(ckdir), s) is None for s in (2, 3))
+    loader.close()
+    assert ckpt_lib.restore_params(str(ckdir / "2"))[0].n_embd == 32  # the new step 2 loads on its own
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+
+
+def test_metrics_keep_through_drops_later_and_torn_records_only(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert metrics_file.keep_through(str(path), 3) is None and not path.exists()
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)] + [json.dumps({"step": 3, "val_loss": 2.0})]
+    path.write_text("\n".join(lines) + "\n")
+    before = path.stat().st_mtime_ns
+    assert metrics_file.keep_through(str(path), 3) is None and path.stat().st_mtime_ns == before  # untouched
+    path.write_bytes(path.read_bytes() + json.dumps({"step": 4, "loss": 1.0}).encode() + b"\n" + b'{"step": 5, "lo\xc3')
+    assert metrics_file.keep_through(str(path), 3) == (
+        "metrics.jsonl: dropped 1 record(s) past step 3 (logged after the checkpoint this run starts from) and "
+        "1 unreadable line(s) (a write cut short)")
+    assert path.read_text() == "\n".join(lines) + "\n"
+    assert metrics_file.keep_through(str(path), 0) is not None and path.read_text() == ""
+    assert os.listdir(tmp_path) == ["metrics.jsonl"]
 
 
 def test_incomplete_checkpoint_is_ignored(tmp_path, capsys):
-    abstract = _two_checkpoints(tmp_path)
+    abstract, _ = _two_checkpoints(tmp_path)
     ck = tmp_path / "checkpoints"
     shutil.rmtree(ck / "2")
     (ck / "2.orbax-checkpoint-tmp-1234").mkdir()  # what a save killed half-way leaves behind
@@ -251,6 +346,93 @@ def test_nan_loss_stops_training_naming_the_step(tmp_path, cache, monkeypatch):
     with pytest.raises(trainer_lib.NonFiniteLossError, match="loss is nan at step 5"):
         trainer_lib.train(config, str(tmp_path))
     assert ckpt_lib.Checkpointer(str(tmp_path)).all_steps() == [3]  # the last good one stays
+
+
+def _failing_saves(monkeypatch, make_it_fail, at_step):
+    """Checkpointer saves in which `make_it_fail(checkpointer)` runs just before the save of `at_step`."""
+    real = ckpt_lib.Checkpointer._save
+
+    def save(self, step, *args):
+        if step == at_step:
+            make_it_fail(self)
+        return real(self, step, *args)
+
+    monkeypatch.setattr(ckpt_lib.Checkpointer, "_save", save)
+
+
+def test_a_failed_save_ends_the_run_in_one_line_leaving_earlier_checkpoints_usable(tmp_path, cache, monkeypatch,
+                                                                                    capsys, caplog):
+    # The schedule of test_nan_loss_stops_training_naming_the_step: one compiled step serves both.
+    config = tiny_config(num_steps=8, checkpoint_every=3)
+    config.data.cache_dir = str(cache)
+    # A real failure, written by orbax's background thread: the file size limit drops to 1 MB for the
+    # save of step 6 (the OS refuses writes past it with EFBIG, much as a full disk does with ENOSPC).
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing us
+    _failing_saves(monkeypatch, lambda _: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limit[1])), 6)
+    try:
+        with pytest.raises(save_failures.CheckpointSaveError) as error:
+            trainer_lib.train(config, str(tmp_path / "efbig"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert str(error.value) == ("checkpoint at step 6 not saved: file too large (errno 27); the checkpoint at step 3 "
+                                "is intact and a rerun resumes from it")
+    ckdir = tmp_path / "efbig" / "checkpoints"
+    assert sorted(os.listdir(ckdir)) == ["3", "3.sizes.json"]  # the half-written step 6 is gone
+    assert ckpt_lib.restore_params(str(tmp_path / "efbig"))[0].n_embd == 32
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # orbax's tracebacks kept quiet
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "efbig" / "train.lock").exists()
+
+
+def test_a_full_disk_is_said_before_the_save_and_named_when_it_fails(tmp_path, monkeypatch, capsys):
+    _, state = _two_checkpoints(tmp_path)
+    ckdir = tmp_path / "checkpoints"
+    monkeypatch.setattr(save_failures, "free_bytes", lambda directory: 3 << 20)
+
+    def full(checkpointer):  # tensorstore's error for a full disk, and the folder it leaves behind
+        os.makedirs(os.path.join(checkpointer.directory, "3.orbax-checkpoint-tmp", "params"))
+        raise ValueError("RESOURCE_EXHAUSTED: Error writing \"opt_state.1.0.mu.wte.embedding/0.0\" in OCDBT database: "
+                         "Failed to write 4358144 bytes to file 12: No space left on device [os_error_code='28']")
+
+    _failing_saves(monkeypatch, full, 3)
+    saver = ckpt_lib.Checkpointer(str(tmp_path))
+    capsys.readouterr()
+    with pytest.raises(save_failures.CheckpointSaveError) as error:
+        saver.save(3, state, {"step": 3}, {"model": {}})
+    saver.close()
+    with open(ckdir / "2.sizes.json") as f:
+        need = round(sum(json.load(f).values()) / 2**20)  # as much as the checkpoint before
+    assert str(error.value) == (f"checkpoint at step 3 not saved: no space left on device (needs ~{need} MB, 3 MB free "
+                                f"in {ckdir}); the checkpoint at step 2 is intact and a rerun resumes from it")
+    assert capsys.readouterr().err == (f"warning: 3 MB free in {ckdir}, but a checkpoint takes ~{need} MB: the save at "
+                                       "step 3 will likely fail (no space left on device)\n")
+    assert sorted(os.listdir(ckdir)) == ["1", "1.sizes.json", "2", "2.sizes.json"]  # the partial folder is gone
+    assert ckpt_lib.newest_meta(str(tmp_path))[1] == 2
+    # A step that exists is never written over (orbax would rewrite its metadata before refusing).
+    saver = ckpt_lib.Checkpointer(str(tmp_path))
+    with pytest.raises(save_failures.CheckpointSaveError, match=f"checkpoint at step 2 not saved: {ckdir}/2 already "):
+        saver.save(2, state, {"step": 2}, {"model": {}})
+    saver.close()
+
+
+def test_a_last_save_that_fails_in_the_background_is_raised_by_close(tmp_path):
+    _, state = _two_checkpoints(tmp_path)
+    saver = ckpt_lib.Checkpointer(str(tmp_path))
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limit[1]))  # the OS refuses writes past 1 MB
+    try:
+        saver.save(3, state, {"step": 3}, {"model": {}})  # returns while orbax writes
+        with pytest.raises(save_failures.CheckpointSaveError) as error:
+            saver.close()  # as train() does after the last step: the run must not be reported done
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert str(error.value) == ("checkpoint at step 3 not saved: file too large (errno 27); the checkpoint at step 2 "
+                                "is intact and a rerun resumes from it")
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "1.sizes.json", "2", "2.sizes.json"]
 
 
 def test_resume_with_other_steps_schedule_or_model(tmp_path, cache, capsys):

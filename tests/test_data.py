@@ -160,6 +160,26 @@ def test_jsonl_errors_name_the_line(tmp_path):
         data.prepare_corpus(str(source), tmp_path / "cache")
 
 
+def test_a_non_utf8_file_is_named_with_the_byte_its_offset_and_how_to_convert_it(tmp_path):
+    # Windows-1252 text whose first non-UTF-8 byte (the "é" of café, 0xe9) is far past the first block read.
+    source = tmp_path / "notes 1252.txt"
+    text = "plain ascii line\n" * 5000 + "un café\n"
+    source.write_bytes(text.encode("cp1252"))
+    at = text.index("é")
+    with pytest.raises(ValueError) as error:
+        data.prepare_corpus(str(source), tmp_path / "cache")
+    assert str(error.value) == (
+        f"{source} is not UTF-8 text: byte 0xe9 at offset {at} (line 5001) is not valid UTF-8; it may be Windows-1252 "
+        f"/ Latin-1: convert it with iconv -f WINDOWS-1252 -t UTF-8 '{source}' > '{source}.utf8' and use that file"
+    )
+    # A UTF-16 file (with its byte-order mark) is told apart; .jsonl files get the same line.
+    utf16 = tmp_path / "u16.jsonl"
+    utf16.write_bytes(json.dumps({"text": "hi"}).encode("utf-16"))
+    with pytest.raises(ValueError, match=r"u16\.jsonl is not UTF-8 text: byte 0xff at offset 0 \(line 1\) .* UTF-16 "
+                                         r"byte-order mark: convert it with iconv -f UTF-16 -t UTF-8 "):
+        data.prepare_corpus(str(utf16), tmp_path / "cache")
+
+
 def test_many_shards_concatenate(tmp_path):
     source = tmp_path / "long.txt"
     source.write_text("The quick brown fox jumps over the lazy dog. " * 40)

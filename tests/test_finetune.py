@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -250,8 +251,10 @@ def test_a_pytorch_bin_folder_is_refused_by_train_py_with_how_to_convert_it(torc
     assert "\n" not in line and line.startswith(f"error: config.model.init_from='{folder}': ")
     assert "holds pytorch_model.bin but no model.safetensors" in line and ".save_pretrained(" in line
     assert not (tmp_path / "w").exists()
-    # The command it gives converts the folder, which then opens.
-    exec(line.split('python -c "', 1)[1].rstrip('"'))  # noqa: S102 - the message's own one-liner
+    # The command it gives pastes into a shell (its quotes are intact) and converts the folder, which then opens.
+    program, flag, code = shlex.split(line.split("convert it once with ", 1)[1])
+    assert (program, flag) == ("python", "-c")
+    exec(code)  # noqa: S102 - the message's own one-liner
     assert init_from_lib.open_source(str(folder)).model_config.n_inner == 80
 
 

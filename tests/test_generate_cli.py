@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from gpt2_jax import ModelConfig
+from gpt2_jax.inference.export import export_checkpoint
 from gpt2_jax.model.hf import load_hf_gpt2, save_hf_gpt2
 from gpt2_jax.inference.sampling import generate
 from gpt2_jax.data.tokenizer import EOT_ID, get_tokenizer
@@ -144,6 +145,19 @@ def test_a_checkpoint_generates_and_exports_to_an_equal_hf_folder(tmp_path):
     text = PROMPT + " <|endoftext|> naïve café 1234"
     assert hf_tokenizer(text)["input_ids"] == get_tokenizer().encode(text, allowed_special="all")
     assert hf_tokenizer.eos_token_id == EOT_ID and hf_tokenizer.model_max_length == TINY.block_size
+
+    # Exporting again into the same folder is refused before anything is read or written...
+    weights = tmp_path / "hf" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    out = run(["--ckpt", workdir, "--out", str(tmp_path / "hf")], module="gpt2_jax.export")
+    assert_one_line_error(out, f"--out {tmp_path / 'hf'} already exists and is not empty: give a new folder, or "
+                               "--force")
+    assert weights.stat().st_mtime_ns == before
+    # ...unless asked for (the command line's --force): then the weights are written again.
+    export_checkpoint(workdir, str(tmp_path / "hf"), "bfloat16", overwrite=True)
+    assert weights.stat().st_mtime_ns != before
+    bf16 = load_hf_gpt2(str(tmp_path / "hf"))[1]["wte"]["embedding"]
+    np.testing.assert_allclose(bf16, params["wte"]["embedding"], rtol=1e-2)
 
 
 def test_export_refuses_a_rotary_model_and_writes_nothing(tmp_path):

@@ -158,8 +158,44 @@ def _read_blocks(path: Path, block_chars: int) -> Iterator[str]:
         with open(path, encoding="utf-8") as f:
             while block := f.read(block_chars):
                 yield block
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+
+
+def not_utf8(path: Path) -> ValueError:
+    """The error for a text file that does not decode as UTF-8: where (byte offset and line in the
+    file, not in the block being read), which byte, and how to convert it."""
+    import codecs
+    import shlex
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 1
+    with open(path, "rb") as f:
+        head = f.read(2)
+        f.seek(0)
+        while chunk := f.read(1 << 20):
+            held = len(decoder.getstate()[0])  # the start of a character cut by the previous chunk's end
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:  # e.object is the held bytes followed by this chunk
+                at = offset - held + e.start
+                lines += chunk[: max(at - offset, 0)].count(b"\n")
+                bad = e.object[e.start: e.start + 1]
+                break
+            offset += len(chunk)
+            lines += chunk.count(b"\n")
+        else:
+            cut = offset - len(decoder.getstate()[0])
+            return ValueError(f"{path} is not UTF-8 text: it ends inside a multi-byte character (from offset {cut})")
+    # A UTF-16 file (Windows "Unicode") starts with a byte-order mark; a single-byte code page such as
+    # Windows-1252 / Latin-1 is by far the most common other case, and its bytes are never a mark.
+    source = "UTF-16" if head in (b"\xff\xfe", b"\xfe\xff") else "WINDOWS-1252"
+    guess = "it starts with a UTF-16 byte-order mark" if source == "UTF-16" else "it may be Windows-1252 / Latin-1"
+    quoted = shlex.quote(str(path))
+    return ValueError(
+        f"{path} is not UTF-8 text: byte 0x{bad.hex()} at offset {at} (line {lines}) is not valid UTF-8; {guess}: "
+        f"convert it with iconv -f {source} -t UTF-8 {quoted} > {shlex.quote(str(path) + '.utf8')} and use that file"
+    )
 
 
 def _jsonl_texts(path: Path) -> Iterator[str]:
@@ -175,8 +211,8 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     raise ValueError(f"{path}:{line_number}: expected an object with a string field 'text'")
                 yield record["text"]
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
 
 
 def _documents(src: _Source, block_chars: int) -> Iterator[Iterable[str]]:

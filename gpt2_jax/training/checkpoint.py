@@ -10,7 +10,9 @@ file, so a truncated file is noticed before orbax reads garbage.
 
 Orbax writes each step into a temporary folder and renames it when complete, so a process killed
 mid-save leaves a temporary folder, never a step that looks whole. Restoring walks back from the
-newest step and skips (and names) any that is incomplete, truncated or unreadable.
+newest step and skips (and names) any that is incomplete, truncated or unreadable. A training run
+that falls back that way moves each skipped step aside, to `<step>.corrupt-<UTC time>/` (kept for
+a look, never deleted), so that its own later saves of those steps are written normally.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +31,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from gpt2_jax.model.config import ModelConfig
+from gpt2_jax.training import save_failures
 
 ITEMS = ("params", "train_state", "data", "meta")
 
@@ -88,22 +92,45 @@ def _restore_checked(directory: str, step: int, restore: Callable[[int], Any]) -
         return None, _failure(e)
 
 
-def restore_newest_usable(directory: str, steps: list[int], restore: Callable[[int], Any]) -> tuple[Any, list[str]]:
+def set_aside(directory: str, step: int) -> str:
+    """Renames the step folder (and its size record) to `<step>.corrupt-<UTC time>`; returns the new path.
+
+    Orbax sees only folders named by a number, so the step is free to be saved again.
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = os.path.join(directory, f"{step}.corrupt-{stamp}")
+    n = 1
+    while os.path.exists(target):  # set aside twice within a second
+        n += 1
+        target = os.path.join(directory, f"{step}.corrupt-{stamp}-{n}")
+    os.rename(os.path.join(directory, str(step)), target)
+    if os.path.exists(_sizes_path(directory, step)):
+        os.rename(_sizes_path(directory, step), target + ".sizes.json")
+    return target
+
+
+def restore_newest_usable(directory: str, steps: list[int], restore: Callable[[int], Any], *,
+                          move_aside: bool = False) -> tuple[Any, list[str]]:
     """Tries `restore(step)` from the newest step back; returns (result or None, problems met).
 
     A step whose files do not match their recorded sizes, or whose restore raises, is skipped in
     favour of the previous one; once a step restores, one line on stderr names what was skipped,
-    why, and the step used.
+    why, and the step used. With `move_aside` the skipped steps are also moved aside (`set_aside`),
+    but only once an older step has restored: when none does, nothing is touched.
     """
-    problems = []
+    problems, skipped = [], []
     for step in sorted(steps, reverse=True):
         result, problem = _restore_checked(directory, step, restore)
         if problem is None:
             if problems:
-                print(f"checkpoint {'; '.join(problems)}: unusable, skipped; using step {step}",
+                done = "skipped"
+                if move_aside:
+                    done = "moved aside to " + ", ".join(os.path.basename(set_aside(directory, s)) for s in skipped)
+                print(f"checkpoint {'; '.join(problems)}: unusable, {done}; using step {step}",
                       file=sys.stderr, flush=True)
             return result, problems
         problems.append(f"step {step} ({problem})")
+        skipped.append(step)
     return None, problems
 
 
@@ -119,6 +146,8 @@ def read_newest_meta(directory: str) -> dict | None:
     options = ocp.CheckpointManagerOptions(create=False)  # read_only=True would log three warnings
     with ocp.CheckpointManager(directory, item_names=ITEMS, options=options) as manager:
         for step in steps:
+            if verify_step(directory, step) is not None:
+                continue  # a truncated step: the restore names it and walks back past it
             try:
                 return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             except Exception:  # noqa: BLE001 - an unreadable step: the restore walks back past it
@@ -136,6 +165,13 @@ class Checkpointer:
         self._pending: list[int] = []
         self._lock = threading.Lock()
         self._async = async_save
+        self._failed = False
+        self._warned = False
+        self._expected = 0  # bytes the last save started is expected to take
+        # How a warning reaches the terminal: the training loop routes it around its progress bar.
+        self.say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
+        self._quiet = save_failures.Quiet()
+        self._quiet.install()
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_names=ITEMS,
@@ -174,19 +210,73 @@ class Checkpointer:
                 os.remove(os.path.join(self.directory, name))
 
     def poll(self) -> None:
-        """Cheap; call once a step: records the sizes of saves that have finished since."""
-        if self._pending:
-            self._record_sizes()
+        """Cheap; call once a step: records the sizes of saves that have finished since, and raises
+        CheckpointSaveError as soon as one has failed (not at the next save, maybe hours later)."""
+        if self._pending and not self.manager.is_saving_in_progress():
+            self.wait()
+
+    def _last_size(self) -> int | None:
+        """Bytes of the newest checkpoint whose sizes are recorded."""
+        steps = [int(m.group(1)) for n in os.listdir(self.directory) if (m := re.fullmatch(r"(\d+)\.sizes\.json", n))]
+        for step in sorted(steps, reverse=True):
+            try:
+                with open(_sizes_path(self.directory, step)) as f:
+                    return sum(json.load(f).values())
+            except (OSError, ValueError):
+                continue
+        return None
+
+    def _need(self, state: Any) -> int:
+        """What the next checkpoint will take: as much as the last one, or the state's arrays for a first."""
+        return self._last_size() or save_failures.state_bytes(state)
+
+    def check_space(self, step: int, state: Any) -> None:
+        """Says (once, on stderr) when the disk has less room than a checkpoint of `state` takes."""
+        if self._warned or jax.process_index() != 0:
+            return
+        line = save_failures.space_warning(step, self._need(state), self.directory)
+        if line is not None:
+            self.say(line)
+            self._warned = True
+
+    def _fail(self, step: int, error: BaseException, need: int) -> save_failures.CheckpointSaveError:
+        """Marks this checkpointer failed and returns the error naming the step (the oldest unfinished one)."""
+        self._failed = True
+        with self._lock:
+            step = min([*self._pending, step])
+            self._pending.clear()
+        kept = [s for s in self.manager.all_steps() if s < step]
+        return save_failures.failure(step, error, self.directory, need, max(kept) if kept else None)
 
     def all_steps(self) -> list[int]:
         self.manager.reload()
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
-        """Starts writing a checkpoint of `state` (a TrainState); returns before it is on disk."""
+        """Starts writing a checkpoint of `state` (a TrainState); returns before it is on disk.
+
+        CheckpointSaveError (one line) if this save, or an earlier one still being written, fails; a
+        step that exists is never written over (orbax would rewrite its metadata before refusing).
+        """
+        if step in self.manager.all_steps():
+            raise save_failures.CheckpointSaveError(
+                f"checkpoint at step {step} not saved: {os.path.join(self.directory, str(step))} already exists")
+        self.check_space(step, state)
+        need = self._expected = self._need(state)
         with self._lock:
             self._pending.append(step)
-        saved = self.manager.save(
+        try:
+            saved = self._save(step, state, data_state, meta)
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types
+            raise self._fail(step, e, need) from e
+        if not saved:
+            with self._lock:
+                self._pending.remove(step)
+        if not self._async:
+            self._record_sizes()
+
+    def _save(self, step: int, state: Any, data_state: dict, meta: dict) -> bool:
+        return self.manager.save(
             step,
             args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state.params),
@@ -198,19 +288,31 @@ class Checkpointer:
             ),
             force=True,
         )
-        if not saved:
-            with self._lock:
-                self._pending.remove(step)
-        if not self._async:
-            self._record_sizes()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until the saves under way are on disk; CheckpointSaveError if one failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._fail(max(self._pending, default=0), e, self._expected) from e
         self._record_sizes()
+        if jax.process_index() != 0:  # only process 0 records sizes (and so clears what it waited for)
+            with self._lock:
+                self._pending.clear()
 
     def close(self) -> None:
-        self.wait()
-        self.manager.close()
+        try:
+            if not self._failed:
+                self.wait()
+                self.manager.close()
+                return
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 - the failure that ended the run has been raised already
+                pass
+        finally:
+            if not self._failed:
+                self._quiet.uninstall()
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -225,9 +327,16 @@ class Checkpointer:
         steps = self.all_steps()
         if not steps:
             return None
-        result, problems = restore_newest_usable(self.directory, steps, lambda step: self._restore(step, abstract_state))
+        result, problems = restore_newest_usable(self.directory, steps, lambda step: self._restore(step, abstract_state),
+                                                 move_aside=jax.process_index() == 0)
         if result is None:
             raise ValueError(f"no usable checkpoint in {self.directory}: " + "; ".join(problems))
+        if problems:  # process 0 has moved the skipped steps aside: every process forgets them
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("gpt2_jax: unusable checkpoints moved aside")
+            self.manager.reload()
         return result
 
     def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:

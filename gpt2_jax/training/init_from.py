@@ -221,7 +221,11 @@ def _fit(config: ModelConfig, params: Any) -> Any:
 
 
 def _reason(e: Exception) -> str:
-    return str(e).strip("'\"")  # a KeyError's message comes quoted
+    # str() of a KeyError is the repr of its message (quoted, escaped); its message itself keeps the quotes
+    # inside it intact, so that a suggested command still pastes into a shell.
+    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
+        return e.args[0]
+    return str(e)
 
 
 def _print(line: str) -> None:

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from typing import Any
 
@@ -25,10 +26,12 @@ from gpt2_jax.model.attention import resolve_attention
 from gpt2_jax.model.config import ModelConfig, count_params
 from gpt2_jax.training import checkpoint as ckpt_lib
 from gpt2_jax.training import init_from as init_from_lib
+from gpt2_jax.training import metrics_file
 from gpt2_jax.training import resume as resume_lib
 from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding as sharding_lib
 from gpt2_jax.training import step as step_lib
+from gpt2_jax.training import workdir_lock
 
 # Keys that may differ between a checkpoint and the config resuming it: they change how the
 # model is computed, not what its parameters are.
@@ -92,8 +95,6 @@ def peak_flops_per_device(override: float = 0.0, mesh: Any = None) -> float | No
 def _summary_writer(logdir: str):
     """tensorboardX's SummaryWriter. tensorboardX imports torch, where it is installed, only to accept
     torch tensors (1-2 s of start-up); we log Python floats, so torch stays hidden while it loads."""
-    import sys
-
     hide = "torch" not in sys.modules
     if hide:
         sys.modules["torch"] = None  # `import torch` raises ImportError while this is in place
@@ -147,7 +148,7 @@ def plot_loss_curve(workdir: str) -> str | None:
         for line in f:
             r = json.loads(line)
             if "loss" in r:
-                train[r["step"]] = r["loss"]  # a resumed run rewrites steps: keep the latest
+                train[r["step"]] = r["loss"]
             if "val_loss" in r:
                 val[r["step"]] = r["val_loss"]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -219,16 +220,37 @@ def train(config: Any, workdir: str) -> dict:
     """Trains as `config` says, resuming from `workdir`'s newest good checkpoint if there is one.
 
     Returns a summary dict (final step, last loss, last val loss, ...); `done_line` renders it. A
-    start that fails leaves no workdir behind if this call created it and nothing was written.
+    start that fails leaves no workdir behind if this call created it and nothing was written. The
+    workdir's lock (training/workdir_lock.py) is held throughout, by process 0.
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
     created = not os.path.exists(workdir)
+    lock = _lock(workdir)
     try:
         return _train(config, workdir)
     except BaseException:
+        if lock is not None:
+            lock.release()
         if created and jax.process_index() == 0 and not _has_results(workdir):
             shutil.rmtree(workdir, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock(workdir: str) -> workdir_lock.WorkdirLock | None:
+    """Process 0 takes the workdir's lock (the others get None); every process raises if it could not."""
+    held = None
+    if jax.process_index() == 0:
+        try:
+            held = workdir_lock.acquire(workdir, say=lambda line: print(line, flush=True))
+        except workdir_lock.WorkdirBusyError:
+            _any_process(True)
+            raise
+    if _any_process(False):
+        raise workdir_lock.WorkdirBusyError(f"workdir {workdir} is in use by another run (process 0 says which)")
+    return held
 
 
 def _has_results(workdir: str) -> bool:
@@ -279,8 +301,10 @@ def _train(config: Any, workdir: str) -> dict:
         return _train_loop(config, workdir, run, checkpointer, train_iter, val_tokens,
                            num_steps=num_steps, schedule=schedule, prompt=prompt, params=params)
     finally:
-        checkpointer.close()
-        train_iter.close()
+        try:
+            checkpointer.close()  # raises CheckpointSaveError if the last save failed: the run is not done
+        finally:
+            train_iter.close()
 
 
 def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val_tokens, *, num_steps: int,
@@ -311,7 +335,8 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
     nothing_to_do = resume_lib.check_steps(start_step, num_steps, t, checkpointer.directory)
     if nothing_to_do is not None:
         notes = [nothing_to_do]
-    if is_main:
+    if is_main:  # the records an interrupted run logged past this run's start, which it logs again
+        notes.append(metrics_file.keep_through(os.path.join(workdir, "metrics.jsonl"), start_step))
         for note in filter(None, notes):
             print(note, flush=True)
     if nothing_to_do is not None:
@@ -364,6 +389,9 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
             flush=True,
         )
         print("attention: %s (%s)" % resolve_attention(model_config, platform.of_mesh(mesh).name), flush=True)
+    # A disk too full for a checkpoint is said now, not when the first save fails (maybe hours from now).
+    every = t.checkpoint_every
+    checkpointer.check_space(min(num_steps, (start_step // every + 1) * every) if every > 0 else num_steps, state)
 
     signals = _Signals()
     signals.install()
@@ -372,6 +400,7 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
         from tqdm import tqdm
 
         progress = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0)
+        checkpointer.say = lambda line: progress.write(line, file=sys.stderr)
 
     window_t, window_steps = time.perf_counter(), 0
     step = start_step
