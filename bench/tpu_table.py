@@ -1,9 +1,9 @@
 """GPT-2 sizes on Cloud TPU slices, measured by the TPU compiler on this host (no TPU needed).
 
-    python bench/tpu_table.py [--models gpt2,gpt2-medium] [--topologies v5e-8,v6e-8] [--remat off,full]
-                              [--out bench/tpu_table.jsonl] [--flops]
+    python bench/tpu_table.py [--config gpt2_124m] [--models gpt2,gpt2-medium] [--topologies v5e-8,v6e-8]
+                              [--remat off,full] [--out bench/tpu_table.jsonl] [--flops]
 
-For each (model, topology, remat): configs/gpt2_124m.py with that preset (T=1024, bf16, attention
+For each (model, topology, remat): configs/gpt2_124m.py (or --config) with that preset (T=1024, bf16, attention
 'auto' = splash, fsdp over the slice, one micro-batch per step), its train step compiled at a
 micro-batch per chip and at twice (or half) that, peak bytes per chip from `memory_analysis()` (or
 the compiler's out-of-memory refusal), and the largest micro-batch per chip that fits estimated
@@ -28,14 +28,14 @@ MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 TOPOLOGIES = ("v5e-8", "v6e-8", "v5p-8", "v4-8")
 
 
-def measure(model: str, name: str, remat: str, flops: bool, first_per_chip: int) -> dict:
-    from configs import gpt2_124m
+def measure(config_name: str, model: str, name: str, remat: str, flops: bool, first_per_chip: int) -> dict:
+    import importlib
     from gpt2_jax.model.config import model_config_from
     from gpt2_jax.training import compiled, sharding
     from gpt2_jax.training import run as run_lib
 
     spec = topology.parse(name)
-    c = gpt2_124m.get_config()
+    c = importlib.import_module(f"configs.{config_name}").get_config()
     c.model.preset = model
     c.model.remat = remat != "off"
     c.train.grad_accum_steps = 1
@@ -47,8 +47,8 @@ def measure(model: str, name: str, remat: str, flops: bool, first_per_chip: int)
     first = compiled.compile_train_step(run)
     fit = compiled.largest_micro_batch(run, first, first.usable_bytes or spec.usable_bytes or spec.hbm_bytes, search=False)
     row = {
-        "model": model, "topology": name, "remat": remat, "block_size": model_config.block_size,
-        "micro_batch_per_chip": first_per_chip, "fits": first.fits, "peak_bytes": first.peak_bytes,
+        "config": config_name, "model": model, "topology": name, "remat": remat, "block_size": model_config.block_size,
+        "micro_batch_per_chip": first_per_chip, "fits": first.fits and (first.peak_bytes or 0) <= spec.hbm_bytes, "peak_bytes": first.peak_bytes,
         "hbm_bytes": spec.hbm_bytes, "mosaic_kernels": first.mosaic_kernels, "cudnn_attention": first.cudnn_attention,
         "largest_micro_batch_per_chip": fit.per_device, "largest_note": fit.note,
         "state_bytes": compiled.bytes_per_device(run.abstract_state),
@@ -64,29 +64,50 @@ def measure(model: str, name: str, remat: str, flops: bool, first_per_chip: int)
     return row
 
 
+def render(path: str) -> str:
+    """The measured rows as a markdown table (README / BENCHMARKS.md)."""
+    gib = 1 << 30
+    lines = ["| config | model | topology | remat | peak GiB/chip at 8 seqs | HBM GiB | fits at 8 | largest micro-batch"
+             " per chip | compiled / formula FLOPs |", "|---|---|---|---|---|---|---|---|---|"]
+    with open(path) as f:
+        for r in map(json.loads, f):
+            peak = "over (refused)" if r["peak_bytes"] is None else f"{r['peak_bytes'] / gib:.2f}"
+            fits = r["fits"] and r["peak_bytes"] is not None and r["peak_bytes"] <= r["hbm_bytes"]
+            ratio = f"{r['flops_ratio']:.2f}" if r.get("flops_ratio") else "-"
+            lines.append(f"| {r.get('config', 'gpt2_124m')} | {r['model']} | {r['topology']} | {r['remat']} | {peak} | "
+                         f"{r['hbm_bytes'] / gib:.0f} | {'yes' if fits else 'no'} | "
+                         f"~{r['largest_micro_batch_per_chip']} | {ratio} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="gpt2_124m", help="a module of configs/ (its preset is replaced)")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
     parser.add_argument("--remat", default="off,full")
     parser.add_argument("--micro_batch", type=int, default=8, help="first micro-batch per chip compiled")
     parser.add_argument("--flops", action="store_true")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "tpu_table.jsonl"))
+    parser.add_argument("--render", action="store_true", help="print --out's rows as a markdown table and exit")
     args = parser.parse_args()
+    if args.render:
+        print(render(args.out))
+        return
     topology.prepare_environment()
     import jax
 
     done = set()
     if os.path.exists(args.out):
         with open(args.out) as f:
-            done = {(r["model"], r["topology"], r["remat"]) for r in map(json.loads, f) if r}
+            done = {(r.get("config", "gpt2_124m"), r["model"], r["topology"], r["remat"]) for r in map(json.loads, f)}
     with jax.default_matmul_precision("default"):
         for model in args.models.split(","):
             for name in args.topologies.split(","):
                 for remat in args.remat.split(","):
-                    if (model, name, remat) in done:
+                    if (args.config, model, name, remat) in done:
                         continue
-                    row = measure(model, name, remat, args.flops, args.micro_batch)
+                    row = measure(args.config, model, name, remat, args.flops, args.micro_batch)
                     print(json.dumps(row), flush=True)
                     with open(args.out, "a") as f:
                         f.write(json.dumps(row) + "\n")
