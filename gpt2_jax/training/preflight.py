@@ -154,7 +154,7 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
             warnings.append(
                 f"device memory overflow: {what} need {_human(need)} per device, the device has "
                 f"{_human(memory_limit)} ({memory_source}); shard more (config.mesh.fsdp), use smaller "
-                "micro-batches (raise config.train.grad_accum_steps) or set config.model.remat=True"
+                "micro-batches (raise config.train.grad_accum_steps) or set config.model.remat='full'"
             )
     return figures
 

@@ -32,7 +32,8 @@ from gpt2_jax.training import step as step_lib
 
 # Keys that may differ between a checkpoint and the config resuming it: they change how the
 # model is computed, not what its parameters are.
-_RESUMABLE_MODEL_CHANGES = frozenset({"dropout", "dtype", "remat", "scan_layers", "attention", "zero_init_proj"})
+_RESUMABLE_MODEL_CHANGES = frozenset({"dropout", "dtype", "remat", "scan_layers", "attention", "zero_init_proj",
+                                      "loss_chunk"})
 
 # Dense bf16 peaks (FLOP/s per device) for the MFU figure.
 _PEAK_FLOPS = {
