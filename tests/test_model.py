@@ -1,4 +1,4 @@
-"""Properties of the model: causality, cache == full forward, attention variants, rotary, scan/remat.
+"""Properties of the model: causality, cache == full forward, attention variants, rotary, scan/remat policies.
 
 Every model call here is jitted with the config static: equal configs share one compiled program
 across tests, where un-jitted calls would dispatch op by op and trace again each time.
@@ -255,12 +255,13 @@ def _loss_and_grads(cfg, params, tokens):
     return jax.value_and_grad(loss)(params)
 
 
-def test_scan_and_remat_leave_outputs_and_gradients_unchanged():
+def test_scan_and_every_remat_policy_leave_outputs_and_gradients_unchanged():
     base = tiny(n_layer=3, n_kv_head=2)
+    assert base.remat == "none" and base.replace(remat=True).remat == "full"  # the old bools name policies
     params = random_params(base, seed=17, std=0.02)
     tokens = random_tokens(18, (2, 17))
     ref_loss, ref_grads = _loss_and_grads(base, params, tokens)
-    for scan, remat in [(False, False), (True, True), (False, True)]:
+    for scan, remat in [(False, False), (True, True), (False, True), (True, "save_dots"), (True, "save_qkv")]:
         loss, grads = _loss_and_grads(base.replace(scan_layers=scan, remat=remat), params, tokens)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
