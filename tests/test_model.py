@@ -267,6 +267,22 @@ def test_scan_and_every_remat_policy_leave_outputs_and_gradients_unchanged():
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
 
 
+def test_remat_policies_recompute_what_they_say():
+    """Matmuls in the gradient's program: 'full' reruns every block matmul in the backward pass,
+    'save_qkv' all but q and k/v, 'save_dots' only attention's own (the weight matmuls are kept)."""
+    base = tiny(n_kv_head=2)
+    params = jax.eval_shape(lambda: random_params(base, std=0.02))
+    tokens = jnp.zeros((2, 16), jnp.int32)
+
+    def matmuls(remat):
+        cfg = base.replace(remat=remat)
+        grad = jax.grad(lambda p: GPT2(cfg).apply({"params": p}, tokens).sum())
+        return str(jax.make_jaxpr(grad)(params)).count("dot_general")
+
+    counts = [matmuls(policy) for policy in ("none", "save_dots", "save_qkv", "full")]
+    assert counts == sorted(set(counts)), counts  # strictly more recomputation, in that order
+
+
 def test_bfloat16_compute_runs_and_stays_close():
     cfg = tiny(n_kv_head=2, position_embedding="rotary")
     params = random_params(cfg, seed=19, std=0.02)
