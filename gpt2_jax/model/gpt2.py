@@ -1,4 +1,5 @@
-"""GPT-2: token (+ learned position) embeddings, a stack of blocks, final norm, tied (or untied) head."""
+"""GPT-2: token (+ learned position) embeddings, a stack of blocks (remat policies), final norm, tied (or untied)
+head. GPT2Hidden: the same model up to the head, for the chunked loss (loss.py)."""
 
 from __future__ import annotations
 
