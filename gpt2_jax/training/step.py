@@ -43,8 +43,8 @@ def loss_fn(
     """
     chunk = loss_lib.resolve_loss_chunk(model_config)
     if chunk:
-        return jnp.mean(loss_lib.chunked_token_losses(model_config, params, batch["inputs"], batch["targets"],
-                                                      chunk=chunk, dropout_rng=dropout_rng))
+        return loss_lib.chunked_mean_loss(model_config, params, batch["inputs"], batch["targets"], chunk=chunk,
+                                          dropout_rng=dropout_rng)
     logits = GPT2(model_config).apply(
         {"params": params},
         batch["inputs"],
