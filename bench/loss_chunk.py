@@ -8,7 +8,9 @@ Every variant is the step train.py runs (`make_train_step`, fp32, AdamW, vocabul
 built in this one process from the same initial state and batch; after compiling, the variants take
 turns, `--steps` steps each per round for `--rounds` rounds, so load changes on a shared machine fall
 on all of them alike. Reported: the median step time of each over all its timed steps (min-max), the
-ratio to the whole-logits step, and the loss of each variant's first step (the same, to fp32 rounding).
+median CPU seconds a step used (every thread of this process: what load from other work does not
+inflate), each as a ratio to the first variant's, and each variant's first loss (the same, to fp32
+rounding).
 """
 
 from __future__ import annotations
@@ -92,30 +94,40 @@ def main(argv) -> None:
     tokens = np.random.default_rng(0).integers(0, 50257, (B, T + 1)).astype(np.int32)
 
     variants = {chunk: build(chunk, shape, initial, tokens) for chunk in chunks}
+    load_before = os.getloadavg()[0]
     times: dict[int, list[float]] = {chunk: [] for chunk in chunks}
+    cpu_times: dict[int, list[float]] = {chunk: [] for chunk in chunks}
     for _ in range(FLAGS.rounds):
         for chunk, (step, _, _) in variants.items():
             for _ in range(FLAGS.steps):
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 step()
                 times[chunk].append(time.perf_counter() - start)
+                cpu_times[chunk].append(time.process_time() - cpu_start)
 
-    base_median = statistics.median(times[chunks[0]])
-    rows = [{"loss_chunk": chunk, "median_s": statistics.median(times[chunk]), "min_s": min(times[chunk]),
-             "max_s": max(times[chunk]), "vs_first": statistics.median(times[chunk]) / base_median,
+    # CPU seconds (all of this process's threads) next to wall-clock: on a machine shared with other
+    # work, waiting for a core inflates wall time but not the work a step does.
+    median = {chunk: statistics.median(times[chunk]) for chunk in chunks}
+    cpu_median = {chunk: statistics.median(cpu_times[chunk]) for chunk in chunks}
+    rows = [{"loss_chunk": chunk, "median_s": median[chunk], "min_s": min(times[chunk]), "max_s": max(times[chunk]),
+             "vs_first": median[chunk] / median[chunks[0]], "cpu_median_s": cpu_median[chunk],
+             "cpu_vs_first": cpu_median[chunk] / cpu_median[chunks[0]],
              "compile_s": variants[chunk][1], "first_loss": variants[chunk][2]} for chunk in chunks]
     record = {"shape": dict(zip(("n_layer", "n_head", "n_embd", "seq_len", "batch_size"), shape)), "vocab": 50304,
               "rounds": FLAGS.rounds, "steps_per_round": FLAGS.steps, "rows": rows, **cpu_facts(),
-              "cores": os.cpu_count(), "jax": jax.__version__}
+              "cores": os.cpu_count(), "jax": jax.__version__,
+              "load_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}  # before and after the timed steps
     if FLAGS.json:
         print(json.dumps(record))
         return
     print(f"{record['cpu']} ({os.cpu_count()} cores), jax {jax.__version__}; shape {record['shape']}, "
-          f"{FLAGS.rounds} rounds x {FLAGS.steps} steps each")
-    print(f"{'loss_chunk':>10} {'median s':>9} {'min-max s':>15} {'vs first':>8} {'compile s':>9} {'first loss':>11}")
+          f"{FLAGS.rounds} rounds x {FLAGS.steps} steps each; 1-minute load {record['load_1min']}")
+    print(f"{'loss_chunk':>10} {'median s':>9} {'min-max s':>15} {'vs first':>8} {'CPU s':>7} {'vs first':>8} "
+          f"{'compile s':>9} {'first loss':>11}")
     for r in rows:
         print(f"{r['loss_chunk']:>10} {r['median_s']:>9.4f} {r['min_s']:>7.4f}-{r['max_s']:<7.4f} "
-              f"{r['vs_first']:>8.3f} {r['compile_s']:>9.1f} {r['first_loss']:>11.6f}")
+              f"{r['vs_first']:>8.3f} {r['cpu_median_s']:>7.3f} {r['cpu_vs_first']:>8.3f} "
+              f"{r['compile_s']:>9.1f} {r['first_loss']:>11.6f}")
 
 
 if __name__ == "__main__":

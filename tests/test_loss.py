@@ -1,5 +1,5 @@
 """The chunked loss (gpt2_jax/model/loss.py) equals the whole-logits loss and its gradients: fp32 and
-bf16, tied and untied heads, soft-capped logits, a padded vocabulary, chunks that do not divide T,
+bf16, tied and untied heads, soft-capped logits, dropout, a padded vocabulary, chunks that do not divide T,
 on fsdp and tensor meshes; its compiled program holds no [B, T, V] array; evaluation uses it."""
 
 import functools
@@ -22,9 +22,10 @@ B, T = 4, 16
 # vocab 97 padded to 104: the 7 padded columns must stay out of every softmax.
 BASE = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=T, vocab_size=97,
                    pad_vocab_to_multiple=8, loss_chunk=0)
-# Tied with a chunk (5) that leaves the last chunk short; untied and soft-capped with one (4) that divides T.
-CASES = {"tied-chunk5": dict(loss_chunk=5), "untied-softcap-chunk4": dict(tie_embeddings=False, logit_softcap=3.0,
-                                                                          loss_chunk=4)}
+# Tied with a chunk (5) that leaves the last chunk short; untied, soft-capped and with dropout (the same
+# masks either way) with one (4) that divides T.
+CASES = {"tied-chunk5": dict(loss_chunk=5),
+         "untied-softcap-dropout-chunk4": dict(tie_embeddings=False, logit_softcap=3.0, dropout=0.1, loss_chunk=4)}
 
 
 def batch(seed=0):
@@ -34,7 +35,8 @@ def batch(seed=0):
 
 @functools.partial(jax.jit, static_argnums=0)
 def loss_and_grads(cfg, params, batch):
-    return jax.value_and_grad(functools.partial(step_lib.loss_fn, model_config=cfg))(params, batch)
+    rng = jax.random.PRNGKey(7) if cfg.dropout > 0 else None
+    return jax.value_and_grad(functools.partial(step_lib.loss_fn, model_config=cfg, dropout_rng=rng))(params, batch)
 
 
 def whole(cfg):
