@@ -29,6 +29,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from gpt2_jax.model import platform
 from gpt2_jax.model.config import ModelConfig
@@ -47,9 +48,18 @@ def resolve_loss_chunk(config: ModelConfig, backend: str | None = None) -> int:
     """Positions per chunk for `config.loss_chunk` on `backend` (default: the mesh's platform,
     gpt2_jax/model/platform.py); 0 means the whole logits at once."""
     if config.loss_chunk != "auto":
-        return config.loss_chunk
-    backend = backend or platform.current()
-    return CPU_CHUNK if backend == "cpu" else ACCELERATOR_CHUNK
+        chunk, why = config.loss_chunk, "as configured"
+    else:
+        backend = backend or platform.current()
+        chunk, why = (CPU_CHUNK if backend == "cpu" else ACCELERATOR_CHUNK), f"auto: {backend.upper()}"
+    _announce(chunk, why)
+    return chunk
+
+
+@functools.lru_cache(maxsize=None)
+def _announce(chunk: int, why: str) -> None:
+    """One log line per distinct choice (at trace time), as the attention choice has."""
+    logging.info("loss: %s (%s)", f"{chunk} positions per chunk" if chunk else "whole logits", why)
 
 
 # --------------------------------------------------------------------------- one chunk
