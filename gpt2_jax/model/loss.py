@@ -120,7 +120,7 @@ def head_mean_loss(config: ModelConfig, h: jax.Array, table: jax.Array, targets:
 
 
 def _mean_loss_fwd(config, h, table, targets, chunk):
-    B, T, E = h.shape
+    B, T, _ = h.shape
     h_chunks, target_chunks, real = _split(h, targets, chunk)
     w = table.astype(h.dtype)  # [V_padded, E], compute dtype
     vocab = jnp.arange(table.shape[0])
