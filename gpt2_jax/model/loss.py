@@ -29,7 +29,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 
 from gpt2_jax.model import platform
 from gpt2_jax.model.config import ModelConfig
@@ -44,22 +43,23 @@ ACCELERATOR_CHUNK = 128
 CPU_CHUNK = 0
 
 
-def resolve_loss_chunk(config: ModelConfig, backend: str | None = None) -> int:
-    """Positions per chunk for `config.loss_chunk` on `backend` (default: the mesh's platform,
-    gpt2_jax/model/platform.py); 0 means the whole logits at once."""
+def loss_choice(config: ModelConfig, backend: str | None = None) -> tuple[int, str]:
+    """(positions per chunk, why) for `config.loss_chunk` on `backend` (default: the mesh's platform,
+    gpt2_jax/model/platform.py); 0 positions means the whole logits at once."""
     if config.loss_chunk != "auto":
-        chunk, why = config.loss_chunk, "as configured"
-    else:
-        backend = backend or platform.current()
-        chunk, why = (CPU_CHUNK if backend == "cpu" else ACCELERATOR_CHUNK), f"auto: {backend.upper()}"
-    _announce(chunk, why)
-    return chunk
+        return config.loss_chunk, "as configured"
+    backend = backend or platform.current()
+    return (CPU_CHUNK if backend == "cpu" else ACCELERATOR_CHUNK), f"auto: {backend.upper()}"
 
 
-@functools.lru_cache(maxsize=None)
-def _announce(chunk: int, why: str) -> None:
-    """One log line per distinct choice (at trace time), as the attention choice has."""
-    logging.info("loss: %s (%s)", f"{chunk} positions per chunk" if chunk else "whole logits", why)
+def resolve_loss_chunk(config: ModelConfig, backend: str | None = None) -> int:
+    """Positions per chunk (0: whole logits), as `loss_choice` decides."""
+    return loss_choice(config, backend)[0]
+
+
+def describe(chunk: int) -> str:
+    """What a resolved chunk means, for the line train.py prints."""
+    return f"{chunk} positions per chunk" if chunk else "whole logits"
 
 
 # --------------------------------------------------------------------------- one chunk

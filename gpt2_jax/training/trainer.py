@@ -22,6 +22,7 @@ from absl import logging
 from gpt2_jax import data as data_lib
 from gpt2_jax.model import platform
 from gpt2_jax.model.attention import resolve_attention
+from gpt2_jax.model import loss as loss_lib
 from gpt2_jax.model.config import ModelConfig, count_params
 from gpt2_jax.training import checkpoint as ckpt_lib
 from gpt2_jax.training import init_from as init_from_lib
@@ -361,6 +362,8 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
             flush=True,
         )
         print("attention: %s (%s)" % resolve_attention(model_config, platform.of_mesh(mesh).name), flush=True)
+        chunk, why = loss_lib.loss_choice(model_config, platform.of_mesh(mesh).name)
+        print(f"loss: {loss_lib.describe(chunk)} ({why})", flush=True)
 
     signals = _Signals()
     signals.install()
