@@ -70,7 +70,7 @@ class ModelConfig:
     logit_softcap: float = 0.0  # > 0: logits = c * tanh(logits / c); 0 = off
     zero_init_proj: bool = False  # attention out, MLP proj (and an untied head) start at zero
     # How the training and evaluation loss computes the head: 0 = the whole logits [B, T, V] at
-    # once; N > 0 = N positions at a time, logits [B, N, V] per chunk, recomputed in the backward
+    # once; N > 0 = N positions at a time, logits [B, N, V] per chunk, never [B, T, V]
     # (gpt2_jax/model/loss.py); 'auto' = the measured best for the mesh's platform (loss.py).
     # The same loss and gradients either way; sampling always takes whole logits.
     loss_chunk: int | str = "auto"
