@@ -12,7 +12,10 @@ before the backward pass starts (d mean / d logits = (softmax - one_hot(target))
 step also runs the two backward matmuls of its chunk (dh [B, chunk, E] and its share of the head's
 weight gradient, summed over the chunks in fp32), and the backward pass only scales them by the
 incoming cotangent. A `jax.checkpoint`ed step would instead run the head's forward matmul a second
-time in the backward pass: a third more head FLOPs, and the head is most of a small model's.
+time in the backward pass: a third more head FLOPs, and the head is most of a small model's. What
+the forward pass keeps for the backward instead of the logits: dh [B, T, E] in the compute dtype
+(the size of h itself) and the head's weight gradient [V_padded, E] in the table's stored dtype
+(GPT-2 small: 155 MB in fp32, before any sharding of it).
 Evaluation calls `head_token_losses` (forward only, one loss per token for the weighted sums).
 
 Why chunks of positions and not of the vocabulary: each chunk's softmax then runs over the whole
