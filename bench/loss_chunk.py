@@ -27,8 +27,9 @@ from absl import app, flags  # noqa: E402
 
 from bench.cpu_facts import cpu_facts  # noqa: E402
 
-# (n_layer, n_head, n_embd, T, B): configs/small.py's model and batch, and train_throughput.py's "small".
-SHAPES = {"small": (4, 4, 256, 128, 2), "throughput_small": (6, 6, 384, 256, 8)}
+# (n_layer, n_head, n_embd, T, B): configs/small.py's model and batch, and train_throughput.py's shapes.
+SHAPES = {"small": (4, 4, 256, 128, 2), "throughput_small": (6, 6, 384, 256, 8), "124m_t256": (12, 12, 768, 256, 4),
+          "124m_t1024": (12, 12, 768, 1024, 1)}
 
 flags.DEFINE_enum("shape", "small", list(SHAPES), "Model and batch shape.")
 flags.DEFINE_list("chunks", ["0", "32", "64"], "loss_chunk values to compare (0 = whole logits).")

@@ -52,8 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
     m.zero_init_proj = False  # attention out, MLP proj and an untied head start at zero, not N(0, 0.02)
     # The training and evaluation loss: 0 = the whole logits [B, T, vocab] at once; N = the head, softmax
     # and loss N positions at a time (logits [B, N, vocab] per chunk, never [B, T, vocab]: the fp32
-    # logits of GPT-2 small at 16 x 1024 tokens are 3.3 GB per chip); 'auto' = 128 on TPU / GPU,
-    # 0 on CPU (measured faster there, BENCHMARKS.md). Same loss and gradients either way.
+    # logits of GPT-2 small at 16 x 1024 tokens are 3.3 GB per chip); 'auto' = 128 on TPU / GPU, and
+    # 128 on CPU too, measured as fast or faster there (BENCHMARKS.md). Same loss and gradients either way.
     m.loss_chunk = ml_collections.FieldReference("auto", field_type=object)
 
     # ---- training

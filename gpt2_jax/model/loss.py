@@ -44,9 +44,10 @@ from gpt2_jax.model.gpt2 import GPT2Hidden, head_grads
 # were 18.2 GiB whole and 9.9 / 10.1 / 11.5 / 13.9 GiB at 64 / 128 / 256 / 512 positions: below
 # 128 the memory barely falls, and the matmuls shrink.
 ACCELERATOR_CHUNK = 128
-# On a CPU memory is not the limit and the whole-logits loss measured faster (BENCHMARKS.md,
-# "Chunked cross-entropy on CPU"), so 'auto' keeps it there.
-CPU_CHUNK = 0
+# On a CPU memory is not the limit, but the chunked step measured as fast as the whole-logits one
+# where T <= 128 (one chunk) and 5-6% faster with 2 and 8 chunks of 128 (BENCHMARKS.md, "Chunked
+# cross-entropy on CPU"); 32 and 64 positions were slower than the whole logits (smaller GEMMs).
+CPU_CHUNK = 128
 
 
 def loss_choice(config: ModelConfig, backend: str | None = None) -> tuple[int, str]:
@@ -73,6 +74,7 @@ def _split(h: jax.Array, targets: jax.Array, chunk: int):
     """h [B, T, E], targets [B, T] -> chunks h [n, B, C, E], targets [n, B, C], real [n, B, C] (False
     where a last chunk that T does not fill is padded)."""
     B, T, E = h.shape
+    chunk = min(chunk, T)  # a chunk longer than the rows would only be padding
     n = -(-T // chunk)
     pad = n * chunk - T
     real = jnp.arange(n * chunk) < T  # [n C]
