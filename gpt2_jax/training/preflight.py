@@ -9,8 +9,9 @@ Figures, all per device unless named otherwise:
   * activations / temporaries and the peak: from `memory_analysis()` of the compiled train step,
     the very program training runs (lowered from abstract inputs, so nothing is allocated either).
   * FLOPs per step: XLA's `cost_analysis()`. XLA counts a loop body once, and the configured step
-    loops over layers (`scan_layers`) and over micro-batches (`grad_accum_steps`), so the count
-    comes from a second compile of the same step with layers unrolled and one micro-batch, times
+    loops over layers (`scan_layers`), over micro-batches (`grad_accum_steps`) and over the loss's
+    chunks (`loss_chunk`), so the count comes from a second compile of the same step with layers
+    unrolled, the whole-logits loss (the same matmuls) and one micro-batch, times
     grad_accum_steps (this counts the optimizer update grad_accum_steps times: well under 1% of a
     step). The analytic 6·params·tokens + attention figure the trainer uses for MFU is shown beside it.
 
@@ -43,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from gpt2_jax.model import loss as loss_lib
+from gpt2_jax.model import platform
 from gpt2_jax.model.config import ModelConfig, count_params
 from gpt2_jax.training import init_from
 from gpt2_jax.training import run as run_lib
@@ -212,9 +215,13 @@ def _compiled_figures(run: run_lib.Run, t: Any) -> dict[str, Any]:
         figures.update(activation_bytes=int(memory.temp_size_in_bytes), peak_bytes=int(peak))
 
     model_config = run.model_config
-    if model_config.scan_layers or accum > 1:  # loops whose bodies XLA's cost analysis counts once
+    # Loops whose bodies XLA's cost analysis counts once: layers, micro-batches and the loss's chunks.
+    # The whole-logits loss runs the same matmuls as the chunked one (which recomputes nothing).
+    chunked = loss_lib.resolve_loss_chunk(model_config, platform.of_mesh(run.mesh).name) > 0
+    if model_config.scan_layers or accum > 1 or chunked:
         one_micro = _replaced(t, global_batch_size=t.global_batch_size // accum, grad_accum_steps=1)
-        unrolled = run_lib.build_run(model_config.replace(scan_layers=False), one_micro, run.mesh, run.num_steps)
+        unrolled = run_lib.build_run(model_config.replace(scan_layers=False, loss_chunk=0), one_micro, run.mesh,
+                                     run.num_steps)
         compiled = compile_step(unrolled, one_micro.global_batch_size)
     flops = _flops(compiled.cost_analysis())
     if flops is not None:  # the per-device (SPMD) program, run by every device, for one micro-batch
