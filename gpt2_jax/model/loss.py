@@ -66,7 +66,7 @@ def resolve_loss_chunk(config: ModelConfig, backend: str | None = None) -> int:
 
 def describe(chunk: int) -> str:
     """What a resolved chunk means, for the line train.py prints."""
-    return f"{chunk} positions per chunk" if chunk else "whole logits"
+    return f"chunks of up to {chunk} positions" if chunk else "whole logits"
 
 
 # --------------------------------------------------------------------------- one chunk
