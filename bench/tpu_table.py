@@ -28,7 +28,8 @@ MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 TOPOLOGIES = ("v5e-8", "v6e-8", "v5p-8", "v4-8")
 
 
-def measure(config_name: str, model: str, name: str, remat: str, flops: bool, first_per_chip: int) -> dict:
+def measure(config_name: str, model: str, name: str, remat: str, flops: bool, first_per_chip: int,
+            loss_chunk: str) -> dict:
     import importlib
     from gpt2_jax.model.config import model_config_from
     from gpt2_jax.training import compiled, sharding
@@ -37,17 +38,21 @@ def measure(config_name: str, model: str, name: str, remat: str, flops: bool, fi
     spec = topology.parse(name)
     c = importlib.import_module(f"configs.{config_name}").get_config()
     c.model.preset = model
-    c.model.remat = remat != "off"
+    c.model.remat = "none" if remat == "off" else remat
+    c.model.loss_chunk = loss_chunk if loss_chunk == "auto" else int(loss_chunk)
     c.train.grad_accum_steps = 1
     c.train.global_batch_size = first_per_chip * spec.chips
     mesh = sharding.make_mesh(c.mesh, devices=topology.devices(spec))
     model_config = model_config_from(c.model)
     run = run_lib.build_run(model_config, c.train, mesh, 100)
+    from gpt2_jax.model import loss as loss_lib
+
+    chunk = loss_lib.resolve_loss_chunk(model_config, spec.platform)
     start = time.perf_counter()
     first = compiled.compile_train_step(run)
     fit = compiled.largest_micro_batch(run, first, first.usable_bytes or spec.usable_bytes or spec.hbm_bytes, search=False)
     row = {
-        "config": config_name, "model": model, "topology": name, "remat": remat, "block_size": model_config.block_size,
+        "config": config_name, "model": model, "topology": name, "remat": remat, "loss_chunk": chunk, "block_size": model_config.block_size,
         "micro_batch_per_chip": first_per_chip, "fits": first.fits and (first.peak_bytes or 0) <= spec.hbm_bytes, "peak_bytes": first.peak_bytes,
         "hbm_bytes": spec.hbm_bytes, "mosaic_kernels": first.mosaic_kernels, "cudnn_attention": first.cudnn_attention,
         "largest_micro_batch_per_chip": fit.per_device, "largest_note": fit.note,
@@ -67,14 +72,16 @@ def measure(config_name: str, model: str, name: str, remat: str, flops: bool, fi
 def render(path: str) -> str:
     """The measured rows as a markdown table (README / BENCHMARKS.md)."""
     gib = 1 << 30
-    lines = ["| config | model | topology | remat | peak GiB/chip at 8 seqs | HBM GiB | fits at 8 | largest micro-batch"
-             " per chip | compiled / formula FLOPs |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | model | topology | remat | loss | micro-batch per chip | peak GiB per chip | HBM GiB | fits |"
+             " largest micro-batch per chip | compiled / formula FLOPs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     with open(path) as f:
         for r in map(json.loads, f):
             peak = "over (refused)" if r["peak_bytes"] is None else f"{r['peak_bytes'] / gib:.2f}"
             fits = r["fits"] and r["peak_bytes"] is not None and r["peak_bytes"] <= r["hbm_bytes"]
             ratio = f"{r['flops_ratio']:.2f}" if r.get("flops_ratio") else "-"
-            lines.append(f"| {r.get('config', 'gpt2_124m')} | {r['model']} | {r['topology']} | {r['remat']} | {peak} | "
+            loss = f"chunks of {r['loss_chunk']}" if r.get("loss_chunk") else "whole logits"
+            lines.append(f"| {r.get('config', 'gpt2_124m')} | {r['model']} | {r['topology']} | {r['remat']} | {loss} | "
+                         f"{r['micro_batch_per_chip']} | {peak} | "
                          f"{r['hbm_bytes'] / gib:.0f} | {'yes' if fits else 'no'} | "
                          f"~{r['largest_micro_batch_per_chip']} | {ratio} |")
     return "\n".join(lines)
@@ -85,7 +92,8 @@ def main() -> None:
     parser.add_argument("--config", default="gpt2_124m", help="a module of configs/ (its preset is replaced)")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
-    parser.add_argument("--remat", default="off,full")
+    parser.add_argument("--remat", default="off,full", help="policies: off (none), full, save_dots, save_qkv")
+    parser.add_argument("--loss_chunk", default="auto", help="config.model.loss_chunk: auto, 0 (whole logits) or N")
     parser.add_argument("--micro_batch", type=int, default=8, help="first micro-batch per chip compiled")
     parser.add_argument("--flops", action="store_true")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "tpu_table.jsonl"))
@@ -100,14 +108,21 @@ def main() -> None:
     done = set()
     if os.path.exists(args.out):
         with open(args.out) as f:
-            done = {(r.get("config", "gpt2_124m"), r["model"], r["topology"], r["remat"]) for r in map(json.loads, f)}
+            done = {(r.get("config", "gpt2_124m"), r["model"], r["topology"], r["remat"], r.get("loss_chunk", 0),
+                     r["micro_batch_per_chip"]) for r in map(json.loads, f)}
     with jax.default_matmul_precision("default"):
         for model in args.models.split(","):
             for name in args.topologies.split(","):
                 for remat in args.remat.split(","):
-                    if (args.config, model, name, remat) in done:
+                    from gpt2_jax.model import loss as loss_lib
+                    from gpt2_jax.model.config import ModelConfig
+
+                    chunk = loss_lib.resolve_loss_chunk(ModelConfig.from_preset(model, loss_chunk=(
+                        args.loss_chunk if args.loss_chunk == "auto" else int(args.loss_chunk))),
+                        topology.parse(name).platform)
+                    if (args.config, model, name, remat, chunk, args.micro_batch) in done:
                         continue
-                    row = measure(args.config, model, name, remat, args.flops, args.micro_batch)
+                    row = measure(args.config, model, name, remat, args.flops, args.micro_batch, args.loss_chunk)
                     print(json.dumps(row), flush=True)
                     with open(args.out, "a") as f:
                         f.write(json.dumps(row) + "\n")

@@ -30,7 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
     m.dropout = 0.0
     m.dtype = "float32"  # compute dtype; 'bfloat16' on TPU/GPU (params and optimizer stay fp32)
     m.param_dtype = "float32"
-    m.remat = False  # recompute block activations in the backward pass (memory for compute)
+    # What each block keeps for the backward pass (memory for compute): 'none' keeps every activation;
+    # 'full' recomputes the whole block; 'save_dots' keeps the weight matmuls' outputs and recomputes
+    # norms, GELU and attention; 'save_qkv' keeps only q, k, v. False / True = 'none' / 'full'.
+    m.remat = ml_collections.FieldReference("none", field_type=object)
     m.scan_layers = True  # compile one block, not n_layer copies (fast compile, same numerics)
     # 'auto' | 'blockwise' | 'dense' | 'splash' | 'cudnn'. auto: Pallas splash on TPU, cuDNN flash on
     # GPU (needs dtype bfloat16/float16, head_dim % 8 == 0, <= 256; else blockwise), blockwise on CPU.
@@ -47,6 +50,11 @@ def get_config() -> ml_collections.ConfigDict:
     m.tie_embeddings = True  # False: a separate output head lm_head [vocab, n_embd]
     m.logit_softcap = 0.0  # > 0: logits = c * tanh(logits / c), bounding them to (-c, c); 0 = off
     m.zero_init_proj = False  # attention out, MLP proj and an untied head start at zero, not N(0, 0.02)
+    # The training and evaluation loss: 0 = the whole logits [B, T, vocab] at once; N = the head, softmax
+    # and loss N positions at a time (logits [B, N, vocab] per chunk, never [B, T, vocab]: the fp32
+    # logits of GPT-2 small at 16 x 1024 tokens are 3.3 GB per chip); 'auto' = 128 on TPU / GPU, and
+    # 128 on CPU too, measured as fast or faster there (BENCHMARKS.md). Same loss and gradients either way.
+    m.loss_chunk = ml_collections.FieldReference("auto", field_type=object)
 
     # ---- training
     c.train = t = ml_collections.ConfigDict()

@@ -30,7 +30,8 @@ BAD = [
     (dict(pad_vocab_to_multiple=0), "pad_vocab_to_multiple", "pad_vocab_to_multiple=0"),
     (dict(n_inner=-1), "n_inner", "n_inner=-1"),
     (dict(layer_norm_eps=0.0), "layer_norm_eps", "layer_norm_eps=0.0"),
-    (dict(remat="yes"), "remat", "remat='yes' must be a bool"),
+    (dict(remat="yes"), "remat", r"remat='yes' must be one of \('none', 'full', 'save_dots', 'save_qkv'\)"),
+    (dict(remat=1), "remat", "remat=1 must be one of"),
 ]
 
 

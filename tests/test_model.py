@@ -1,4 +1,4 @@
-"""Properties of the model: causality, cache == full forward, attention variants, rotary, scan/remat.
+"""Properties of the model: causality, cache == full forward, attention variants, rotary, scan/remat policies.
 
 Every model call here is jitted with the config static: equal configs share one compiled program
 across tests, where un-jitted calls would dispatch op by op and trace again each time.
@@ -255,15 +255,32 @@ def _loss_and_grads(cfg, params, tokens):
     return jax.value_and_grad(loss)(params)
 
 
-def test_scan_and_remat_leave_outputs_and_gradients_unchanged():
+def test_scan_and_every_remat_policy_leave_outputs_and_gradients_unchanged():
     base = tiny(n_layer=3, n_kv_head=2)
+    assert base.remat == "none" and base.replace(remat=True).remat == "full"  # the old bools name policies
     params = random_params(base, seed=17, std=0.02)
     tokens = random_tokens(18, (2, 17))
     ref_loss, ref_grads = _loss_and_grads(base, params, tokens)
-    for scan, remat in [(False, False), (True, True), (False, True)]:
+    for scan, remat in [(False, False), (True, True), (False, "save_qkv"), (True, "save_dots")]:
         loss, grads = _loss_and_grads(base.replace(scan_layers=scan, remat=remat), params, tokens)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
+
+
+def test_remat_policies_recompute_what_they_say():
+    """Matmuls in the gradient's program: 'full' reruns every block matmul in the backward pass,
+    'save_qkv' all but q and k/v, 'save_dots' only attention's own (the weight matmuls are kept)."""
+    base = tiny(n_kv_head=2)
+    params = jax.eval_shape(lambda: random_params(base, std=0.02))
+    tokens = jnp.zeros((2, 16), jnp.int32)
+
+    def matmuls(remat):
+        cfg = base.replace(remat=remat)
+        grad = jax.grad(lambda p: GPT2(cfg).apply({"params": p}, tokens).sum())
+        return str(jax.make_jaxpr(grad)(params)).count("dot_general")
+
+    counts = [matmuls(policy) for policy in ("none", "save_dots", "save_qkv", "full")]
+    assert counts == sorted(set(counts)), counts  # strictly more recomputation, in that order
 
 
 def test_bfloat16_compute_runs_and_stays_close():

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.gpt2 import GPT2
+from gpt2_jax.model.loss import chunked_token_losses, resolve_loss_chunk
 
 BATCH_AXIS = "batch"
 
@@ -38,7 +39,14 @@ BATCH_AXIS = "batch"
 
 
 def _row_losses(config: ModelConfig, params, inputs, positions, targets, weights) -> jax.Array:
-    """[B, T] int inputs / positions (-1 = padding) / targets, float weights -> [B] summed loss."""
+    """[B, T] int inputs / positions (-1 = padding) / targets, float weights -> [B] summed loss.
+
+    The head runs a chunk of positions at a time when `config.loss_chunk` resolves to one
+    (gpt2_jax/model/loss.py); the losses are the same."""
+    chunk = resolve_loss_chunk(config)
+    if chunk:
+        nll = chunked_token_losses(config, params, inputs, targets, positions, chunk=chunk)  # [B, T]
+        return jnp.sum(nll * weights, axis=-1)
     logits = GPT2(config).apply({"params": params}, inputs, positions).astype(jnp.float32)  # [B, T, V]
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
     nll = jax.nn.logsumexp(logits, axis=-1) - target_logit  # [B, T], no [B, T, V] log-softmax kept

@@ -24,6 +24,8 @@ _POSITIONS = ("learned", "rotary")
 _ATTENTION = ("auto", "blockwise", "dense", "splash", "cudnn")  # gpt2_jax/model/attention.py
 _NORMS = ("layernorm", "rmsnorm")
 _ACTIVATIONS = ("gelu", "relu2")
+# What a block keeps for the backward pass (gpt2.py, REMAT_POLICIES says what each saves).
+REMAT = ("none", "full", "save_dots", "save_qkv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +53,10 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     dtype: str = "float32"  # activations and matmuls
     param_dtype: str = "float32"  # stored parameters (and so optimizer state)
-    remat: bool = False  # recompute each block's activations in the backward pass
+    # Which of each block's activations the backward pass recomputes instead of keeping: 'none',
+    # 'full' (all of them), 'save_dots' or 'save_qkv' (gpt2.py). False / True mean 'none' / 'full'
+    # and are stored as those names.
+    remat: str = "none"
     scan_layers: bool = True  # one compiled block applied n_layer times; False unrolls the loop
     # How attention over whole rows runs (gpt2_jax/model/attention.py): 'auto' picks splash on
     # TPU, cuDNN on GPU (bf16/fp16), blockwise on CPU. Numerics equal the dense rule in every case.
@@ -64,6 +69,11 @@ class ModelConfig:
     tie_embeddings: bool = True  # False: a separate output head lm_head [padded_vocab, E]
     logit_softcap: float = 0.0  # > 0: logits = c * tanh(logits / c); 0 = off
     zero_init_proj: bool = False  # attention out, MLP proj (and an untied head) start at zero
+    # How the training and evaluation loss computes the head: 0 = the whole logits [B, T, V] at
+    # once; N > 0 = N positions at a time, logits [B, N, V] per chunk, never [B, T, V]
+    # (gpt2_jax/model/loss.py); 'auto' = the measured best for the mesh's platform (loss.py).
+    # The same loss and gradients either way; sampling always takes whole logits.
+    loss_chunk: int | str = "auto"
 
     # ----------------------------------------------------------------- derived
     @property
@@ -167,7 +177,8 @@ class ModelConfig:
              f"layer_norm_eps={self.layer_norm_eps!r} must be positive")
         need(self.dtype in _DTYPES, f"dtype={self.dtype!r} must be one of {_DTYPES}")
         need(self.param_dtype in _DTYPES, f"param_dtype={self.param_dtype!r} must be one of {_DTYPES}")
-        need(isinstance(self.remat, bool), f"remat={self.remat!r} must be a bool")
+        need(isinstance(self.remat, str) and self.remat in REMAT,
+             f"remat={self.remat!r} must be one of {REMAT} (or False / True for 'none' / 'full')")
         need(isinstance(self.scan_layers, bool), f"scan_layers={self.scan_layers!r} must be a bool")
         need(self.attention in _ATTENTION, f"attention={self.attention!r} must be one of {_ATTENTION}")
         need(self.norm in _NORMS, f"norm={self.norm!r} must be one of {_NORMS}")
@@ -178,9 +189,16 @@ class ModelConfig:
         need(isinstance(self.logit_softcap, (int, float)) and not isinstance(self.logit_softcap, bool)
              and self.logit_softcap >= 0,
              f"logit_softcap={self.logit_softcap!r} must be a number >= 0 (0 = off)")
+        need(self.loss_chunk == "auto" or (isinstance(self.loss_chunk, int) and not isinstance(self.loss_chunk, bool)
+                                           and self.loss_chunk >= 0),
+             f"loss_chunk={self.loss_chunk!r} must be 'auto', 0 (whole logits) or a positive number of positions")
         return self
 
     def __post_init__(self) -> None:
+        # remat was a bool before it named policies: configs and checkpoints that say False / True
+        # keep working, and compare equal to the names they mean.
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
         self.validate()
 
 

@@ -1,4 +1,5 @@
-"""GPT-2: token (+ learned position) embeddings, a stack of blocks, final norm, tied (or untied) head."""
+"""GPT-2: token (+ learned position) embeddings, a stack of blocks (remat policies), final norm, tied (or untied)
+head. GPT2Hidden: the same model up to the head, for the chunked loss (loss.py)."""
 
 from __future__ import annotations
 
@@ -85,11 +86,18 @@ def _head_fwd(h, table):
     return head_matmul(h, table), (h, table)
 
 
-def _head_bwd(residuals, g):
-    h, table = residuals
+def head_grads(h: jax.Array, table: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The head matmul's backward: fp32 (dh [..., E], dtable [V, E]) for the cotangent g [..., V],
+    cast to the operands' (compute) dtype first, accumulated in fp32."""
     g = g.astype(h.dtype)  # [..., V]
     dh = jnp.einsum("...v,ve->...e", g, table, preferred_element_type=jnp.float32)
     dtable = jnp.einsum("...v,...e->ve", g, h, preferred_element_type=jnp.float32)
+    return dh, dtable
+
+
+def _head_bwd(residuals, g):
+    h, table = residuals
+    dh, dtable = head_grads(h, table, g)
     return dh.astype(h.dtype), dtable.astype(table.dtype)
 
 
@@ -102,6 +110,54 @@ def embed(table: nn.Embed, ids: jax.Array, dtype: str) -> jax.Array:
     from the sharded table would give embed-sharded rows that XLA can only fix by replicating."""
     weights = nn.with_logical_constraint(table.embedding, (None, ACT_EMBED))
     return jnp.take(weights, ids, axis=0).astype(dtype)
+
+
+# What each `config.remat` policy keeps of a block for the backward pass; the rest is recomputed
+# from the block's input there. None: no remat. 'full' is nn.remat's own default (keep nothing).
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    # Every weight matmul's output (q, k/v, attention out, MLP fc and proj): the backward reruns
+    # only the norms, GELU and attention, the cheap FLOPs (attention's are under a tenth of GPT-2
+    # small's at T = 1024).
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # q and k/v only (named in layers.Attention): attention and the whole MLP are rerun, and the
+    # MLP's [B, T, 4E] activations, the largest of a block, are never kept.
+    "save_qkv": jax.checkpoint_policies.save_only_these_names("q_proj", "kv_proj"),
+}
+
+
+def _residual_stream(cfg: ModelConfig, tokens: jax.Array, positions: jax.Array | None, deterministic: bool,
+                     decode: bool) -> tuple[jax.Array, nn.Embed]:
+    """The embeddings and the blocks, created in the calling module: (the last residual stream
+    [B, T, E], wte). GPT2 and GPT2Hidden both call it, so both have one parameter tree."""
+    B, T = tokens.shape
+    if not decode and T > cfg.block_size:
+        raise ValueError(f"Cannot forward sequence of length {T}, block size is only {cfg.block_size}")
+    if positions is None and decode:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+    wte = token_embedding(cfg)
+    x = embed_inputs(cfg, wte, position_embedding(cfg), tokens, positions)  # [B, T, E]
+    x = nn.Dropout(rate=cfg.dropout)(x, deterministic=deterministic)
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+    block = Block
+    if cfg.remat != "none":
+        block = nn.remat(block, prevent_cse=not cfg.scan_layers, policy=REMAT_POLICIES[cfg.remat])
+    # Parameters are always stacked along a leading "layers" axis; scan_layers=False unrolls
+    # the loop instead of compiling one body, so checkpoints do not depend on the switch.
+    blocks = nn.scan(
+        block,
+        variable_axes={"params": 0, "cache": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast,
+        length=cfg.n_layer,
+        unroll=1 if cfg.scan_layers else cfg.n_layer,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, deterministic, decode, name="blocks")
+    x, _ = blocks(x, positions)
+    return x, wte
 
 
 class GPT2(nn.Module):
@@ -125,33 +181,7 @@ class GPT2(nn.Module):
         decode: bool = False,
     ) -> jax.Array:
         cfg = self.config
-        B, T = tokens.shape
-        if not decode and T > cfg.block_size:
-            raise ValueError(f"Cannot forward sequence of length {T}, block size is only {cfg.block_size}")
-        if positions is None and decode:
-            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-
-        wte = token_embedding(cfg)
-        x = embed_inputs(cfg, wte, position_embedding(cfg), tokens, positions)  # [B, T, E]
-        x = nn.Dropout(rate=cfg.dropout)(x, deterministic=deterministic)
-        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-
-        block = Block
-        if cfg.remat:
-            block = nn.remat(block, prevent_cse=not cfg.scan_layers)
-        # Parameters are always stacked along a leading "layers" axis; scan_layers=False unrolls
-        # the loop instead of compiling one body, so checkpoints do not depend on the switch.
-        blocks = nn.scan(
-            block,
-            variable_axes={"params": 0, "cache": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=nn.broadcast,
-            length=cfg.n_layer,
-            unroll=1 if cfg.scan_layers else cfg.n_layer,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, deterministic, decode, name="blocks")
-        x, _ = blocks(x, positions)
-
+        x, wte = _residual_stream(cfg, tokens, positions, deterministic, decode)
         return output_logits(cfg, layer_norm(cfg, "ln_f"), output_head(cfg, wte), x)  # [B, T, vocab_size]
 
     def init_cache(self, batch_size: int, max_len: int):
@@ -169,6 +199,24 @@ class GPT2(nn.Module):
             return jnp.full(leaf.shape, fill, leaf.dtype)
 
         return jax.tree_util.tree_map_with_path(empty, shapes)
+
+
+class GPT2Hidden(nn.Module):
+    """GPT2 without its head matmul: tokens [B, T] -> (h [B, T, E], the final-normed last residual
+    stream in the compute dtype; the head table [V_padded, E] as stored). GPT2's parameter tree, so
+    GPT2's params apply. The chunked loss (gpt2_jax/model/loss.py) runs the head from these a few
+    positions at a time instead of holding logits [B, T, V]."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array | None = None, *, deterministic: bool = True
+    ) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        x, wte = _residual_stream(cfg, tokens, positions, deterministic, False)
+        h = layer_norm(cfg, "ln_f")(x).astype(cfg.dtype)  # [B, T, E], as output_logits feeds the head
+        return h, output_head(cfg, wte).embedding  # [V_padded, E]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "batch_size"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from gpt2_jax.model.attention import attend, causal_self_attention
 from gpt2_jax.model.config import ModelConfig
@@ -147,8 +148,9 @@ class Attention(nn.Module):
         def dense(out_shape, axes, name):
             return Linear(out_shape, ("embed",) + axes, 0.02, cfg.dtype, cfg.param_dtype, name=name)
 
-        q = dense((N, H), ("heads", "head_dim"), "q")(x)  # [B, T, N, H]
-        kv = dense((2, K, H), ("kv", "kv_heads", "head_dim"), "kv")(x)  # [B, T, 2, K, H]
+        # Named for the remat policy 'save_qkv' (gpt2.py), which keeps these two and recomputes the rest.
+        q = checkpoint_name(dense((N, H), ("heads", "head_dim"), "q")(x), "q_proj")  # [B, T, N, H]
+        kv = checkpoint_name(dense((2, K, H), ("kv", "kv_heads", "head_dim"), "kv")(x), "kv_proj")  # [B, T, 2, K, H]
         k, v = kv[:, :, 0], kv[:, :, 1]  # [B, T, K, H]
         if cfg.qk_norm:  # before rotary, so the rotation acts on unit-RMS vectors
             q, k = head_norm(cfg, "q_norm")(q), head_norm(cfg, "k_norm")(k)

@@ -7,6 +7,8 @@ XLA's cost analysis counts a loop body once, and the step loops over layers (sca
 micro-batches: FLOPs (and bytes accessed) come from 1- and 2-layer copies of the step with layers
 unrolled and one micro-batch, F(L) = F(1) + (L - 1) (F(2) - F(1)) (the layers are identical), times
 the number of micro-batches (which counts the optimizer update once per micro-batch: well under 1%).
+The chunked loss (config.model.loss_chunk) is a loop too: these copies use whole logits, the same
+matmuls; so bytes accessed is that of the whole-logits step (the chunked step's cannot be read off).
 """
 
 from __future__ import annotations
@@ -80,8 +82,9 @@ def train_cost_per_step(run: run_lib.Run) -> tuple[float | None, float | None]:
     one_micro = with_train(t, global_batch_size=t.global_batch_size // accum, grad_accum_steps=1)
     costs = []
     for layers in (1, 2):
-        small = run_lib.build_run(model_config.replace(scan_layers=False, n_layer=layers), one_micro, run.mesh,
-                                  run.num_steps)
+        # Whole logits: the chunked loss is a loop too, and runs the same matmuls (it recomputes nothing).
+        small = run_lib.build_run(model_config.replace(scan_layers=False, n_layer=layers, loss_chunk=0), one_micro,
+                                  run.mesh, run.num_steps)
         costs.append(compile_train_step(small))
     extra = model_config.n_layer - 1
 

@@ -10,8 +10,8 @@ The source decides the architecture (`merge_model_config`):
   * n_layer, n_head, n_embd, n_inner, vocab_size and layer_norm_eps are the source's, whatever
     config.model says; one printed line lists them.
   * The config decides what the weights do not fix: dropout, dtype, param_dtype (the weights are
-    cast to it), remat, scan_layers, attention, zero_init_proj, and pad_vocab_to_multiple (the padding rows are
-    zeros and never reach a logit). block_size too, but at most the source's learned position
+    cast to it), remat, scan_layers, attention, zero_init_proj, loss_chunk, and pad_vocab_to_multiple (the
+    padding rows are zeros and never reach a logit). block_size too, but at most the source's learned position
     table, which a smaller block_size crops.
   * Every other key (position_embedding, n_kv_head, rope_theta, sliding_window, and the modern
     switches norm, qk_norm, mlp_activation, tie_embeddings, logit_softcap) is the source's
@@ -49,8 +49,9 @@ from gpt2_jax.training import checkpoint as ckpt_lib
 FROM_SOURCE = ("n_layer", "n_head", "n_embd", "n_inner", "vocab_size", "layer_norm_eps")
 # How the weights are computed and stored: the config's (block_size: at most a learned table's size;
 # attention: the kernel choice, where ModelConfig has that key).
+# zero_init_proj: an init, which the source's weights replace; loss_chunk: how the loss is computed.
 FROM_CONFIG = ("dropout", "dtype", "param_dtype", "remat", "scan_layers", "attention", "pad_vocab_to_multiple",
-               "block_size", "zero_init_proj")  # zero_init_proj: an init, which the source's weights replace
+               "block_size", "zero_init_proj", "loss_chunk")
 
 HF, CHECKPOINT = "Hugging Face GPT-2", "gpt2-jax checkpoint"
 

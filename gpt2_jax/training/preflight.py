@@ -9,8 +9,9 @@ Figures, all per device unless named otherwise:
   * activations / temporaries and the peak: from `memory_analysis()` of the compiled train step,
     the very program training runs (lowered from abstract inputs, so nothing is allocated either).
   * FLOPs per step: XLA's `cost_analysis()`. XLA counts a loop body once, and the configured step
-    loops over layers (`scan_layers`) and over micro-batches (`grad_accum_steps`), so the count
-    comes from a second compile of the same step with layers unrolled and one micro-batch, times
+    loops over layers (`scan_layers`), over micro-batches (`grad_accum_steps`) and over the loss's
+    chunks (`loss_chunk`), so the count comes from a second compile of the same step with layers
+    unrolled, the whole-logits loss (the same matmuls) and one micro-batch, times
     grad_accum_steps (this counts the optimizer update grad_accum_steps times: well under 1% of a
     step). The analytic 6·params·tokens + attention figure the trainer uses for MFU is shown beside it.
 
@@ -215,8 +216,8 @@ def _remedy(figures: dict, model_config: ModelConfig) -> str:
         if needed is not None:
             out.append(f"config.train.grad_accum_steps={needed} (a micro-batch of "
                        f"{figures['global_batch_size'] // (needed * ways)} per device; {largest} fit)")
-    if model_config.remat in (False, "none"):
-        out.append("config.model.remat=True (recompute block activations)")
+    if model_config.remat == "none":
+        out.append("config.model.remat='full' (or 'save_qkv', 'save_dots': recompute block activations)")
     out.append("more fsdp (config.mesh.fsdp)")
     return "use smaller micro-batches (raise config.train.grad_accum_steps), " + ", or ".join(out) \
         if not out[0].startswith("config.train") else "set " + ", or ".join(out)

@@ -16,6 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gpt2_jax.model import GPT2, ModelConfig
+from gpt2_jax.model import loss as loss_lib
 from gpt2_jax.training import sharding
 from gpt2_jax.training.run import Run, TrainState
 
@@ -35,7 +36,15 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 def loss_fn(
     params: Any, batch: Batch, *, model_config: ModelConfig, dropout_rng: jax.Array | None = None
 ) -> jax.Array:
-    """Mean loss of one batch. dropout_rng=None runs deterministically (no dropout)."""
+    """Mean loss of one batch. dropout_rng=None runs deterministically (no dropout).
+
+    With `config.loss_chunk` resolved to N > 0 (gpt2_jax/model/loss.py) the head runs N positions
+    at a time and no [B, T, V] logits exist; the loss and gradients are the same.
+    """
+    chunk = loss_lib.resolve_loss_chunk(model_config)
+    if chunk:
+        return loss_lib.chunked_mean_loss(model_config, params, batch["inputs"], batch["targets"], chunk=chunk,
+                                          dropout_rng=dropout_rng)
     logits = GPT2(model_config).apply(
         {"params": params},
         batch["inputs"],

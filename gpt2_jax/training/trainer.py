@@ -23,6 +23,7 @@ from absl import logging
 from gpt2_jax import data as data_lib
 from gpt2_jax.model import platform
 from gpt2_jax.model.attention import resolve_attention
+from gpt2_jax.model import loss as loss_lib
 from gpt2_jax.model.config import ModelConfig, count_params
 from gpt2_jax.training import checkpoint as ckpt_lib
 from gpt2_jax.training import init_from as init_from_lib
@@ -35,7 +36,8 @@ from gpt2_jax.training import workdir_lock
 
 # Keys that may differ between a checkpoint and the config resuming it: they change how the
 # model is computed, not what its parameters are.
-_RESUMABLE_MODEL_CHANGES = frozenset({"dropout", "dtype", "remat", "scan_layers", "attention", "zero_init_proj"})
+_RESUMABLE_MODEL_CHANGES = frozenset({"dropout", "dtype", "remat", "scan_layers", "attention", "zero_init_proj",
+                                      "loss_chunk"})
 
 # Dense bf16 peaks (FLOP/s per device) for the MFU figure.
 _PEAK_FLOPS = {
@@ -389,6 +391,8 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
             flush=True,
         )
         print("attention: %s (%s)" % resolve_attention(model_config, platform.of_mesh(mesh).name), flush=True)
+        chunk, why = loss_lib.loss_choice(model_config, platform.of_mesh(mesh).name)
+        print(f"loss: {loss_lib.describe(chunk)} ({why})", flush=True)
     # A disk too full for a checkpoint is said now, not when the first save fails (maybe hours from now).
     every = t.checkpoint_every
     checkpointer.check_space(min(num_steps, (start_step // every + 1) * every) if every > 0 else num_steps, state)
