@@ -57,6 +57,10 @@ def measure(config_name: str, model: str, name: str, remat: str, flops: bool, fi
         "hbm_bytes": spec.hbm_bytes, "mosaic_kernels": first.mosaic_kernels, "cudnn_attention": first.cudnn_attention,
         "largest_micro_batch_per_chip": fit.per_device, "largest_note": fit.note,
         "state_bytes": compiled.bytes_per_device(run.abstract_state),
+        # XLA's count for the program as compiled: loop bodies (layers, loss chunks) once, as the
+        # compiler reports it; comparable between programs with the same loops only.
+        "bytes_accessed_as_compiled_per_token": None if first.bytes_accessed is None else
+        first.bytes_accessed / (first_per_chip * model_config.block_size),
     }
     if flops:
         total, accessed = compiled.train_cost_per_step(run)
