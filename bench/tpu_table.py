@@ -31,6 +31,8 @@ TOPOLOGIES = ("v5e-8", "v6e-8", "v5p-8", "v4-8")
 def measure(config_name: str, model: str, name: str, remat: str, flops: bool, first_per_chip: int,
             loss_chunk: str) -> dict:
     import importlib
+
+    from gpt2_jax.model import loss as loss_lib
     from gpt2_jax.model.config import model_config_from
     from gpt2_jax.training import compiled, sharding
     from gpt2_jax.training import run as run_lib
@@ -45,30 +47,31 @@ def measure(config_name: str, model: str, name: str, remat: str, flops: bool, fi
     mesh = sharding.make_mesh(c.mesh, devices=topology.devices(spec))
     model_config = model_config_from(c.model)
     run = run_lib.build_run(model_config, c.train, mesh, 100)
-    from gpt2_jax.model import loss as loss_lib
-
-    chunk = loss_lib.resolve_loss_chunk(model_config, spec.platform)
+    tokens_per_chip = first_per_chip * model_config.block_size
     start = time.perf_counter()
     first = compiled.compile_train_step(run)
-    fit = compiled.largest_micro_batch(run, first, first.usable_bytes or spec.usable_bytes or spec.hbm_bytes, search=False)
+    usable = first.usable_bytes or spec.usable_bytes or spec.hbm_bytes
+    fit = compiled.largest_micro_batch(run, first, usable, search=False)
     row = {
-        "config": config_name, "model": model, "topology": name, "remat": remat, "loss_chunk": chunk, "block_size": model_config.block_size,
-        "micro_batch_per_chip": first_per_chip, "fits": first.fits and (first.peak_bytes or 0) <= spec.hbm_bytes, "peak_bytes": first.peak_bytes,
+        "config": config_name, "model": model, "topology": name, "remat": remat,
+        "loss_chunk": loss_lib.resolve_loss_chunk(model_config, spec.platform),
+        "block_size": model_config.block_size, "micro_batch_per_chip": first_per_chip,
+        "fits": first.fits and (first.peak_bytes or 0) <= spec.hbm_bytes, "peak_bytes": first.peak_bytes,
         "hbm_bytes": spec.hbm_bytes, "mosaic_kernels": first.mosaic_kernels, "cudnn_attention": first.cudnn_attention,
         "largest_micro_batch_per_chip": fit.per_device, "largest_note": fit.note,
         "state_bytes": compiled.bytes_per_device(run.abstract_state),
         # XLA's count for the program as compiled: loop bodies (layers, loss chunks) once, as the
         # compiler reports it; comparable between programs with the same loops only.
         "bytes_accessed_as_compiled_per_token": None if first.bytes_accessed is None else
-        first.bytes_accessed / (first_per_chip * model_config.block_size),
+        first.bytes_accessed / tokens_per_chip,
     }
     if flops:
         total, accessed = compiled.train_cost_per_step(run)
         analytic = model_config.train_flops_per_token(model_config.block_size) * c.train.global_batch_size * \
             model_config.block_size
-        row.update(flops_per_step=total, flops_analytic=analytic, flops_ratio=None if total is None else total / analytic,
-                   bytes_accessed_per_chip=accessed,
-                   bytes_per_token=None if accessed is None else accessed / (first_per_chip * model_config.block_size))
+        row.update(flops_per_step=total, flops_analytic=analytic,
+                   flops_ratio=None if total is None else total / analytic, bytes_accessed_per_chip=accessed,
+                   bytes_per_token=None if accessed is None else accessed / tokens_per_chip)
     row["seconds"] = time.perf_counter() - start
     return row
 
@@ -77,17 +80,23 @@ def render(path: str) -> str:
     """The measured rows as a markdown table (README / BENCHMARKS.md)."""
     gib = 1 << 30
     lines = ["| config | model | topology | remat | loss | micro-batch per chip | peak GiB per chip | HBM GiB | fits |"
-             " largest micro-batch per chip | compiled / formula FLOPs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             " largest micro-batch per chip | compiled / formula FLOPs |", "|---" * 11 + "|"]
     with open(path) as f:
-        for r in map(json.loads, f):
-            peak = "over (refused)" if r["peak_bytes"] is None else f"{r['peak_bytes'] / gib:.2f}"
-            fits = r["fits"] and r["peak_bytes"] is not None and r["peak_bytes"] <= r["hbm_bytes"]
-            ratio = f"{r['flops_ratio']:.2f}" if r.get("flops_ratio") else "-"
-            loss = f"chunks of {r['loss_chunk']}" if r.get("loss_chunk") else "whole logits"
-            lines.append(f"| {r.get('config', 'gpt2_124m')} | {r['model']} | {r['topology']} | {r['remat']} | {loss} | "
-                         f"{r['micro_batch_per_chip']} | {peak} | "
-                         f"{r['hbm_bytes'] / gib:.0f} | {'yes' if fits else 'no'} | "
-                         f"~{r['largest_micro_batch_per_chip']} | {ratio} |")
+        rows = [json.loads(line) for line in f if line.strip()]
+    order = {name: i for i, name in enumerate(MODELS + TOPOLOGIES + ("h100-8", "h200-8"))}
+    remats = {"off": 0, "none": 0, "save_dots": 1, "save_qkv": 2, "full": 3}
+    rows.sort(key=lambda r: (r.get("config", "gpt2_124m") != "gpt2_124m", r.get("loss_chunk", 0) > 0,
+                             order.get(r["model"], 99), order.get(r["topology"], 99), remats.get(r["remat"], 9),
+                             r["micro_batch_per_chip"]))
+    for r in rows:
+        peak = "over (refused)" if r["peak_bytes"] is None else f"{r['peak_bytes'] / gib:.2f}"
+        fits = r["fits"] and r["peak_bytes"] is not None and r["peak_bytes"] <= r["hbm_bytes"]
+        ratio = f"{r['flops_ratio']:.2f}" if r.get("flops_ratio") else "-"
+        loss = f"chunks of {r['loss_chunk']}" if r.get("loss_chunk") else "whole logits"
+        lines.append(f"| {r.get('config', 'gpt2_124m')} | {r['model']} | {r['topology']} | {r['remat']} | {loss} | "
+                     f"{r['micro_batch_per_chip']} | {peak} | "
+                     f"{r['hbm_bytes'] / gib:.0f} | {'yes' if fits else 'no'} | "
+                     f"~{r['largest_micro_batch_per_chip']} | {ratio} |")
     return "\n".join(lines)
 
 

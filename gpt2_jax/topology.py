@@ -141,18 +141,23 @@ def prepare_environment(spec: Slice | None = None) -> None:
         os.environ.setdefault(key, value)
 
 
-def compiler_missing(spec: Slice) -> str | None:
-    """The error line when the compiler for `spec`'s platform is not installed, else None."""
+def _importable(name: str) -> bool:
     import importlib.util
 
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def compiler_missing(spec: Slice) -> str | None:
+    """The error line when the compiler for `spec`'s platform is not installed, else None."""
     if spec.platform == "gpu":
-        if importlib.util.find_spec("jax_plugins") is None or \
-                importlib.util.find_spec("jax_plugins.xla_cuda12") is None or \
-                importlib.util.find_spec("nvidia.cudnn") is None:
+        if not (_importable("jax_plugins.xla_cuda12") and _importable("nvidia.cudnn")):
             return (f"--topology {spec.name} needs XLA's CUDA compiler and cuDNN (jax-cuda12-plugin, "
                     f"nvidia-cudnn-cu12), which are not installed; install them with: {GPU_INSTALL}")
         return None
-    if importlib.util.find_spec("libtpu") is None:
+    if not _importable("libtpu"):
         return f"--topology needs libtpu, the TPU compiler, which is not installed; install it with: {INSTALL}"
     return None
 

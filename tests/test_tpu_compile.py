@@ -103,13 +103,24 @@ def test_a_step_too_big_for_the_chip_is_refused_with_its_size(v5e_2x2):
 
 @pytest.mark.parametrize("name,topo,chips", [("v5e-8", "v5e:2x4", 8), ("v5litepod-16", "v5e:4x4", 16),
                                              ("v4-8", "v4:2x2x1", 4), ("v5p-16", "v5:2x2x2", 8),
-                                             ("v6e-4", "v6e:2x2", 4)])
+                                             ("v6e-4", "v6e:2x2", 4), ("h100-8", "8x1x1", 8)])
 def test_accelerator_type_names(name, topo, chips):
     spec = topology.parse(name)
     assert (spec.topology, spec.chips) == (topo, chips)
 
 
-@pytest.mark.parametrize("name", ["v9-8", "v5e-6", "v4-4", "tpu"])
+def test_a_gpu_topology_names_its_compiler_and_memory_limit():
+    spec = topology.parse("h200-4")
+    assert spec.platform == "gpu" and spec.usable_bytes == int(0.75 * spec.hbm_bytes)
+    missing = topology.compiler_missing(spec)
+    if not (topology._importable("jax_plugins.xla_cuda12") and topology._importable("nvidia.cudnn")):
+        assert missing.startswith("--topology h200-4 needs XLA's CUDA compiler and cuDNN")
+        assert missing.endswith('pip install -e ".[gpu-compile]"')
+    else:
+        assert missing is None
+
+
+@pytest.mark.parametrize("name", ["v9-8", "v5e-6", "v4-4", "tpu", "h100-16"])
 def test_unknown_topology_is_refused(name):
     with pytest.raises(ValueError, match=f"--topology '{name}'"):
         topology.parse(name)
