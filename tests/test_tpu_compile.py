@@ -144,3 +144,20 @@ def test_preflight_cli_compiles_two_v5e_16_slices():
     bad = subprocess.run(train + ["--preflight", "--topology", "v5e-3"], env=subprocess_env(1),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --topology 'v5e-3': no v5e slice has 3 TensorCores")
+
+
+def test_decoding_programs_compile_for_one_v5e_chip():
+    from gpt2_jax.inference import preflight as decode_preflight
+    from gpt2_jax.model.config import ModelConfig
+
+    config = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=256, block_size=256, vocab_size=512,
+                         dtype="bfloat16", param_dtype="bfloat16")
+    report = decode_preflight.report(config, "v5e-1", max_new_tokens=32, num_samples=2)
+    assert report["device_kind"] == "TPU v5 lite" and report["fits"] and report["batch"] == 2
+    assert report["prefill"]["fits"] and report["decode"]["fits"]
+    # The cache holds every position a row can reach, per layer: k and v of n_kv_head x head_dim in
+    # bf16, plus the int32 positions.
+    L = report["cache_tokens"]
+    assert report["kv_cache_bytes"] == 2 * 2 * L * (2 * 2 * 64 * 2 + 4)
+    assert report["weight_bytes"] == report["params"] * 2
+    assert 0 < report["decode"]["peak_bytes"] < report["hbm_bytes_per_device"]
