@@ -107,7 +107,9 @@ def largest_micro_batch(run: run_lib.Run, first: Compiled, usable_bytes: int, *,
 
     Peak memory is close to linear in the micro-batch: two compiles (the run's own, `first`, and one
     more) give the line, and its crossing with `usable_bytes` is the estimate. With `search`, compiles
-    then walk from the estimate to the exact answer (fits at n, not at n + 1).
+    then bracket the estimate and bisect to the exact answer (fits at n, not at n + 1). "Fits" is
+    "compiles and its peak is within usable_bytes": XLA:TPU refuses a program by its temporaries
+    alone, and was seen to build one whose arguments took its peak past the chip's HBM.
     """
     t = run.train_cfg
     ways = sharding.batch_divisor(run.mesh)
@@ -136,17 +138,27 @@ def largest_micro_batch(run: run_lib.Run, first: Compiled, usable_bytes: int, *,
     estimate = int((usable_bytes - first.peak_bytes) / slope + b0)
     if not search:
         return Fit(max(estimate, 0), False, f"estimate: peak linear in the micro-batch ({b0} and {b1} compiled)")
+    def fits(b: int) -> bool:
+        c = at(b)
+        return c.fits and c.peak_bytes is not None and c.peak_bytes <= usable_bytes
+
+    # Bracket the answer around the estimate (steps doubling away from it), then bisect: fits at
+    # `low`, not at `high`.
     n = max(estimate, 1)
-    if not at(n).fits:  # walk down, halving the step, to the first that fits
-        high = n
-        low = max(b for b, c in peaks.items() if c.fits) if any(c.fits for c in peaks.values()) else 0
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (mid, high) if at(mid).fits else (low, mid)
-        n = low
+    if fits(n):
+        low, step = n, 1
+        while fits(low + step):
+            low, step = low + step, step * 2
+        high = low + step
     else:
-        while at(n + 1).fits:
-            n += 1
+        high, step = n, 1
+        while high - step >= 1 and not fits(high - step):
+            high, step = high - step, step * 2
+        low = max(high - step, 0)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    n = low
     if n == 0:
         return Fit(0, True, "compiled: not even 1 row per shard fits")
     return Fit(n, True, f"compiled: {n} fits, {n + 1} does not")
