@@ -9,11 +9,12 @@ modded-nanogpt publish (a header of 256 int32, then uint16 tokens), read as they
 
 Global batch 512 x 1024 = 524,288 tokens, reached with 8 micro-batches of 64 sequences. Compiled
 for each slice by the TPU compiler on a CPU host (bench/tpu_table.py, BENCHMARKS.md), the micro-batch
-per chip that fits with fsdp over the slice and no remat is about 13 on a v5e-8, 23 on a v6e-8, 82 on
-a v5p-8 and 27 on a v4-8 (v4 and v5p slices have 4 chips). So grad_accum_steps=8 fits all four
-(8 sequences per chip on v5e-8 / v6e-8, 16 on v5p-8 / v4-8); fewer passes fit on the larger chips:
---config.train.grad_accum_steps=4 on a v6e-8, =2 on a v5p-8. Check any other slice first:
-    python train.py --config configs/gpt2_124m.py --preflight --topology v5e-8
+per chip that fits with fsdp over the slice and no remat is about 26 on a v5e-8 and 49 on a v6e-8
+with the chunked loss (config.model.loss_chunk, the default on TPU); with whole logits 13 and 23,
+and 82 on a v5p-8, 27 on a v4-8 (v4 and v5p slices have 4 chips). So grad_accum_steps=8 fits all
+four (8 sequences per chip on v5e-8 / v6e-8, 16 on v5p-8 / v4-8), and fewer passes fit on most:
+--config.train.grad_accum_steps=4 on a v5e-8, =2 on a v6e-8 or a v5p-8. Check any other slice first:
+    python train.py --config configs/gpt2_124m.py --preflight --topology v5e-8 --config.train.grad_accum_steps=4
 """
 
 from configs import base

@@ -45,7 +45,7 @@ def get_config():
     t.global_batch_size = 512  # 524,288 tokens a step
     # Replicated state (data parallel) and an untied head take more memory than configs/gpt2_124m.py:
     # the TPU compiler fits about 6 sequences per chip on a v5e-8, 15 on a v6e-8 or a v4-8, 47 on a
-    # v5p-8 (BENCHMARKS.md). 16 micro-batches fit all of them (4 sequences per chip on 8 chips, 8 on
+    # v5p-8 (BENCHMARKS.md; whole logits: the chunked loss, now the default, leaves more room). 16 micro-batches fit all of them (4 sequences per chip on 8 chips, 8 on
     # the 4 chips of a v4-8 / v5p-8); =4 on a v5p-8, =8 on a v6e-8 run fewer passes.
     t.grad_accum_steps = 16
     t.eval_every = 250
