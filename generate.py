@@ -89,13 +89,9 @@ def preflight() -> None:
 
     if FLAGS.topology is None:
         raise ValueError("--preflight needs --topology NAME (a Cloud TPU type, e.g. v5e-1)")
-    spec = topology.parse(FLAGS.topology)
-    missing = topology.compiler_missing(spec)
-    if missing:
-        raise ValueError(missing)
+    topology.prepare(FLAGS.topology)  # before jax loads
     if (FLAGS.preset is None) == (FLAGS.ckpt is None and FLAGS.hf is None):
         raise ValueError("--preflight needs one model: --preset NAME, --ckpt DIR or --hf DIR")
-    topology.prepare_environment(spec)  # before jax loads
     from gpt2_jax.inference import preflight as preflight_lib
     from gpt2_jax.model.config import ModelConfig
 

@@ -58,21 +58,18 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and jax log a lot at INFO
     config = load_config()
-    topology = _check_topology_flags()
+    _check_topology_flags()
     if not FLAGS.preflight:  # a missing corpus fails here, in a fraction of a second, before jax loads
         from gpt2_jax.data.corpus import check_source
 
         for source in filter(None, (config.data.source, config.data.val_source)):
             check_source(source)
-    if topology is not None:
-        # Before jax loads: the CPU backend, libtpu without a chip.
-        topology.prepare_environment(topology.parse(FLAGS.topology))
     import jax
 
     from gpt2_jax import compilation_cache
 
     # Beside the corpus cache: a second run of the same config loads its programs instead of compiling.
-    if topology is None:  # a TPU program compiled here is for another machine: nothing to cache
+    if FLAGS.topology is None:  # a program compiled here for another machine: nothing to cache
         compilation_cache.enable(default=os.path.join(config.data.cache_dir, "jax_cache"))
     if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.tpu_pod:
         from gpt2_jax.training.distributed import initialize
@@ -100,13 +97,14 @@ def main(argv):
         print(done_line(summary))
 
 
-def _check_topology_flags():
-    """The topology module when --topology is given (checked: name, compiler, flag combination), else None."""
+def _check_topology_flags() -> None:
+    """Checks the --topology flags; with --topology, prepares this process to compile for it (before
+    jax loads: the CPU backend, libtpu without a chip)."""
     if FLAGS.topology is None:
         for name in ("slices", "fit_search"):
             if FLAGS[name].present:
                 cli.fail(f"--{name} needs --preflight --topology NAME")
-        return None
+        return
     from gpt2_jax import topology
 
     if not FLAGS.preflight:
@@ -116,13 +114,9 @@ def _check_topology_flags():
     if FLAGS.slices is not None and FLAGS.slices < 1:
         cli.fail(f"--slices={FLAGS.slices} must be a positive number of TPU slices")
     try:
-        spec = topology.parse(FLAGS.topology)
+        topology.prepare(FLAGS.topology)
     except ValueError as e:
         cli.fail(str(e))
-    missing = topology.compiler_missing(spec)
-    if missing:
-        cli.fail(missing)
-    return topology
 
 
 def unknown_key_message(error: Exception) -> str | None:

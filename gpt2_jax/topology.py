@@ -141,6 +141,17 @@ def prepare_environment(spec: Slice | None = None) -> None:
         os.environ.setdefault(key, value)
 
 
+def prepare(name: str) -> Slice:
+    """What `--topology NAME` does before jax loads: the slice, its compiler checked, the environment
+    set. Raises ValueError (one line: an unknown name, or the install command of a missing compiler)."""
+    spec = parse(name)
+    missing = compiler_missing(spec)
+    if missing:
+        raise ValueError(missing)
+    prepare_environment(spec)
+    return spec
+
+
 def _importable(name: str) -> bool:
     import importlib.util
 
