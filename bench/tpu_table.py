@@ -56,7 +56,7 @@ def measure(config_name: str, model: str, name: str, remat: str, flops: bool, fi
         "config": config_name, "model": model, "topology": name, "remat": remat,
         "loss_chunk": loss_lib.resolve_loss_chunk(model_config, spec.platform),
         "block_size": model_config.block_size, "micro_batch_per_chip": first_per_chip,
-        "fits": first.fits and (first.peak_bytes or 0) <= spec.hbm_bytes, "peak_bytes": first.peak_bytes,
+        "fits": first.fits_in(spec.hbm_bytes), "peak_bytes": first.peak_bytes,
         "hbm_bytes": spec.hbm_bytes, "mosaic_kernels": first.mosaic_kernels, "cudnn_attention": first.cudnn_attention,
         "largest_micro_batch_per_chip": fit.per_device, "largest_note": fit.note,
         "state_bytes": compiled.bytes_per_device(run.abstract_state),
@@ -90,12 +90,11 @@ def render(path: str) -> str:
                              r["micro_batch_per_chip"]))
     for r in rows:
         peak = "over (refused)" if r["peak_bytes"] is None else f"{r['peak_bytes'] / gib:.2f}"
-        fits = r["fits"] and r["peak_bytes"] is not None and r["peak_bytes"] <= r["hbm_bytes"]
         ratio = f"{r['flops_ratio']:.2f}" if r.get("flops_ratio") else "-"
         loss = f"chunks of {r['loss_chunk']}" if r.get("loss_chunk") else "whole logits"
         lines.append(f"| {r.get('config', 'gpt2_124m')} | {r['model']} | {r['topology']} | {r['remat']} | {loss} | "
                      f"{r['micro_batch_per_chip']} | {peak} | "
-                     f"{r['hbm_bytes'] / gib:.0f} | {'yes' if fits else 'no'} | "
+                     f"{r['hbm_bytes'] / gib:.0f} | {'yes' if r['fits'] else 'no'} | "
                      f"~{r['largest_micro_batch_per_chip']} | {ratio} |")
     return "\n".join(lines)
 

@@ -43,6 +43,11 @@ class Compiled:
     bytes_accessed: float | None = None
     error: str = ""
 
+    def fits_in(self, limit: int | None) -> bool:
+        """Built, and its peak within `limit` bytes per device (None: no limit). XLA:TPU refuses a program
+        by its temporaries alone: it was seen to build one whose arguments took its peak past the HBM."""
+        return self.fits and (limit is None or (self.peak_bytes is not None and self.peak_bytes <= limit))
+
 
 def _bytes(number: str, unit: str) -> int:
     return int(float(number) * _UNITS[unit])
@@ -94,6 +99,14 @@ def _refused(error: Exception, seconds: float) -> Compiled:
         out.peak_bytes = _bytes(*match.group(1, 2))
         out.usable_bytes = _bytes(*match.group(3, 4))
     return out
+
+
+def human_bytes(n: float) -> str:
+    """1.5 * 2**30 -> '1.50 GiB'."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 def bytes_per_device(tree: Any) -> int:

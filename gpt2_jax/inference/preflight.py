@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from gpt2_jax import topology as topology_lib
-from gpt2_jax.compile_report import Compiled, bytes_per_device, measure
+from gpt2_jax.compile_report import Compiled, bytes_per_device, human_bytes, measure
 from gpt2_jax.inference import sampling
 from gpt2_jax.model.config import ModelConfig, count_params
 from gpt2_jax.model.gpt2 import init_params
@@ -64,14 +64,13 @@ def report(config: ModelConfig, topology: str, *, prompt_ids: list[int] | None =
         "cache_tokens": int(batch.prompt.shape[1] + batch.gen_len),
         "weight_bytes": bytes_per_device(params), "kv_cache_bytes": bytes_per_device(state.cache),
         "hbm_bytes_per_device": spec.hbm_bytes, "prefill": program(prefill), "decode": program(decode),
-        "fits": prefill.fits and decode.fits and
-        max(prefill.peak_bytes or 0, decode.peak_bytes or 0) <= (spec.usable_bytes or spec.hbm_bytes),
+        "fits": all(c.fits_in(spec.usable_bytes or spec.hbm_bytes) for c in (prefill, decode)),
         "compile_s": prefill.compile_s + decode.compile_s,
     }
 
 
 def _human(n: float | None) -> str:
-    return "unknown" if n is None else f"{n / (1 << 30):.2f} GiB" if n >= 1 << 28 else f"{n / (1 << 20):.1f} MiB"
+    return "unknown" if n is None else human_bytes(n)
 
 
 def format_report(f: dict[str, Any]) -> str:

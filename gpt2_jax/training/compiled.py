@@ -107,9 +107,8 @@ def largest_micro_batch(run: run_lib.Run, first: Compiled, usable_bytes: int, *,
 
     Peak memory is close to linear in the micro-batch: two compiles (the run's own, `first`, and one
     more) give the line, and its crossing with `usable_bytes` is the estimate. With `search`, compiles
-    then bracket the estimate and bisect to the exact answer (fits at n, not at n + 1). "Fits" is
-    "compiles and its peak is within usable_bytes": XLA:TPU refuses a program by its temporaries
-    alone, and was seen to build one whose arguments took its peak past the chip's HBM.
+    then bracket the estimate and bisect to the exact answer (fits at n, not at n + 1), by
+    `Compiled.fits_in(usable_bytes)`.
     """
     t = run.train_cfg
     ways = sharding.batch_divisor(run.mesh)
@@ -139,8 +138,7 @@ def largest_micro_batch(run: run_lib.Run, first: Compiled, usable_bytes: int, *,
     if not search:
         return Fit(max(estimate, 0), False, f"estimate: peak linear in the micro-batch ({b0} and {b1} compiled)")
     def fits(b: int) -> bool:
-        c = at(b)
-        return c.fits and c.peak_bytes is not None and c.peak_bytes <= usable_bytes
+        return at(b).fits_in(usable_bytes)
 
     # Bracket the answer around the estimate (steps doubling away from it), then bisect: fits at
     # `low`, not at `high`.

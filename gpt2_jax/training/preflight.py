@@ -43,6 +43,7 @@ import jax
 import ml_collections
 
 from gpt2_jax import topology as topology_lib
+from gpt2_jax.compile_report import human_bytes
 from gpt2_jax.model import platform
 from gpt2_jax.model.attention import resolve_attention
 from gpt2_jax.model.config import ModelConfig, count_params
@@ -114,7 +115,7 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
         if spec.usable_bytes is not None:
             memory_limit = spec.usable_bytes
             memory_source = (f"{topology_lib.GPU_MEMORY_FRACTION:.0%} of an {spec.generation}'s "
-                             f"{_human(spec.hbm_bytes)}: jax preallocates that much")
+                             f"{human_bytes(spec.hbm_bytes)}: jax preallocates that much")
     else:
         memory_limit, memory_source = _device_memory(device, device_memory_gb)
     tokens_per_step = t.global_batch_size * model_config.block_size
@@ -177,8 +178,8 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
     if n > 1 and mesh_sizes["fsdp"] * mesh_sizes["tensor"] == 1 and state_bytes >= REPLICATED_STATE_WARN_BYTES:
         warnings.append(
             f"state replicated: config.mesh.fsdp=1 and tensor=1, so each of the {n} devices holds all "
-            f"{_human(state_bytes)} of parameters and optimizer state; config.mesh.fsdp=-1 with data=1 "
-            f"would hold {_human(state_bytes / n)} per device"
+            f"{human_bytes(state_bytes)} of parameters and optimizer state; config.mesh.fsdp=-1 with data=1 "
+            f"would hold {human_bytes(state_bytes / n)} per device"
         )
     unchecked = figures["unchecked"] = []  # checks that could not run: "warnings: none" would mislead
     if memory_limit is None:
@@ -193,8 +194,8 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
             "parameters + optimizer state alone (activations come on top)"
         if figures["fits"] is False or need > memory_limit:
             warnings.append(
-                f"device memory overflow: {what} need {_human(need)} per device, the device has "
-                f"{_human(memory_limit)} ({memory_source}); " + _remedy(figures, model_config)
+                f"device memory overflow: {what} need {human_bytes(need)} per device, the device has "
+                f"{human_bytes(memory_limit)} ({memory_source}); " + _remedy(figures, model_config)
             )
     if figures["fits"] is None and figures["peak_bytes"] is not None and memory_limit is not None:
         figures["fits"] = figures["peak_bytes"] <= memory_limit
@@ -203,24 +204,18 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
 
 def _remedy(figures: dict, model_config: ModelConfig) -> str:
     """Which knob makes a step that does not fit fit."""
-    largest = figures["largest_micro_batch_per_device"]
-    micro = figures["micro_batch_per_device"]
-    out = []
-    if largest and micro and largest < micro:
-        ways = figures["mesh"]["data"] * figures["mesh"]["fsdp"]
-        accum = figures["grad_accum_steps"]
-        # The smallest accumulation whose micro-batch (per shard) is at most `largest` and divides.
-        needed = next((a for a in range(accum, figures["global_batch_size"] + 1)
-                       if figures["global_batch_size"] % (a * ways) == 0
-                       and figures["global_batch_size"] // (a * ways) <= largest), None)
-        if needed is not None:
-            out.append(f"config.train.grad_accum_steps={needed} (a micro-batch of "
-                       f"{figures['global_batch_size'] // (needed * ways)} per device; {largest} fit)")
+    largest, micro = figures["largest_micro_batch_per_device"], figures["micro_batch_per_device"]
+    gbs, ways = figures["global_batch_size"], figures["mesh"]["data"] * figures["mesh"]["fsdp"]
+    # The fewest micro-batches whose size per shard divides and is at most `largest`.
+    needed = next((a for a in range(figures["grad_accum_steps"], gbs + 1)
+                   if gbs % (a * ways) == 0 and gbs // (a * ways) <= largest), None) \
+        if largest and micro and largest < micro else None
+    knobs = [f"config.train.grad_accum_steps={needed} (a micro-batch of {gbs // (needed * ways)} per device; "
+             f"{largest} fit)" if needed else "smaller micro-batches (raise config.train.grad_accum_steps)"]
     if model_config.remat == "none":
-        out.append("config.model.remat='full' (or 'save_qkv', 'save_dots': recompute block activations)")
-    out.append("more fsdp (config.mesh.fsdp)")
-    return "use smaller micro-batches (raise config.train.grad_accum_steps), " + ", or ".join(out) \
-        if not out[0].startswith("config.train") else "set " + ", or ".join(out)
+        knobs.append("config.model.remat='full' (or 'save_qkv', 'save_dots': recompute block activations)")
+    knobs.append("more fsdp (config.mesh.fsdp)")
+    return ("set " if needed else "use ") + ", or ".join(knobs)
 
 
 bytes_per_device = compiled_lib.bytes_per_device
@@ -255,7 +250,7 @@ def _compiled_figures(run: run_lib.Run, spec: Any, memory_limit: int | None, fit
                    cudnn_attention=train.cudnn_attention,
                    train_compile_s=train.compile_s)
     if spec is not None or not train.fits:
-        figures["fits"] = train.fits and (memory_limit is None or (train.peak_bytes or 0) <= memory_limit)
+        figures["fits"] = train.fits_in(memory_limit)
         if not train.fits:
             figures["compile_error"] = train.error
     flops, accessed = compiled_lib.train_cost_per_step(run)
@@ -295,13 +290,6 @@ def _model_name(model_cfg: Any, model_config: ModelConfig) -> str:
     return f"{model_config.n_layer} layers x {model_config.n_embd} embd"
 
 
-def _human(n: float) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
 def format_report(figures: dict) -> str:
     """The report as text, for a terminal."""
     f = figures
@@ -309,7 +297,7 @@ def format_report(figures: dict) -> str:
     micro = f["global_batch_size"] // max(f["grad_accum_steps"], 1)
     ways = f["mesh"]["data"] * f["mesh"]["fsdp"]
     unknown = "unknown (not compiled)"
-    memory = (f"{_human(f['device_memory_bytes'])} ({f['device_memory_source']})" if f["device_memory_bytes"]
+    memory = (f"{human_bytes(f['device_memory_bytes'])} ({f['device_memory_source']})" if f["device_memory_bytes"]
               else "unknown (--preflight_device_memory_gb sets it)")
     if f["topology"]:
         slices = f" x {f['slices']} slices" if f["slices"] > 1 else ""
@@ -327,10 +315,10 @@ def format_report(figures: dict) -> str:
         f"batch:     {f['global_batch_size']} x {f['block_size']} tokens = {f['tokens_per_step']:,} tokens/step, "
         f"{f['grad_accum_steps']} micro-batch(es) of {micro} = {micro / ways:g} per data x fsdp shard",
         "per device:",
-        f"  parameters          {_human(f['params_bytes'])}",
-        f"  optimizer state     {_human(f['opt_state_bytes'])}",
-        f"  activations / temp  {_human(f['activation_bytes']) if f['activation_bytes'] is not None else unknown}",
-        f"  peak                {_human(f['peak_bytes']) if f['peak_bytes'] is not None else unknown}",
+        f"  parameters          {human_bytes(f['params_bytes'])}",
+        f"  optimizer state     {human_bytes(f['opt_state_bytes'])}",
+        f"  activations / temp  {human_bytes(f['activation_bytes']) if f['activation_bytes'] is not None else unknown}",
+        f"  peak                {human_bytes(f['peak_bytes']) if f['peak_bytes'] is not None else unknown}",
         f"  device memory       {memory}",
     ]
     if f["fits"] is not None:
@@ -342,12 +330,12 @@ def format_report(figures: dict) -> str:
                      f"({f['largest_micro_batch_note']})")
     if f["eval_step"]:
         e = f["eval_step"]
-        lines.append(f"  eval step peak      {_human(e['peak_bytes']) if e['peak_bytes'] else 'unknown'}, "
+        lines.append(f"  eval step peak      {human_bytes(e['peak_bytes']) if e['peak_bytes'] else 'unknown'}, "
                      f"{'fits' if e['fits'] else 'does NOT fit'}, " + (
                          f"{e['cudnn_attention']} cuDNN attention call(s)" if e["cudnn_attention"]
                          else f"{e['mosaic_kernels']} Mosaic kernel(s)"))
     if f["bytes_accessed_per_chip"] is not None:
-        lines.append(f"  bytes accessed      {_human(f['bytes_accessed_per_chip'])} per step "
+        lines.append(f"  bytes accessed      {human_bytes(f['bytes_accessed_per_chip'])} per step "
                      f"({f['bytes_accessed_per_chip'] / (f['tokens_per_step'] / ways) / 1e6:.2f} MB "
                      "per token; XLA cost analysis)")
     lines += [
