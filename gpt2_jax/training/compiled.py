@@ -52,11 +52,8 @@ def with_train(train_cfg: Any, **changes: Any) -> ml_collections.ConfigDict:
     return out
 
 
-def compile_train_step(run: run_lib.Run, batch_size: int | None = None) -> Compiled:
-    """The train step of `run` for a global batch of `batch_size` rows (default: the run's)."""
-    t = run.train_cfg
-    if batch_size is not None and batch_size != t.global_batch_size:
-        run = run_lib.build_run(run.model_config, with_train(t, global_batch_size=batch_size), run.mesh, run.num_steps)
+def compile_train_step(run: run_lib.Run) -> Compiled:
+    """The train step of `run`, for its global batch."""
     step = step_lib.make_train_step(run)
     result = compile_program(step.jitted, run.abstract_state, abstract_batch(run, run.train_cfg.global_batch_size),
                              mesh=run.mesh)
@@ -70,7 +67,7 @@ def compile_train_step(run: run_lib.Run, batch_size: int | None = None) -> Compi
 def compile_eval_step(run: run_lib.Run) -> Compiled:
     """The eval step on one micro-batch, the rows the trainer evaluates at a time."""
     step = step_lib.make_eval_step(run)
-    rows = run.train_cfg.global_batch_size // run.train_cfg.grad_accum_steps
+    rows = step_lib.eval_batch_size(run.train_cfg)
     return compile_program(step.jitted, run.abstract_state.params, abstract_batch(run, rows), mesh=run.mesh)
 
 

@@ -181,6 +181,12 @@ def make_train_step(run: Run) -> OnMesh:
     return OnMesh(jitted, mesh, checker)
 
 
+def eval_batch_size(train_cfg: Any) -> int:
+    """Rows evaluated at a time: one micro-batch. A whole global batch of logits at once would need
+    grad_accum_steps times the memory the train step was sized for (it did not fit a v5e chip)."""
+    return train_cfg.global_batch_size // train_cfg.grad_accum_steps
+
+
 def make_eval_step(run: Run) -> OnMesh:
     """`eval_step(params, batch) -> {"loss": fp32 mean loss}`, deterministic, jitted once per batch shape."""
     model_config, mesh, state_shardings = run.model_config, run.mesh, run.state_shardings

@@ -355,9 +355,7 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
     def save(step: int) -> None:
         checkpointer.save(step, state, train_iter.get_state(), {**meta, "tokens": tokens_seen(step)})
 
-    # Evaluation runs micro-batches, as training does: a whole global batch of logits at once would
-    # need grad_accum_steps times the memory that the train step was sized for.
-    eval_batch = t.global_batch_size // t.grad_accum_steps
+    eval_batch = step_lib.eval_batch_size(t)
 
     def evaluate() -> float:
         it = data_lib.make_batch_iterator(
