@@ -364,7 +364,7 @@ def part_verify(shape: dict, ks: list[int], N: int, repeats: int, passes: int) -
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from gpt2_jax.inference import sampling
+    from gpt2_jax.inference import decode, sampling
     from gpt2_jax.model.hf import load_hf_gpt2
 
     torch.manual_seed(0)
@@ -380,10 +380,10 @@ def part_verify(shape: dict, ks: list[int], N: int, repeats: int, passes: int) -
     positions = np.arange(P, dtype=np.int32)[None]
 
     # The KV cache after a 64-token prefill, with room for 256 new tokens (as generate's bucket).
-    prefill = jax.jit(sampling._prefill, static_argnums=(0, 1))
+    prefill = jax.jit(decode.prefill, static_argnums=(0, 1))
     state = prefill(config, 256, params, prompt, positions, jnp.array([256], jnp.int32), jax.random.key(0),
                     jnp.int32(-1))
-    weights = jax.block_until_ready(sampling.DecodeWeights.from_params(config, params))
+    weights = jax.block_until_ready(decode.DecodeWeights.from_params(config, params))
 
     @functools.partial(jax.jit, static_argnums=(0, 1))
     def run(W, n, weights, cache):
@@ -391,7 +391,7 @@ def part_verify(shape: dict, ks: list[int], N: int, repeats: int, passes: int) -
         def body(i, carry):
             cache, acc = carry
             pos = P + i * W + jnp.arange(W, dtype=jnp.int32)[None, :]  # [1, W]
-            logits, cache = sampling._decode_logits(config, weights, cache, pos % 1000, pos)
+            logits, cache = decode.decode_logits(config, weights, cache, pos % 1000, pos)
             return cache, acc + jnp.sum(jnp.argmax(logits, axis=-1))
 
         return jax.lax.fori_loop(0, n, body, (cache, jnp.int32(0)))[1]

@@ -11,6 +11,10 @@ prefill and decode programs in a fresh process. `enable(traced_programs=True)` a
 programs traced and lowered (`jax.export`) in `<folder>/programs`, keyed by the function, its
 static arguments, the argument types, the jax version and settings and the source of this
 package, so that `compile_traced` skips the tracing. Only single-device programs are kept.
+
+Within one process, `executable` keeps the last compiled programs in memory, keyed by their static
+settings and argument shapes, and says how long a miss took to compile (so callers can report
+throughput without compilation in it).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import hashlib
 import os
 import pickle
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +33,8 @@ ENV = "GPT2_JAX_COMPILATION_CACHE"
 DEFAULT_FOLDER = "~/.cache/gpt2_jax/jax_cache"
 _OFF = ("", "0", "off", "false", "none")
 _programs_folder: str | None = None  # set by enable(traced_programs=True)
+_EXECUTABLES: dict[tuple, Any] = {}
+_MAX_EXECUTABLES = 64
 
 
 def folder(default: str = DEFAULT_FOLDER) -> str | None:
@@ -100,6 +107,30 @@ def compile_traced(fn: Callable, args: tuple, *, key: Any, donate_argnums: tuple
         return jax.tree_util.tree_unflatten(out_tree, compiled(*jax.tree_util.tree_leaves(call_args)))
 
     return call
+
+
+def executable(fn: Callable, static: tuple, *args, donate_argnums: tuple[int, ...] = ()) -> tuple[Any, float]:
+    """(the executable of fn(*static, *args) for these argument shapes, seconds spent compiling it now).
+
+    Kept in memory (the last _MAX_EXECUTABLES), and compiled through `compile_traced`, so that
+    traced programs are kept on disk where enabled.
+    """
+    import jax
+
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    key = (fn.__name__, static, treedef, donate_argnums, tuple((jax.typeof(x), x.sharding) for x in leaves))
+    if key in _EXECUTABLES:
+        return _EXECUTABLES[key], 0.0
+    start = time.perf_counter()
+
+    def bound(*a):
+        return fn(*static, *a)
+
+    compiled = compile_traced(bound, args, key=(fn.__module__, fn.__qualname__, static), donate_argnums=donate_argnums)
+    if len(_EXECUTABLES) >= _MAX_EXECUTABLES:
+        _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
+    _EXECUTABLES[key] = compiled
+    return compiled, time.perf_counter() - start
 
 
 def _leaf_owners(args: tuple) -> list[int]:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from gpt2_jax import GPT2, ModelConfig
-from gpt2_jax.inference import sampling
+from gpt2_jax.inference import decode, sampling
+from gpt2_jax.inference import prompts as prompts_lib
 from gpt2_jax.model.gpt2 import abstract_params
 from gpt2_jax.inference.sampling import PromptTooLongError, SamplingParams, filter_logits, generate, next_token, stream
 
@@ -62,19 +63,19 @@ def _cached_vs_full(cfg, prompts, n_steps, matvec=False):
     generate runs) advanced one token at a time, keeping the logits each token was chosen from;
     then every row recomputed by a full forward (no cache, no padding). matvec: the decode
     weights in the layout generate uses for one row (kernels stored [out, in])."""
-    batch = sampling._prepare(cfg, prompts, n_steps, 1, "none")
+    batch = prompts_lib.prepare(cfg, prompts, n_steps, 1, "none")
     greedy = SamplingParams.create(temperature=0)
 
     @jax.jit
     def run(params):
-        state = sampling._prefill(
+        state = decode.prefill(
             cfg, batch.gen_len, params, batch.prompt, batch.positions, batch.row_limit, jax.random.key(0), jnp.int32(-1)
         )
-        weights = sampling.DecodeWeights.from_params(cfg, params, matvec=matvec)
+        weights = decode.DecodeWeights.from_params(cfg, params, matvec=matvec)
 
         def step(state, _):
-            logits, _ = sampling._next_logits(cfg, weights, state)
-            return sampling._decode(cfg, weights, greedy, state, state.step + 1), logits
+            logits, _ = decode.next_logits(cfg, weights, state)
+            return decode.decode_loop(cfg, weights, greedy, state, state.step + 1), logits
 
         state, step_logits = jax.lax.scan(step, state, length=n_steps)  # [N, B, V]
         tokens = state.tokens[:, :n_steps]  # [B, N]

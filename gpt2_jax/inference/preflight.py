@@ -20,7 +20,7 @@ import numpy as np
 
 from gpt2_jax import topology as topology_lib
 from gpt2_jax.compile_report import Compiled, bytes_per_device, human_bytes, measure
-from gpt2_jax.inference import sampling
+from gpt2_jax.inference import decode, prompts, token_choice
 from gpt2_jax.model.config import ModelConfig, count_params
 from gpt2_jax.model.gpt2 import init_params
 
@@ -31,10 +31,10 @@ def report(config: ModelConfig, topology: str, *, prompt_ids: list[int] | None =
     spec = topology_lib.parse(topology)
     device = topology_lib.devices(spec)[0]
     on_chip = jax.sharding.SingleDeviceSharding(device)
-    context = sampling.context_length(config)
+    context = prompts.context_length(config)
     if prompt_ids is None:
         prompt_ids = [0] * max(1, (context or max_new_tokens + 1) - max_new_tokens)
-    batch = sampling._prepare(config, [prompt_ids], max_new_tokens, num_samples, "none")
+    batch = prompts.prepare(config, [prompt_ids], max_new_tokens, num_samples, "none")
 
     def abstract(tree):
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=on_chip), tree)
@@ -42,15 +42,15 @@ def report(config: ModelConfig, topology: str, *, prompt_ids: list[int] | None =
     params = abstract(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))))
     inputs = abstract((batch.prompt, batch.positions, batch.row_limit,
                        jax.eval_shape(lambda: jax.random.key(0)), np.int32(0)))
-    prefill_fn = jax.jit(lambda *a: sampling._prefill(config, batch.gen_len, *a))
+    prefill_fn = jax.jit(lambda *a: decode.prefill(config, batch.gen_len, *a))
     prefill = measure(lambda: prefill_fn.lower(params, *inputs).compile())
 
     state = abstract(jax.eval_shape(prefill_fn, params, *inputs))
-    matvec = batch.prompt.shape[0] == 1 and int(batch.row_limit.max()) >= sampling.MATVEC_MIN_TOKENS
-    weights = abstract(jax.eval_shape(lambda p: sampling.DecodeWeights.from_params(config, p, matvec), params))
-    sp = sampling.SamplingParams.create(temperature, top_k, top_p)
+    matvec = batch.prompt.shape[0] == 1 and int(batch.row_limit.max()) >= decode.MATVEC_MIN_TOKENS
+    weights = abstract(jax.eval_shape(lambda p: decode.DecodeWeights.from_params(config, p, matvec), params))
+    sp = token_choice.SamplingParams.create(temperature, top_k, top_p)
     sp_abstract = sp.replace(**{k: abstract(getattr(sp, k)) for k in ("temperature", "top_k", "top_p")})
-    decode_fn = jax.jit(lambda w, s, st, limit: sampling._decode(config, w, s, st, limit), donate_argnums=(2,))
+    decode_fn = jax.jit(lambda w, s, st, limit: decode.decode_loop(config, w, s, st, limit), donate_argnums=(2,))
     limit = abstract(np.int32(0))
     decode = measure(lambda: decode_fn.lower(weights, sp_abstract, state, limit).compile())
 

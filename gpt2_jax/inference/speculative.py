@@ -47,16 +47,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from gpt2_jax.inference.options import validate_speculate
-from gpt2_jax.inference.sampling import (
-    DecodeWeights,
-    SamplingParams,
-    SamplingState,
-    _decode_logits,
-    _nucleus_mask,
-    _top_k_candidates,
-    categorical,
-    context_length,
-)
+from gpt2_jax.inference.decode import DecodeWeights, SamplingState, decode_logits
+from gpt2_jax.inference.prompts import context_length
+from gpt2_jax.inference.token_choice import SamplingParams, categorical, nucleus_mask, top_k_candidates
 from gpt2_jax.model.config import ModelConfig
 
 # Prompt lookup matches the last 3, else 2, else 1 tokens (bench/README.md: on this project's
@@ -146,8 +139,8 @@ def _widen(config: ModelConfig, caches: tuple, max_len: int, k: int) -> tuple:
     return tuple(widen(layer) for layer in caches)
 
 
-def _start(config: ModelConfig, k: int, draft_config: ModelConfig | None, state: SamplingState,
-           draft_state: SamplingState | None, prompt, positions) -> SpecState:
+def start(config: ModelConfig, k: int, draft_config: ModelConfig | None, state: SamplingState,
+          draft_state: SamplingState | None, prompt, positions) -> SpecState:
     """Plain decoding's state after the prefill (and the draft model's) -> the first round's."""
     B, P = prompt.shape
     G = state.tokens.shape[1]
@@ -240,13 +233,13 @@ def _draft_model_drafts(draft_config: ModelConfig, weights: DecodeWeights, state
     pos = state.position[:, None] + jnp.arange(-1, 1)[None, :]  # [B, 2]
     pos = jnp.where(state.done[:, None] | (pos < 0), -1, pos)
     cache = _rollback(state.draft_cache, state.position - 1)
-    logits, cache = _decode_logits(draft_config, weights, cache, fed, pos)
+    logits, cache = decode_logits(draft_config, weights, cache, fed, pos)
     token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)  # [B]
 
     def step(carry, j):
         token, cache = carry
         p = jnp.where(state.done, -1, state.position + j)[:, None]
-        logits, cache = _decode_logits(draft_config, weights, cache, token[:, None], p)
+        logits, cache = decode_logits(draft_config, weights, cache, token[:, None], p)
         nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
         return (nxt, cache), nxt
 
@@ -264,10 +257,10 @@ def filtered_logits(logits: jax.Array, sp: SamplingParams) -> jax.Array:
     N, V = logits.shape
     top_p = sp.top_p if sp.use_top_p else 1.0
     if sp.top_k_bucket > 0:
-        values, ids = _top_k_candidates(logits, min(V, sp.top_k_bucket), sp.top_k, top_p)
+        values, ids = top_k_candidates(logits, min(V, sp.top_k_bucket), sp.top_k, top_p)
         return jnp.full_like(logits, -jnp.inf).at[jnp.arange(N)[:, None], ids].set(values)
     if sp.use_top_p:
-        return jnp.where(_nucleus_mask(logits, top_p), logits, -jnp.inf)
+        return jnp.where(nucleus_mask(logits, top_p), logits, -jnp.inf)
     return logits
 
 
@@ -317,7 +310,7 @@ def _round(config: ModelConfig, weights: DecodeWeights, sp: SamplingParams, stat
     P = state.history.shape[1] - G
     fed = jnp.concatenate([state.last[:, None], drafts], axis=1)  # [B, W]
     pos = jnp.where(state.done[:, None], -1, state.position[:, None] + jnp.arange(W)[None, :])  # [B, W]
-    logits, cache = _decode_logits(config, weights, state.cache, fed, pos)  # [B, W, V]
+    logits, cache = decode_logits(config, weights, state.cache, fed, pos)  # [B, W, V]
     keys = jax.vmap(jax.random.fold_in)(state.rng, state.count)  # [B]: count grows every round
     kept, bonus = accept(logits, drafts, keys, sp)
 
@@ -349,8 +342,8 @@ def _round(config: ModelConfig, weights: DecodeWeights, sp: SamplingParams, stat
     )
 
 
-def _decode(config: ModelConfig, k: int, draft_config: ModelConfig | None, weights, sp: SamplingParams,
-            state: SpecState, limit) -> SpecState:
+def decode_loop(config: ModelConfig, k: int, draft_config: ModelConfig | None, weights, sp: SamplingParams,
+                state: SpecState, limit) -> SpecState:
     """Rounds until every row is done or has `limit` tokens. weights: DecodeWeights, or a pair
     (the model's, the draft model's)."""
     P = state.history.shape[1] - state.tokens.shape[1]
