@@ -52,7 +52,7 @@ def report(config: ModelConfig, topology: str, *, prompt_ids: list[int] | None =
     sp_abstract = sp.replace(**{k: abstract(getattr(sp, k)) for k in ("temperature", "top_k", "top_p")})
     decode_fn = jax.jit(lambda w, s, st, limit: decode.decode_loop(config, w, s, st, limit), donate_argnums=(2,))
     limit = abstract(np.int32(0))
-    decode = measure(lambda: decode_fn.lower(weights, sp_abstract, state, limit).compile())
+    decoding = measure(lambda: decode_fn.lower(weights, sp_abstract, state, limit).compile())
 
     def program(c: Compiled) -> dict[str, Any]:
         return {"fits": c.fits, "peak_bytes": c.peak_bytes, "temp_bytes": c.temp_bytes, "compile_s": c.compile_s,
@@ -63,9 +63,9 @@ def report(config: ModelConfig, topology: str, *, prompt_ids: list[int] | None =
         "dtype": config.dtype, "batch": int(batch.prompt.shape[0]), "prompt_tokens": len(prompt_ids),
         "cache_tokens": int(batch.prompt.shape[1] + batch.gen_len),
         "weight_bytes": bytes_per_device(params), "kv_cache_bytes": bytes_per_device(state.cache),
-        "hbm_bytes_per_device": spec.hbm_bytes, "prefill": program(prefill), "decode": program(decode),
-        "fits": all(c.fits_in(spec.usable_bytes or spec.hbm_bytes) for c in (prefill, decode)),
-        "compile_s": prefill.compile_s + decode.compile_s,
+        "hbm_bytes_per_device": spec.hbm_bytes, "prefill": program(prefill), "decode": program(decoding),
+        "fits": all(c.fits_in(spec.usable_bytes or spec.hbm_bytes) for c in (prefill, decoding)),
+        "compile_s": prefill.compile_s + decoding.compile_s,
     }
 
 

@@ -103,7 +103,7 @@ class Generation:
     tokens: list[list[int]]
     compile_s: float  # compilation in this call (0 when every executable was cached)
     run_s: float  # prefill + decode, compilation excluded
-    speculation: "SpeculationStats | None" = None  # drafts proposed and kept (speculate > 0)
+    speculation: speculative.SpeculationStats | None = None  # drafts proposed and kept (speculate > 0)
 
 
 def _finish_row(tokens: np.ndarray, limit: int, eos_id: int | None) -> list[int]:
