@@ -6,55 +6,47 @@ Keys are fixed here: an override of a key that is not in this schema is an error
 (ml_collections refuses unknown keys), so a typo never silently does nothing.
 """
 
+import dataclasses
+
 import ml_collections
+
+from gpt2_jax.model.config import ModelConfig
+
+# ModelConfig fields a config may also set to another type: remat takes False / True for 'none' / 'full'.
+_ANY_TYPE = {"remat"}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _model_block() -> ml_collections.ConfigDict:
+    """ModelConfig's fields and defaults as a ConfigDict. A field that may be None (n_kv_head,
+    n_inner, sliding_window) or of several types (loss_chunk: 'auto' or an int) is a typed reference,
+    so that `--config.model.n_kv_head=2` parses as that field's type."""
+    m = ml_collections.ConfigDict()
+    for field in dataclasses.fields(ModelConfig):
+        types = [t.strip() for t in str(field.type).split("|")]
+        if "None" in types:
+            m[field.name] = ml_collections.FieldReference(field.default, field_type=_TYPES[types[0]])
+        elif len(types) > 1 or field.name in _ANY_TYPE:
+            m[field.name] = ml_collections.FieldReference(field.default, field_type=object)
+        else:
+            m[field.name] = field.default
+    return m
 
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
-    # ---- model: gpt2_jax.model.config.ModelConfig. A non-empty `preset` sets n_layer, n_head and
-    # n_embd (overriding those three keys); the other keys apply as written.
-    c.model = m = ml_collections.ConfigDict()
-    m.preset = ""  # '' | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl'
-    m.n_layer = 12
-    m.n_head = 12
-    m.n_embd = 768
-    m.n_kv_head = ml_collections.FieldReference(None, field_type=int)  # None = n_head (MHA); 1 = MQA
-    m.n_inner = ml_collections.FieldReference(None, field_type=int)  # None = 4 * n_embd
-    m.block_size = 1024  # context length
-    m.vocab_size = 50257  # GPT-2 tokenizer
-    m.pad_vocab_to_multiple = 64  # 50257 -> 50304 rows: faster matmuls; padded logits are cut
-    m.position_embedding = "learned"  # 'learned' | 'rotary'
-    m.rope_theta = 10000.0
-    m.sliding_window = ml_collections.FieldReference(None, field_type=int)  # None = full attention
-    m.dropout = 0.0
-    m.dtype = "float32"  # compute dtype; 'bfloat16' on TPU/GPU (params and optimizer stay fp32)
-    m.param_dtype = "float32"
-    # What each block keeps for the backward pass (memory for compute): 'none' keeps every activation;
-    # 'full' recomputes the whole block; 'save_dots' keeps the weight matmuls' outputs and recomputes
-    # norms, GELU and attention; 'save_qkv' keeps only q, k, v. False / True = 'none' / 'full'.
-    m.remat = ml_collections.FieldReference("none", field_type=object)
-    m.scan_layers = True  # compile one block, not n_layer copies (fast compile, same numerics)
-    # 'auto' | 'blockwise' | 'dense' | 'splash' | 'cudnn'. auto: Pallas splash on TPU, cuDNN flash on
-    # GPU (needs dtype bfloat16/float16, head_dim % 8 == 0, <= 256; else blockwise), blockwise on CPU.
-    m.attention = "auto"
+    # ---- model: every field of gpt2_jax.model.config.ModelConfig, with its default (what each key
+    # does is said there, once), plus `preset` and `init_from`. One training default differs from
+    # ModelConfig's: pad_vocab_to_multiple=64 (50257 -> 50304 embedding rows: faster matmuls; padded
+    # logits are cut), where ModelConfig keeps Hugging Face GPT-2's shape (1).
+    c.model = m = _model_block()
+    m.preset = ""  # '' | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl': sets n_layer, n_head, n_embd
     # '' = random init | a Hugging Face GPT-2 folder | a gpt2-jax workdir or checkpoint step folder: start
     # from its weights (only they: optimizer, step and data start fresh). The source then sets the shape
     # keys; see gpt2_jax/training/init_from.py. Not read once the workdir holds a checkpoint (resume wins).
     m.init_from = ""
-    # The modern recipe's switches (configs/speedrun_cpu.py turns them on; bench/speedrun.py measures
-    # each). The defaults are GPT-2's; a model with any other value cannot be exported to HF GPT-2.
-    m.norm = "layernorm"  # 'layernorm' | 'rmsnorm' (a learned scale, no mean subtraction, no bias)
-    m.qk_norm = False  # RMS-normalise each head's q and k over head_dim (learned gain), before rotary
-    m.mlp_activation = "gelu"  # 'gelu' (GPT-2's tanh GELU) | 'relu2' (relu(x) ** 2, Primer)
-    m.tie_embeddings = True  # False: a separate output head lm_head [vocab, n_embd]
-    m.logit_softcap = 0.0  # > 0: logits = c * tanh(logits / c), bounding them to (-c, c); 0 = off
-    m.zero_init_proj = False  # attention out, MLP proj and an untied head start at zero, not N(0, 0.02)
-    # The training and evaluation loss: 0 = the whole logits [B, T, vocab] at once; N = the head, softmax
-    # and loss N positions at a time (logits [B, N, vocab] per chunk, never [B, T, vocab]: the fp32
-    # logits of GPT-2 small at 16 x 1024 tokens are 3.3 GB per chip); 'auto' = 128 on TPU / GPU, and
-    # 128 on CPU too, measured as fast or faster there (BENCHMARKS.md). Same loss and gradients either way.
-    m.loss_chunk = ml_collections.FieldReference("auto", field_type=object)
+    m.pad_vocab_to_multiple = 64
 
     # ---- training
     c.train = t = ml_collections.ConfigDict()
