@@ -3,7 +3,7 @@
     python train.py --config configs/finetune_shakespeare.py --config.model.init_from=DIR
     python generate.py --ckpt workdir/finetune_shakespeare --prompt "ROMEO:"
 
-DIR is any Hugging Face GPT-2 folder (config.json + model.safetensors; README "Fine-tune GPT-2"
+DIR is any Hugging Face GPT-2 folder (config.json + model.safetensors; docs/finetune.md
 says how to get one), or a gpt2-jax workdir. The folder decides the architecture, so a larger GPT-2
 works too (lower global_batch_size or raise grad_accum_steps if it does not fit). On several devices
 add --config.mesh.fsdp=-1 --config.mesh.data=1 to shard the weights and optimizer state.
@@ -19,7 +19,7 @@ from configs import base
 
 def get_config():
     c = base.get_config()
-    c.model.init_from = "hf/gpt2"  # the folder the README's download line writes; override with a path
+    c.model.init_from = "hf/gpt2"  # the folder docs/finetune.md's download line writes; override with a path
     c.model.block_size = 256
     c.model.dropout = 0.1
     c.train.num_steps = 300

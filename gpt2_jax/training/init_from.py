@@ -81,7 +81,7 @@ def open_source(init_from: str) -> Source:
     if not os.path.isdir(path):
         if os.path.exists(path):
             raise refuse("is a file, not a folder")
-        raise refuse("no such folder (README.md, 'Fine-tune GPT-2', says how to get GPT-2's weights)")
+        raise refuse("no such folder (docs/finetune.md says how to get GPT-2's weights)")
     try:
         if os.path.exists(os.path.join(path, "config.json")):
             config = hf_lib.read_hf_config(path)
