@@ -15,6 +15,7 @@ import functools
 import math
 import weakref
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -22,7 +23,7 @@ from flax import struct
 from gpt2_jax.inference.token_choice import SamplingParams, next_token
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.gpt2 import GPT2, embed_inputs, output_head, output_logits, position_embedding, token_embedding
-from gpt2_jax.model.layers import Block, layer_norm
+from gpt2_jax.model.layers import Block, Linear, layer_norm
 
 # Fewest new tokens for which one-row decoding stores its kernels [out, in]: transposing the block
 # weights costs about as much as 30 steps save (124M on a 2-core CPU: ~130 ms once, ~4 ms a step).
@@ -56,6 +57,21 @@ def _matvec_layout(tree, name: str = ""):
 def _unstack_matvec(tree, n: int) -> tuple:
     """_unstack, each layer's kernels stored [*out, *in] (see DecodeWeights.from_params)."""
     return tuple(_matvec_layout(layer) for layer in _unstack(tree, n))
+
+
+def _matvec_linear(next_fun, args, kwargs, context):
+    """Runs a `Linear` whose weights hold `kernel_t` [prod(out), prod(in)] (the matvec layout) as
+    x . kernel_t^T; every other module call as it is. Same values as Linear with its `kernel`."""
+    module = context.module
+    if not (isinstance(module, Linear) and context.method_name == "__call__"
+            and module.has_variable("params", "kernel_t")):
+        return next_fun(*args, **kwargs)
+    (x,) = args
+    kernel_t = module.get_variable("params", "kernel_t").astype(module.dtype)
+    bias = module.get_variable("params", "bias").astype(module.dtype)
+    rows = x.reshape(x.shape[: x.ndim - module.n_in] + (-1,)).astype(module.dtype)  # [..., in]
+    y = jax.lax.dot_general(rows, kernel_t, (((rows.ndim - 1,), (1,)), ((), ())))
+    return y.reshape(y.shape[:-1] + module.out_shape) + bias
 
 
 @struct.dataclass
@@ -97,9 +113,10 @@ def decode_logits(config: ModelConfig, weights: DecodeWeights, caches: tuple, to
     x = embed_inputs(cfg, wte, wpe, tokens, positions)  # [B, 1, E]
     block = Block(cfg, deterministic=True, decode=True)
     new_caches = []
-    for layer, cache in zip(weights.layers, caches):
-        (x, _), mut = block.apply({"params": layer, "cache": cache}, x, positions, mutable=["cache"])
-        new_caches.append(mut["cache"])
+    with nn.intercept_methods(_matvec_linear):  # kernels stored [out, in] where DecodeWeights made them so
+        for layer, cache in zip(weights.layers, caches):
+            (x, _), mut = block.apply({"params": layer, "cache": cache}, x, positions, mutable=["cache"])
+            new_caches.append(mut["cache"])
     ln_f = layer_norm(cfg, None).bind({"params": top["ln_f"]})
     head = wte if cfg.tie_embeddings else output_head(cfg, wte, name=None).bind({"params": top["lm_head"]})
     return output_logits(cfg, ln_f, head, x), tuple(new_caches)  # [B, W, V]

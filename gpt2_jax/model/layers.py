@@ -19,6 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from gpt2_jax.model.attention import attend, causal_self_attention
 from gpt2_jax.model.config import ModelConfig
+from gpt2_jax.model.kv_cache import attend_with_cache
 
 # Logical names of activation axes, used for sharding constraints at block boundaries.
 # Parameter axes are named where each parameter is created. sharding.py maps both to mesh axes.
@@ -74,10 +75,7 @@ class Linear(nn.Module):
 
     Written out (rather than nn.DenseGeneral) so multi-axis kernels such as q [E, N, H] are
     created at their real shape, which their logical axis names and sharding rules refer to.
-
-    Given a `kernel_t` param instead of `kernel` (the same weights as a matrix
-    [prod(out_shape), prod(in)]), it computes x . kernel_t^T: decoding one token row stores its
-    weights that way (gpt2_jax/inference/sampling.py, DecodeWeights.from_params). Nothing else creates one.
+    (Decoding one row at a time may store the kernels transposed: gpt2_jax/inference/decode.py.)
     """
 
     out_shape: tuple[int, ...]
@@ -91,11 +89,6 @@ class Linear(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         in_shape = x.shape[x.ndim - self.n_in :]
         bias = self.param("bias", zeros_init(self.axes[self.n_in :]), self.out_shape, self.param_dtype)
-        if self.has_variable("params", "kernel_t"):
-            kernel_t = self.get_variable("params", "kernel_t").astype(self.dtype)  # [out, in], flattened
-            rows = x.reshape(x.shape[: x.ndim - self.n_in] + (-1,)).astype(self.dtype)  # [..., in]
-            y = jax.lax.dot_general(rows, kernel_t, (((rows.ndim - 1,), (1,)), ((), ())))
-            return y.reshape(y.shape[:-1] + self.out_shape) + bias.astype(self.dtype)
         kernel = self.param("kernel", param_init(self.std, self.axes), in_shape + self.out_shape, self.param_dtype)
         x, kernel, bias = (a.astype(self.dtype) for a in (x, kernel, bias))
         return jnp.tensordot(x, kernel, axes=self.n_in) + bias
@@ -116,17 +109,8 @@ def apply_rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 class Attention(nn.Module):
     """Causal self-attention with n_kv_head key/value heads shared by groups of query heads.
 
-    With `decode=True` the module keeps a KV cache in the "cache" collection: k [B, K, L, H],
-    v [B, K, H, L] and the position stored in each slot [B, L] (-1 = empty). These are the
-    layouts a decode step's two attention matmuls (q . k^T over H, p . v over L, batched over
-    B x K) read as they lie; with k and v as [B, L, K, H], XLA:CPU transposed every layer's
-    cache at every step. L is the length of
-    the input seen when the cache is created (`GPT2.init_cache`), capped at the sliding window.
-    A token at position p goes to slot p mod L of its own row, so rows may advance by different
-    amounts per call (speculative decoding) and slots are reused as a ring buffer: with a window
-    only the last `window` tokens are ever needed. Without a window the caller keeps positions
-    below L. Setting a slot's position to -1 hides it (how speculative decoding rolls back
-    rejected tokens); the next token at that position overwrites it.
+    With `decode=True` the module keeps a KV cache in the "cache" collection, a ring buffer of
+    keys, values and their positions (gpt2_jax/model/kv_cache.py).
     """
 
     config: ModelConfig
@@ -163,48 +147,8 @@ class Attention(nn.Module):
             out = causal_self_attention(cfg, q, k, v)
         elif not self.decode:
             out = attend(cfg, q, positions, [(k, v, positions)], drop)
-        else:
-            initializing = not self.has_variable("cache", "k")
-            L = T if cfg.sliding_window is None else min(T, cfg.sliding_window)
-            cache_k = self.variable("cache", "k", jnp.zeros, (B, K, L, H), k.dtype)
-            cache_v = self.variable("cache", "v", jnp.zeros, (B, K, H, L), v.dtype)
-            cache_pos = self.variable("cache", "pos", lambda: jnp.full((B, L), -1, jnp.int32))
-            if initializing:
-                out = attend(cfg, q, positions, [(k, v, positions)], drop)
-            else:
-                # Write first, then attend over the cache alone, when no new token evicts a key
-                # that a new query still sees: one token per row (its slot held position p - L,
-                # outside any window L >= window), or no ring (no window). XLA then updates the
-                # cache in place; attending over [old cache, new keys] instead keeps the old cache
-                # alive past the write, which costs a copy of every layer's cache per step.
-                write_first = T == 1 or cfg.sliding_window is None
-                def cached():  # as attend takes keys: [B, L, K, H]
-                    return (cache_k.value.swapaxes(1, 2), cache_v.value.transpose(0, 3, 1, 2), cache_pos.value)
-
-                if not write_first:
-                    out = attend(cfg, q, positions, [cached(), (k, v, positions)], drop)
-                # Write the newest min(T, L) columns into the ring; older ones can never be
-                # attended to again (with a window) or do not fit (the caller's error). Padding
-                # (-1) gets slot L, out of range, which the scatter drops.
-                L = cache_pos.value.shape[1]
-                n = min(T, L)
-                new_pos = positions[:, T - n :].astype(jnp.int32)  # [B, n]
-                slots = jnp.where(new_pos >= 0, new_pos % L, L)  # [B, n]
-                rows = jnp.arange(B)[:, None]  # [B, 1]
-                # One index triple per (row, head, token), even at B = 1: a single-slot write would
-                # become a dynamic-update-slice, which XLA:CPU then fuses into each of the cache's
-                # readers (copying the cache for every copy of the write).
-                heads = jnp.arange(K)[None, :, None]  # [1, K, 1]
-                index = (rows[:, :, None], heads, slots[:, None, :])  # [B, K, n] each, broadcast
-                update_k = k[:, T - n :].swapaxes(1, 2).astype(cache_k.value.dtype)  # [B, K, n, H]
-                update_v = v[:, T - n :].swapaxes(1, 2).astype(cache_v.value.dtype)
-                cache_k.value = cache_k.value.at[index].set(update_k, mode="drop")
-                # v's slot axis is last: the index pairs sit around the H slice, so the update is
-                # again [B, K, n] + [H].
-                cache_v.value = cache_v.value.at[index[0], index[1], :, index[2]].set(update_v, mode="drop")
-                cache_pos.value = cache_pos.value.at[rows, slots].set(new_pos, mode="drop")
-                if write_first:
-                    out = attend(cfg, q, positions, [cached()], drop)
+        else:  # the KV cache (gpt2_jax/model/kv_cache.py)
+            out = attend_with_cache(self, cfg, q, k, v, positions, drop)
         out = out.reshape(B, T, N, H)
         return Linear((cfg.n_embd,), ("heads", "head_dim", "embed"), residual_std(cfg), cfg.dtype,
                       cfg.param_dtype, n_in=2, name="out")(out)
