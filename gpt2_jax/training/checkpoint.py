@@ -210,9 +210,10 @@ class Checkpointer:
             self._record_sizes_locked()
 
     def _record_sizes_locked(self) -> None:
+        finished = _steps(self.directory)
         for step in list(self._pending):
             step_dir = os.path.join(self.directory, str(step))
-            if step not in _steps(self.directory):
+            if step not in finished:
                 continue  # still a temporary folder
             sizes = json.dumps(storage.file_sizes(step_dir))
             storage.write_bytes(_sizes_path(self.directory, step), sizes.encode())
