@@ -17,10 +17,11 @@ import traceback
 from absl import flags, logging
 from ml_collections import config_flags
 
-from gpt2_jax import cli
+from gpt2_jax import cli, storage
 
 config_flags.DEFINE_config_file("config", None, "A config file in configs/.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go (default: workdir/<config name>).")
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go (default: workdir/<config name>); "
+                    "a local folder or gs://bucket/path.")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for a multi-process run.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
@@ -59,6 +60,8 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax and jax log a lot at INFO
     config = load_config()
     _check_topology_flags()
+    storage.check(FLAGS.workdir, "--workdir")  # gs:// paths need gcsfs: said before jax loads
+    storage.check(config.model.init_from, "config.model.init_from")
     if not FLAGS.preflight:  # a missing corpus fails here, in a fraction of a second, before jax loads
         from gpt2_jax.data.corpus import check_source
 

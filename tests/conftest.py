@@ -65,8 +65,8 @@ def corpus_cache() -> str:
 
 # Files with long subprocess runs first, so the two workers finish together instead of one
 # starting a long file at the end.
-_SLOW_FIRST = ("test_multihost.py", "test_checkpoint.py", "test_recipe.py", "test_generate_cli.py", "test_bench.py",
-               "test_finetune.py", "test_model.py", "test_sampling.py", "test_train_step.py")
+_SLOW_FIRST = ("test_multihost.py", "test_checkpoint.py", "test_gcs.py", "test_recipe.py", "test_generate_cli.py",
+               "test_bench.py", "test_finetune.py", "test_model.py", "test_sampling.py", "test_train_step.py")
 
 
 def pytest_collection_modifyitems(config, items):  # noqa: ARG001

@@ -7,6 +7,10 @@
 preceded by ``<|endoftext|>`` (50256), as in GPT-2's and llm.c's training data, so the stream starts with
 an EOT and the model always sees EOT right before a document begins.
 
+A ``gs://bucket/...`` source (a file, a folder or a glob, as above) is first copied into
+``cache_dir/gcs/bucket/...`` (objects already there and unchanged are not fetched again) and read
+from that copy: each host of a pod makes its own.
+
 Cached shards use llm.c's file format too (``shards.py``), so a prepared cache folder is itself a valid
 ``source``. Batches over the prepared tokens are ``batches.py``'s.
 """
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2_jax import storage
 from gpt2_jax.data import tokenizer as tokenizer_lib
 from gpt2_jax.data.shards import TokenArray, _llmc_header, read_llmc_shard, split_tokens
 
@@ -132,7 +137,13 @@ def _resolve_source(source: str) -> _Source:
 
 
 def check_source(source: str) -> None:
-    """Raises FileNotFoundError / ValueError if ``source`` names nothing to read (cheap: no tokenising)."""
+    """Raises FileNotFoundError / ValueError if ``source`` names nothing to read (cheap: no tokenising; a
+    gs:// source is looked up, not copied)."""
+    if storage.is_gcs(source):
+        storage.check(source, "data source")
+        if not glob.has_magic(source) and not storage.exists(source):
+            raise FileNotFoundError(f"Data source {source!r} does not exist")
+        return
     _resolve_source(source)
 
 
@@ -452,7 +463,8 @@ def prepare_corpus(
       source: ``"builtin:shakespeare"``, a ``.txt`` file (one document), a ``.jsonl`` file (a ``text``
         field per line, one document each), a folder of ``.txt``/``.md``/``.jsonl`` files (not recursive,
         sorted), or llm.c ``.bin`` shards (a file, a glob such as ``"fineweb/*train*.bin"``, or a folder),
-        which are memory-mapped as they are. Globs may also name text files.
+        which are memory-mapped as they are. Globs may also name text files. Any of these may be on
+        Cloud Storage (``gs://bucket/...``): copied into ``cache_dir`` first.
       cache_dir: where prepared corpora live; one sub-folder per source.
       num_workers: tokeniser threads.
       shard_size: tokens per shard file.
@@ -464,7 +476,7 @@ def prepare_corpus(
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     if not 0 < shard_size < 2**31:
         raise ValueError(f"shard_size must be in [1, 2**31), got {shard_size}")
-    src = _resolve_source(source)
+    src = _resolve_source(storage.local_copy(source, os.fspath(cache_dir)))
     cache_dir = Path(cache_dir).expanduser().resolve()
     cache_dir.mkdir(parents=True, exist_ok=True)
     corpus_dir = cache_dir / _cache_folder_name(src)

@@ -7,6 +7,9 @@ An --out folder that exists and holds anything is refused (an earlier export, or
 given by mistake); --force writes into it anyway, replacing the files of the same name and leaving
 the others.
 
+--ckpt (and generate.py's --ckpt / --hf) may be a gs:// path: a checkpoint is read where it is, a
+Hugging Face folder is copied once into ~/.cache/gpt2_jax/gcs first. --out is a local folder.
+
 The exported folder loads with `transformers.GPT2LMHeadModel.from_pretrained(folder)` and with
 `gpt2_jax.hf.load_hf_gpt2`; its tokenizer files (vocab.json, merges.txt, tokenizer_config.json)
 with `transformers.AutoTokenizer.from_pretrained(folder)`. Models HF GPT-2 cannot represent (rotary positions, grouped-query
@@ -18,9 +21,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from gpt2_jax import storage
 from gpt2_jax.model.config import ModelConfig
 
 DTYPES = ("float32", "bfloat16")
+HF_COPIES = "~/.cache/gpt2_jax"  # where a gs:// --hf folder is copied (storage.local_copy)
 
 
 def check_source(ckpt: str | None, hf: str | None) -> None:
@@ -30,11 +35,12 @@ def check_source(ckpt: str | None, hf: str | None) -> None:
         raise ValueError("give exactly one of --ckpt DIR (a training checkpoint) or --hf DIR (a Hugging Face folder)")
     path = ckpt if ckpt is not None else hf
     flag = "--ckpt" if ckpt is not None else "--hf"
-    if not os.path.exists(path):
+    storage.check(path, flag)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{flag} {path}: no such folder")
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         raise ValueError(f"{flag} {path} is a file, not a folder")
-    if not os.listdir(path):
+    if not storage.listdir(path):
         raise FileNotFoundError(f"{flag} {path}: the folder is empty (nothing to load)")
 
 
@@ -57,7 +63,7 @@ def load_model(*, ckpt: str | None = None, hf: str | None = None, dtype: str = "
     else:
         from gpt2_jax.model.hf import load_hf_gpt2
 
-        config, params = load_hf_gpt2(hf)
+        config, params = load_hf_gpt2(storage.local_copy(hf, HF_COPIES))
     if dtype != config.param_dtype or dtype != config.dtype:
         config = config.replace(dtype=dtype, param_dtype=dtype)
         params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.dtype(dtype)), params)
@@ -66,6 +72,9 @@ def load_model(*, ckpt: str | None = None, hf: str | None = None, dtype: str = "
 
 def check_out(out: str, *, overwrite: bool = False) -> None:
     """ValueError unless `out` is a new or empty folder (or `overwrite`); cheap, before any loading."""
+    if storage.is_gcs(out):
+        raise ValueError(f"--out {out}: export writes a local folder; copy it to Cloud Storage afterwards "
+                         "(gcloud storage cp -r FOLDER gs://...)")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is a file, not a folder")
     if not overwrite and os.path.isdir(out) and os.listdir(out):

@@ -9,10 +9,13 @@ and `WORKDIR/checkpoints/<step>.sizes.json`, written once a save is finalised: t
 file, so a truncated file is noticed before orbax reads garbage.
 
 Orbax writes each step into a temporary folder and renames it when complete, so a process killed
-mid-save leaves a temporary folder, never a step that looks whole. Restoring walks back from the
-newest step and skips (and names) any that is incomplete, truncated or unreadable. A training run
-that falls back that way moves each skipped step aside, to `<step>.corrupt-<UTC time>/` (kept for
-a look, never deleted), so that its own later saves of those steps are written normally.
+mid-save leaves a temporary folder, never a step that looks whole. (On Cloud Storage, which has no
+rename, it writes the step folder in place and marks it complete with a `commit_success.txt` last;
+a step folder without one is a save that never finished, and is ignored the same way.) Restoring
+walks back from the newest step and skips (and names) any that is incomplete, truncated or
+unreadable. A training run that falls back that way moves each skipped step aside, to
+`<step>.corrupt-<UTC time>/` (kept for a look, never deleted), so that its own later saves of those
+steps are written normally. A gs:// workdir works the same (gpt2_jax/storage.py).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from gpt2_jax import storage
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.training import save_failures
 
@@ -40,27 +44,28 @@ def _sizes_path(directory: str, step: int) -> str:
     return os.path.join(directory, f"{step}.sizes.json")
 
 
-def _file_sizes(step_dir: str) -> dict[str, int]:
-    sizes = {}
-    for root, _, files in os.walk(step_dir):
-        for name in files:
-            path = os.path.join(root, name)
-            sizes[os.path.relpath(path, step_dir)] = os.path.getsize(path)
-    return sizes
+_COMMITTED = "commit_success.txt"  # orbax's mark of a finished save, where it cannot rename (Cloud Storage)
+
+
+def _steps(directory: str) -> list[int]:
+    """The steps whose folders are in `directory` (on Cloud Storage: whose saves finished)."""
+    names = [n for n in storage.listdir(directory) if n.isdigit()]
+    if storage.is_gcs(directory):
+        names = [n for n in names if storage.exists(os.path.join(directory, n, _COMMITTED))]
+    return [int(n) for n in names]
 
 
 def verify_step(directory: str, step: int) -> str | None:
     """None if the step folder matches its recorded file sizes, else what is wrong."""
     step_dir = os.path.join(directory, str(step))
     sizes_file = _sizes_path(directory, step)
-    if not os.path.exists(sizes_file):
+    if not storage.exists(sizes_file):
         return None  # finalised by orbax but killed before the sizes were written: orbax's own check only
     try:
-        with open(sizes_file) as f:
-            want = json.load(f)
+        want = json.loads(storage.read_bytes(sizes_file))
     except (OSError, ValueError) as e:
         return f"its size record {sizes_file} is unreadable ({e})"
-    have = _file_sizes(step_dir)
+    have = storage.file_sizes(step_dir)
     for rel, size in want.items():
         if rel not in have:
             return f"file {rel} is missing"
@@ -71,9 +76,12 @@ def verify_step(directory: str, step: int) -> str | None:
 
 def incomplete_steps(directory: str) -> list[str]:
     """Names of temporary step folders left by a save that never finished."""
-    if not os.path.isdir(directory):
+    if not storage.isdir(directory):
         return []
-    return sorted(n for n in os.listdir(directory) if re.search(r"orbax-checkpoint-tmp", n))
+    names = storage.listdir(directory)
+    if storage.is_gcs(directory):
+        return sorted(n for n in names if n.isdigit() and not storage.exists(os.path.join(directory, n, _COMMITTED)))
+    return sorted(n for n in names if re.search(r"orbax-checkpoint-tmp", n))
 
 
 def _failure(error: Exception) -> str:
@@ -95,17 +103,18 @@ def _restore_checked(directory: str, step: int, restore: Callable[[int], Any]) -
 def set_aside(directory: str, step: int) -> str:
     """Renames the step folder (and its size record) to `<step>.corrupt-<UTC time>`; returns the new path.
 
-    Orbax sees only folders named by a number, so the step is free to be saved again.
+    Orbax sees only folders named by a number, so the step is free to be saved again. (On Cloud
+    Storage a copy, then a deletion: a run killed meanwhile leaves the step to be set aside again.)
     """
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = os.path.join(directory, f"{step}.corrupt-{stamp}")
     n = 1
-    while os.path.exists(target):  # set aside twice within a second
+    while storage.exists(target):  # set aside twice within a second
         n += 1
         target = os.path.join(directory, f"{step}.corrupt-{stamp}-{n}")
-    os.rename(os.path.join(directory, str(step)), target)
-    if os.path.exists(_sizes_path(directory, step)):
-        os.rename(_sizes_path(directory, step), target + ".sizes.json")
+    storage.rename(os.path.join(directory, str(step)), target)
+    if storage.exists(_sizes_path(directory, step)):
+        storage.rename(_sizes_path(directory, step), target + ".sizes.json")
     return target
 
 
@@ -138,9 +147,9 @@ def read_newest_meta(directory: str) -> dict | None:
     """The meta (model, config, schedule, step) of the newest checkpoint in `directory` whose meta
     reads, or None if there is none. Creates nothing; a step that turns out unusable is named later,
     by the restore."""
-    if not os.path.isdir(directory):
+    if not storage.isdir(directory):
         return None
-    steps = sorted((int(n) for n in os.listdir(directory) if n.isdigit()), reverse=True)
+    steps = sorted(_steps(directory), reverse=True)
     if not steps:
         return None
     options = ocp.CheckpointManagerOptions(create=False)  # read_only=True would log three warnings
@@ -159,9 +168,15 @@ class Checkpointer:
     """Saves and restores training checkpoints under `WORKDIR/checkpoints`."""
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-        for name in incomplete_steps(self.directory):
+        self.directory = storage.absolute(os.path.join(workdir, "checkpoints"))
+        incomplete = incomplete_steps(self.directory)
+        for name in incomplete:
             logging.warning("checkpoint %s was left incomplete (killed mid-save); it is ignored", name)
+        if storage.is_gcs(self.directory) and jax.process_index() == 0:
+            # On Cloud Storage orbax writes a step again in the same folder: what a killed save left
+            # there would be read as part of the new one (the other processes save steps from now on).
+            for name in incomplete:
+                storage.rmtree(os.path.join(self.directory, name))
         self._pending: list[int] = []
         self._lock = threading.Lock()
         self._async = async_save
@@ -195,19 +210,19 @@ class Checkpointer:
             self._record_sizes_locked()
 
     def _record_sizes_locked(self) -> None:
+        finished = _steps(self.directory)
         for step in list(self._pending):
             step_dir = os.path.join(self.directory, str(step))
-            if not os.path.isdir(step_dir):
+            if step not in finished:
                 continue  # still a temporary folder
-            path = _sizes_path(self.directory, step)
-            with open(path + ".tmp", "w") as f:
-                json.dump(_file_sizes(step_dir), f)
-            os.replace(path + ".tmp", path)
+            sizes = json.dumps(storage.file_sizes(step_dir))
+            storage.write_bytes(_sizes_path(self.directory, step), sizes.encode())
             self._pending.remove(step)
-        for name in os.listdir(self.directory):  # size records of steps orbax has deleted
+        names = storage.listdir(self.directory)
+        for name in names:  # size records of steps orbax has deleted
             m = re.fullmatch(r"(\d+)\.sizes\.json", name)
-            if m and not os.path.isdir(os.path.join(self.directory, m.group(1))):
-                os.remove(os.path.join(self.directory, name))
+            if m and m.group(1) not in names:
+                storage.remove(os.path.join(self.directory, name))
 
     def poll(self) -> None:
         """Cheap; call once a step: records the sizes of saves that have finished since, and raises
@@ -217,11 +232,11 @@ class Checkpointer:
 
     def _last_size(self) -> int | None:
         """Bytes of the newest checkpoint whose sizes are recorded."""
-        steps = [int(m.group(1)) for n in os.listdir(self.directory) if (m := re.fullmatch(r"(\d+)\.sizes\.json", n))]
+        steps = [int(m.group(1)) for n in storage.listdir(self.directory)
+                 if (m := re.fullmatch(r"(\d+)\.sizes\.json", n))]
         for step in sorted(steps, reverse=True):
             try:
-                with open(_sizes_path(self.directory, step)) as f:
-                    return sum(json.load(f).values())
+                return sum(json.loads(storage.read_bytes(_sizes_path(self.directory, step))).values())
             except (OSError, ValueError):
                 continue
         return None
@@ -363,21 +378,21 @@ def find_checkpoint_step_dir(path: str) -> tuple[str, int | None]:
 
     Returns (checkpoints directory, step or None for "newest good one").
     """
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.exists(path):
+    path = storage.absolute(path)
+    if not storage.exists(path):
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         raise ValueError(f"checkpoint path {path} is a file, not a training workdir or checkpoint folder")
-    if os.path.isdir(os.path.join(path, "meta")) and os.path.isdir(os.path.join(path, "params")):
+    if storage.isdir(os.path.join(path, "meta")) and storage.isdir(os.path.join(path, "params")):
         parent, name = os.path.split(path)
         if name.isdigit():
             return parent, int(name)
         raise ValueError(f"{path} looks like a checkpoint but its folder name is not a step number")
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    if storage.isdir(os.path.join(path, "checkpoints")):
         path = os.path.join(path, "checkpoints")
-    steps = [n for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n, "params"))]
+    steps = [s for s in _steps(path) if storage.isdir(os.path.join(path, str(s), "params"))]
     if not steps:
-        if not os.listdir(path):
+        if not storage.listdir(path):
             raise FileNotFoundError(f"checkpoint folder {path} is empty")
         raise ValueError(
             f"{path} is not a checkpoint: expected a training workdir (with checkpoints/), "
@@ -390,7 +405,7 @@ def newest_meta(path: str) -> tuple[str, int, dict]:
     """(checkpoints directory, step, meta) of the checkpoint a --ckpt-style `path` names: its step
     folder, or the newest step of a workdir whose files check out and whose meta reads."""
     directory, step = find_checkpoint_step_dir(path)
-    steps = [step] if step is not None else [int(n) for n in os.listdir(directory) if n.isdigit()]
+    steps = [step] if step is not None else _steps(directory)
     with _reader(directory) as mngr:
 
         def read(s: int) -> tuple[int, dict]:
@@ -404,8 +419,8 @@ def newest_meta(path: str) -> tuple[str, int, dict]:
 
 def saved_model(workdir: str) -> dict | None:
     """The model config (a dict) of a training workdir's newest usable checkpoint; None if it has none."""
-    directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
-    if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
+    directory = os.path.join(storage.absolute(workdir), "checkpoints")
+    if not storage.isdir(directory) or not _steps(directory):
         return None
     return newest_meta(directory)[2]["model"]
 
@@ -455,8 +470,7 @@ def restore_params(path: str, *, dtype: str | None = None) -> tuple[ModelConfig,
             if problem is not None:
                 raise ValueError(f"checkpoint {os.path.join(directory, str(step))} is unusable: {problem}")
             return result
-        steps = [int(n) for n in os.listdir(directory) if n.isdigit()]
-        result, problems = restore_newest_usable(directory, steps, restore)
+        result, problems = restore_newest_usable(directory, _steps(directory), restore)
     if result is None:
         raise ValueError(f"no usable checkpoint in {directory}: " + "; ".join(problems))
     return result

@@ -25,6 +25,10 @@ one parameter at a time and each device receives only its own shard; a gpt2-jax 
 restored by orbax into this run's layout, whatever mesh wrote it. So under fsdp the model is never
 whole on one device.
 
+A gs:// source works too: a gpt2-jax checkpoint is read where it is (orbax reads Cloud Storage);
+a Hugging Face folder is copied once into config.data.cache_dir (storage.local_copy), as its
+safetensors files are read as local files.
+
 Resume wins (`resolve`): once the workdir holds a checkpoint, the run resumes from it and
 init_from is not read again; the architecture then comes from that checkpoint, by the same rules.
 """
@@ -40,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from gpt2_jax import storage
 from gpt2_jax.model import hf as hf_lib
 from gpt2_jax.model.config import PRESETS, ModelConfig, model_config_from
 from gpt2_jax.model.gpt2 import abstract_params
@@ -54,6 +59,7 @@ FROM_CONFIG = ("dropout", "dtype", "param_dtype", "remat", "scan_layers", "atten
                "block_size", "zero_init_proj", "loss_chunk")
 
 HF, CHECKPOINT = "Hugging Face GPT-2", "gpt2-jax checkpoint"
+DEFAULT_CACHE_DIR = "~/.cache/gpt2_jax"  # config.data.cache_dir's default: where a gs:// folder is copied
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,36 +67,39 @@ class Source:
     """A pretrained model to start from: what it is, read without its weights."""
 
     init_from: str  # as written in the config
-    path: str  # absolute
+    path: str  # absolute (gs:// as given); a gs:// Hugging Face folder is read from its local copy
     kind: str  # HF | CHECKPOINT
     model_config: ModelConfig  # the architecture its weights have
     step: int | None = None  # CHECKPOINT: the step read, in `directory`
     directory: str | None = None
 
 
-def open_source(init_from: str) -> Source:
-    """Reads what `init_from` holds (config.json, or a checkpoint's meta), not its weights.
+def open_source(init_from: str, *, cache_dir: str = DEFAULT_CACHE_DIR) -> Source:
+    """Reads what `init_from` holds (config.json, or a checkpoint's meta), not its weights; a gs://
+    Hugging Face folder is first copied into `cache_dir`.
 
     ValueError naming config.model.init_from when it is not a usable source.
     """
-    path = os.path.abspath(os.path.expanduser(init_from))
+    storage.check(init_from, "config.model.init_from")
+    path = storage.absolute(init_from)
 
     def refuse(why: str) -> ValueError:
         return ValueError(f"config.model.init_from={init_from!r}: {why}")
 
-    if not os.path.isdir(path):
-        if os.path.exists(path):
+    if not storage.isdir(path):
+        if storage.exists(path):
             raise refuse("is a file, not a folder")
         raise refuse("no such folder (docs/finetune.md says how to get GPT-2's weights)")
     try:
-        if os.path.exists(os.path.join(path, "config.json")):
-            config = hf_lib.read_hf_config(path)
-            hf_lib.safetensors_files(path)  # the weights are there (or: how to convert pytorch_model.bin)
-            return Source(init_from, path, HF, config)
+        if storage.exists(os.path.join(path, "config.json")):
+            folder = storage.local_copy(path, cache_dir)
+            config = hf_lib.read_hf_config(folder)
+            hf_lib.safetensors_files(folder)  # the weights are there (or: how to convert pytorch_model.bin)
+            return Source(init_from, folder, HF, config)
         try:
             directory, step, meta = ckpt_lib.newest_meta(path)
         except (FileNotFoundError, ValueError) as e:
-            if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isdir(os.path.join(path, "params")):
+            if storage.isdir(os.path.join(path, "checkpoints")) or storage.isdir(os.path.join(path, "params")):
                 raise
             raise ValueError(
                 f"{path} is neither a Hugging Face GPT-2 folder (it has no config.json) nor a gpt2-jax training "
@@ -148,11 +157,12 @@ def describe(source: Source, config: ModelConfig) -> str:
     if config.position_embedding == "learned" and config.block_size < source.model_config.block_size:
         cropped = f" (its position table cropped from {source.model_config.block_size})"
     step = f" step {source.step}" if source.step is not None else ""
-    return (f"init_from: {source.kind}{step} at {source.path}; from the source: "
+    where = source.init_from if storage.is_gcs(source.init_from) else source.path
+    return (f"init_from: {source.kind}{step} at {where}; from the source: "
             + " ".join(f"{k}={getattr(config, k)}" for k in keys) + f"; block_size={config.block_size}{cropped}")
 
 
-def resolve(model_cfg: Any, workdir: str) -> tuple[ModelConfig, Source | None]:
+def resolve(model_cfg: Any, workdir: str, *, cache_dir: str = DEFAULT_CACHE_DIR) -> tuple[ModelConfig, Source | None]:
     """(the run's ModelConfig, the source to initialise from or None), reading no weights.
 
     None: init_from is '' (random init), or the workdir holds a checkpoint (resume wins: init_from is
@@ -163,22 +173,22 @@ def resolve(model_cfg: Any, workdir: str) -> tuple[ModelConfig, Source | None]:
         if saved is not None:
             _print(f"init_from: not read, the workdir holds checkpoints to resume from ({workdir})")
             return merge_model_config(model_cfg, ModelConfig.from_dict(saved), f"resuming {workdir}"), None
-    config, source = _fresh(model_cfg)
+    config, source = _fresh(model_cfg, cache_dir)
     if source is not None:
         _print(describe(source, config))
     return config, source
 
 
-def model_config_for(model_cfg: Any) -> ModelConfig:
+def model_config_for(model_cfg: Any, *, cache_dir: str = DEFAULT_CACHE_DIR) -> ModelConfig:
     """The ModelConfig a fresh run of config.model trains (init_from's architecture where it is set)."""
-    return _fresh(model_cfg)[0]
+    return _fresh(model_cfg, cache_dir)[0]
 
 
-def _fresh(model_cfg: Any) -> tuple[ModelConfig, Source | None]:
+def _fresh(model_cfg: Any, cache_dir: str) -> tuple[ModelConfig, Source | None]:
     init_from = model_cfg.get("init_from", "") or ""
     if not init_from:
         return model_config_from(model_cfg), None
-    source = open_source(init_from)
+    source = open_source(init_from, cache_dir=cache_dir)
     return merge_model_config(model_cfg, source.model_config, f"config.model.init_from={init_from!r}"), source
 
 

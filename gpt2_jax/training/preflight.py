@@ -68,7 +68,8 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
     micro-batch that does (`fit_search`: found by compiling, else a linear estimate) and the eval step.
     Returns plain numbers (bytes, FLOPs) and strings; `format_report` renders them.
     """
-    model_config = init_from.model_config_for(config.model)  # init_from's architecture where it is set
+    # init_from's architecture where it is set
+    model_config = init_from.model_config_for(config.model, cache_dir=config.data.cache_dir)
     t = config.train
     mesh_cfg = ml_collections.ConfigDict(config.mesh.to_dict())
     if slices is not None:

@@ -4,7 +4,8 @@ When a save fails (most often a full disk), orbax raises in whichever call next 
 its threads log each failed write with a traceback; asyncio adds an "Event loop is closed" trace for
 every write still in flight. Unless the run is verbose (--verbosity given), those are kept off the
 terminal: the error that ends the run says it all, in one line. Free space is also checked before
-each save against the size of a checkpoint, so that a disk about to fill up is said early.
+each save against the size of a checkpoint, so that a disk about to fill up is said early (not on
+Cloud Storage, which has no free-space figure and no disk to fill).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import errno
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 from typing import Any
 
 import jax
+
+from gpt2_jax import storage
 
 MB = 1 << 20
 
@@ -33,8 +35,9 @@ def state_bytes(state: Any) -> int:
     return sum(int(x.size) * x.dtype.itemsize for x in leaves if hasattr(x, "dtype"))
 
 
-def free_bytes(directory: str) -> int:
-    return shutil.disk_usage(directory).free
+def free_bytes(directory: str) -> int | None:
+    """Free bytes where `directory` is; None on Cloud Storage."""
+    return storage.free_bytes(directory)
 
 
 def no_space(error: BaseException) -> bool:
@@ -67,7 +70,10 @@ def _cause(error: BaseException) -> str:
 
 
 def _partial(directory: str) -> list[str]:
-    return sorted(n for n in os.listdir(directory) if "orbax-checkpoint-tmp" in n) if os.path.isdir(directory) else []
+    """Temporary step folders; on Cloud Storage, step folders that orbax has not marked complete."""
+    from gpt2_jax.training.checkpoint import incomplete_steps
+
+    return incomplete_steps(directory)
 
 
 def remove_partial(directory: str, *, settle_s: float = 2.0) -> list[str]:
@@ -80,7 +86,7 @@ def remove_partial(directory: str, *, settle_s: float = 2.0) -> list[str]:
     while names := _partial(directory):
         removed.update(names)
         for name in names:
-            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+            storage.rmtree(os.path.join(directory, name))
         if time.monotonic() > deadline:
             break
         time.sleep(0.05)
@@ -91,9 +97,9 @@ def failure(step: int, error: BaseException, directory: str, need: int, kept: in
     """The error that ends a run whose save of `step` failed, after removing what it left half-written."""
     if jax.process_index() == 0:
         remove_partial(directory)
-    if no_space(error):
-        why = (f"no space left on device (needs ~{need / MB:.0f} MB, {free_bytes(directory) / MB:.0f} MB free "
-               f"in {directory})")
+    free = free_bytes(directory)
+    if no_space(error) and free is not None:
+        why = f"no space left on device (needs ~{need / MB:.0f} MB, {free / MB:.0f} MB free in {directory})"
     else:
         why = _cause(error)
     after = f"; the checkpoint at step {kept} is intact and a rerun resumes from it" if kept is not None else \
@@ -104,7 +110,7 @@ def failure(step: int, error: BaseException, directory: str, need: int, kept: in
 def space_warning(step: int, need: int, directory: str) -> str | None:
     """A line when the free space in `directory` is less than a checkpoint of `need` bytes."""
     free = free_bytes(directory)
-    if free >= need:
+    if free is None or free >= need:
         return None
     return (f"warning: {free / MB:.0f} MB free in {directory}, but a checkpoint takes ~{need / MB:.0f} MB: the save "
             f"at step {step} will likely fail (no space left on device)")

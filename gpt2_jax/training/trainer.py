@@ -7,10 +7,10 @@ on the 8 devices of one host and on every host of a pod (each process runs this 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from gpt2_jax import data as data_lib
+from gpt2_jax import storage
 from gpt2_jax.model import platform
 from gpt2_jax.model.attention import resolve_attention
 from gpt2_jax.model import loss as loss_lib
@@ -109,36 +110,44 @@ def _summary_writer(logdir: str):
 
 
 class _Logger:
-    """metrics.jsonl + TensorBoard, written by process 0 only."""
+    """metrics.jsonl + TensorBoard, written by process 0 only.
+
+    In a gs:// workdir tensorboardX writes its event file to Cloud Storage itself (through
+    google-cloud-storage, uploading the file whole every two minutes and at the end)."""
 
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.metrics = metrics_file.Writer(os.path.join(workdir, "metrics.jsonl")) if self.enabled else None
         self.tb = None
         if self.enabled:
             try:
                 self.tb = _summary_writer(os.path.join(workdir, "tensorboard"))
-            except ImportError:  # TensorBoard files are optional
-                logging.warning("tensorboardX is not installed: no TensorBoard event files")
+            except ImportError as e:  # TensorBoard files are optional
+                logging.warning("no TensorBoard event files: %s", e)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.metrics.write(record)
         if self.tb is not None:
             for key, value in record.items():
                 if key not in ("step", "time") and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["step"])
 
+    def flush(self) -> None:
+        """Puts metrics.jsonl in the workdir up to date (a gs:// one is uploaded in batches)."""
+        if self.enabled:
+            self.metrics.flush()
+
     def close(self) -> None:
+        self.flush()
         if self.tb is not None:
             self.tb.close()
 
 
 def plot_loss_curve(workdir: str) -> str | None:
     path = os.path.join(workdir, "metrics.jsonl")
-    if jax.process_index() != 0 or not os.path.exists(path):
+    if jax.process_index() != 0 or not storage.exists(path):
         return None
     import matplotlib
 
@@ -146,8 +155,8 @@ def plot_loss_curve(workdir: str) -> str | None:
     import matplotlib.pyplot as plt
 
     train, val = {}, {}
-    with open(path) as f:
-        for line in f:
+    for line in storage.read_text(path).splitlines():
+        if line.strip():
             r = json.loads(line)
             if "loss" in r:
                 train[r["step"]] = r["loss"]
@@ -163,8 +172,10 @@ def plot_loss_curve(workdir: str) -> str | None:
     ax.legend()
     out = os.path.join(workdir, "loss.png")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    storage.write_bytes(out, png.getvalue())
     return out
 
 
@@ -225,8 +236,8 @@ def train(config: Any, workdir: str) -> dict:
     start that fails leaves no workdir behind if this call created it and nothing was written. The
     workdir's lock (training/workdir_lock.py) is held throughout, by process 0.
     """
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    created = not os.path.exists(workdir)
+    workdir = storage.absolute(workdir)
+    created = not storage.exists(workdir)
     lock = _lock(workdir)
     try:
         return _train(config, workdir)
@@ -234,7 +245,7 @@ def train(config: Any, workdir: str) -> dict:
         if lock is not None:
             lock.release()
         if created and jax.process_index() == 0 and not _has_results(workdir):
-            shutil.rmtree(workdir, ignore_errors=True)
+            storage.rmtree(workdir)
         raise
     finally:
         if lock is not None:
@@ -257,17 +268,17 @@ def _lock(workdir: str) -> workdir_lock.WorkdirLock | None:
 
 def _has_results(workdir: str) -> bool:
     checkpoints = os.path.join(workdir, "checkpoints")
-    return os.path.exists(os.path.join(workdir, "metrics.jsonl")) or (
-        os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))
+    return storage.exists(os.path.join(workdir, "metrics.jsonl")) or (
+        storage.isdir(checkpoints) and any(n.isdigit() for n in storage.listdir(checkpoints))
     )
 
 
 def _train(config: Any, workdir: str) -> dict:
     t = config.train
     # config.model alone, or the architecture of config.model.init_from (None once the workdir has a checkpoint).
-    model_config, pretrained = init_from_lib.resolve(config.model, workdir)
+    model_config, pretrained = init_from_lib.resolve(config.model, workdir, cache_dir=config.data.cache_dir)
     mesh = sharding_lib.make_mesh(config.mesh)
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
 
     train_tokens, val_tokens = _prepare_data(config)
     data_lib.check_enough_tokens(train_tokens, model_config.block_size, t.global_batch_size, name="training split")
@@ -353,6 +364,7 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
         return tokens_at_start + (step - start_step) * tokens_per_step
 
     def save(step: int) -> None:
+        logger.flush()  # the records up to this checkpoint, which a resumed run keeps
         checkpointer.save(step, state, train_iter.get_state(), {**meta, "tokens": tokens_seen(step)})
 
     eval_batch = step_lib.eval_batch_size(t)
@@ -497,14 +509,13 @@ def done_line(summary: dict) -> str:
     if vals:
         parts.append(f"val_loss {vals[-1]['val_loss']:.4f}"
                      + ("" if vals[-1]["step"] == summary["step"] else f" (step {vals[-1]['step']})"))
-    files = [name for name in ("metrics.jsonl", "loss.png") if os.path.exists(os.path.join(workdir, name))]
+    files = [name for name in ("metrics.jsonl", "loss.png") if storage.exists(os.path.join(workdir, name))]
     return ", ".join(parts) + f" | {workdir}: " + ", ".join(files + ["checkpoints/"])
 
 
 def _logged(path: str) -> tuple[list[dict], list[dict]]:
     """metrics.jsonl's train and eval records (none if it does not exist)."""
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return [], []
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
     return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]

@@ -10,6 +10,12 @@ it every HEARTBEAT_S seconds. A lock whose holder is gone is taken over, with on
 The file is written whole before it appears (a hard link of a finished temporary file), so a run
 killed while taking the lock never leaves a half-written one (where a filesystem has no hard links,
 an empty or unreadable lock is taken over once it is STALE_AFTER_S old).
+
+A gs:// workdir's lock is an object, created with Cloud Storage's "only if absent" precondition
+(two runs starting at once: one creates it, the other is refused). The heartbeat rewrites it (the
+object's time is its age). A stale one is deleted, if it still holds what was judged stale, and
+created anew; with no rename to set it aside, two runs taking over the same stale lock at once are
+told apart by that precondition.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import threading
 import time
 import uuid
 
+from gpt2_jax import storage
+
 LOCK_NAME = "train.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0  # ten missed heartbeats: a busy filesystem can delay a few, not ten
@@ -34,6 +42,8 @@ class WorkdirBusyError(ValueError):
 
 def _read(path: str) -> str | None:
     try:
+        if storage.is_gcs(path):
+            return storage.read_text(path)
         with open(path) as f:
             return f.read()
     except (OSError, UnicodeDecodeError):
@@ -99,7 +109,12 @@ class WorkdirLock:
         def beat():
             while not self._stop.wait(HEARTBEAT_S):
                 try:
-                    os.utime(self.path)
+                    if not storage.is_gcs(self.path):
+                        os.utime(self.path)
+                    elif _read(self.path) == self.content:  # an object's time changes when it is written
+                        storage.write_bytes(self.path, self.content.encode())
+                    else:
+                        return
                 except OSError:  # removed by hand: nothing to keep alive
                     return
 
@@ -109,13 +124,15 @@ class WorkdirLock:
         self._stop.set()
         if _read(self.path) == self.content:  # never remove a lock another run has taken over since
             try:
-                os.remove(self.path)
+                storage.remove(self.path)
             except FileNotFoundError:
                 pass
 
 
 def _create(path: str, content: str) -> bool:
     """Creates `path` holding `content` unless it exists; True if this call created it."""
+    if storage.is_gcs(path):
+        return storage.create_gcs(path, content.encode())
     tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     with open(tmp, "w") as f:
         f.write(content)
@@ -140,12 +157,36 @@ def _create(path: str, content: str) -> bool:
         os.remove(tmp)
 
 
+def _remove_stale(path: str, text: str, pid: int) -> bool:
+    """Removes the lock file `path` if it still holds `text` (judged stale); False if it changed."""
+    if storage.is_gcs(path):
+        if _read(path) != text:
+            return False
+        try:
+            storage.remove(path)
+        except FileNotFoundError:
+            return False
+        return True
+    # Set the stale file aside under a name of our own, then check that it was the one judged
+    # stale: if another run took the lock meanwhile, put its file back.
+    aside = f"{path}.{pid}.stale"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return False
+    if _read(aside) != text:
+        os.rename(aside, path)
+        return False
+    os.remove(aside)
+    return True
+
+
 def acquire(workdir: str, *, say=print) -> WorkdirLock:
     """Takes `workdir`'s lock (creating the workdir), taking over a stale one with a line through `say`.
 
     WorkdirBusyError (one line: the workdir, the holder's host and pid) if a live run holds it.
     """
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     path = os.path.join(workdir, LOCK_NAME)
     pid = os.getpid()
     me = {"host": socket.gethostname(), "pid": pid, "started": time.time(), "boot_id": _boot_id(),
@@ -168,7 +209,7 @@ def acquire(workdir: str, *, say=print) -> WorkdirLock:
         except ValueError:
             holder = None
         try:
-            age = time.time() - os.stat(path).st_mtime
+            age = time.time() - storage.mtime(path)
         except FileNotFoundError:
             continue
         reason = stale_reason(holder, age)
@@ -177,17 +218,8 @@ def acquire(workdir: str, *, say=print) -> WorkdirLock:
             raise WorkdirBusyError(
                 f"workdir {workdir} is in use by another train.py ({who}): wait for it to end, or give another "
                 "--workdir")
-        # Set the stale file aside under a name of our own, then check that it was the one judged
-        # stale: if another run took the lock meanwhile, put its file back.
-        aside = f"{path}.{pid}.stale"
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
+        if not _remove_stale(path, text, pid):
             continue
-        if _read(aside) != text:
-            os.rename(aside, path)
-            continue
-        os.remove(aside)
         what = f"train.py pid {holder.get('pid')} on host {holder.get('host')}" if holder else "an unknown run"
         took_over = f"workdir {workdir}: took over the lock of {what}: {reason}"
     raise WorkdirBusyError(f"workdir {workdir}: could not take its lock {path}, other runs keep taking it")
