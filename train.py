@@ -96,6 +96,13 @@ def main(argv):
         summary = train(config, workdir)
     except NonFiniteLossError as e:  # the data or the config made the loss diverge
         cli.fail(str(e))
+    if "sample_from" in summary:  # the end-of-run sample, from the final parameters
+        from gpt2_jax.inference.sampling import complete
+
+        model_config, params, prompt = summary.pop("sample_from")
+        text = complete(model_config, params, prompt, max_new_tokens=config.train.sample_tokens,
+                        seed=config.train.seed)
+        print("---- sample ----\n" + text + "\n----------------", flush=True)
     if jax.process_index() == 0:
         print(done_line(summary))
 

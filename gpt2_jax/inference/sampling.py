@@ -51,7 +51,7 @@ from gpt2_jax.model.config import ModelConfig
 __all__ = [  # the sampler's names, importable from here as before the split
     "EOT_ID", "DecodeWeights", "Generation", "PromptTooLongError", "SamplingOptions", "SamplingParams",
     "SamplingState", "TokenStream", "categorical", "context_length", "filter_logits", "generate",
-    "generate_with_stats", "next_token", "stream",
+    "complete", "generate_with_stats", "next_token", "stream",
 ]
 
 
@@ -287,3 +287,17 @@ def stream(
     spec = opts.speculation(config)
     batch = prepare(config, [prompt], opts.max_new_tokens, 1, opts.truncate)
     return TokenStream(_Run(config, params, batch, sp, opts.seed, opts.eos_id, spec))
+
+
+def complete(config: ModelConfig, params, prompt: str | Sequence[int], *, max_new_tokens: int, seed: int = 0,
+             temperature: float = 0.8, top_k: int = 200) -> str:
+    """The prompt and a sampled continuation as text (GPT-2's tokenizer): what train.py prints at
+    the end of a run. A text prompt may hold <|endoftext|>; an empty one starts from it."""
+    from gpt2_jax.data.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    if isinstance(prompt, str):
+        prompt = tok.encode(prompt, allowed_special="all") or [tok.eot_token]
+    new = generate(config, jax.device_get(params), [prompt], max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_k=top_k, seed=seed)[0]
+    return tok.decode(list(prompt) + list(new))

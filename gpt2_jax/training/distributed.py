@@ -19,6 +19,7 @@ process has.
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 # A process silent this long is declared dead and the run is stopped. Heartbeats come from a
 # C++ thread, not Python, so only a dead process, a dead host or a cut network goes silent.
@@ -73,3 +74,12 @@ def initialize(
         heartbeat_timeout_seconds=heartbeat_timeout_s,
         shutdown_timeout_seconds=shutdown_timeout_s,
     )
+
+
+def any_process(flag: bool) -> bool:
+    """True if `flag` is true on any process, so that all processes stop at the same step."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))

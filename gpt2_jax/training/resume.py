@@ -24,6 +24,7 @@ from typing import Any
 import ml_collections
 
 from gpt2_jax.data.batches import rebatch_state
+from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.training.optim import make_schedule
 
 # The config.train keys make_schedule reads, besides the schedule's length (num_steps).
@@ -153,3 +154,20 @@ def _describe(s: dict) -> str:
     shape = f"wsd with decay_fraction {s['decay_fraction']:g}, " if s["lr_schedule"] == "wsd" else ""
     return (f"{shape}{s['num_steps']} steps, warmup {s['warmup_steps']}, learning_rate {s['learning_rate']:g} "
             f"to min_lr {s['min_lr']:g}")
+
+
+# Keys that may differ between a checkpoint and the config resuming it: they change how the
+# model is computed, not what its parameters are.
+RESUMABLE_MODEL_CHANGES = frozenset({"dropout", "dtype", "remat", "scan_layers", "attention", "zero_init_proj",
+                                      "loss_chunk"})
+
+
+def check_model_matches(saved: dict, config: ModelConfig) -> None:
+    current = config.to_dict()
+    differing = sorted(
+        k for k in set(saved) | set(current)
+        if k not in RESUMABLE_MODEL_CHANGES and saved.get(k) != current.get(k)
+    )
+    if differing:
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in differing)
+        raise ValueError(f"cannot resume: the model in the checkpoint differs from config.model in {detail}")

@@ -1,0 +1,182 @@
+"""What a run reports: metrics.jsonl and TensorBoard records, throughput and MFU, the loss plot,
+and the lines printed at the start and the end.
+
+Process 0 writes everything (`Logger`); the other processes' loggers do nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+from absl import logging
+
+from gpt2_jax import storage
+from gpt2_jax.model import platform
+from gpt2_jax.training import metrics_file
+
+# Dense bf16 peaks (FLOP/s per device) for the MFU figure.
+_PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+}
+# CPUs have no table entry: the reference is fixed, 64 fp32 FLOPs per cycle (two 512-bit FMA units,
+# the most an x86 core has) at 5 GHz, for each CPU this process may use. No CPU computes faster,
+# so MFU on a CPU cannot exceed 1 (a jitted fp32 GEMM reaches ~0.25-0.45 of it on 2-CPU machines).
+# A matmul timed at start-up is no reference: on a busy machine it measured low and MFU read 1.3-1.5.
+CPU_REFERENCE_FLOPS_PER_CPU = 64 * 5e9
+
+
+
+def peak_flops_per_device(override: float = 0.0, mesh: Any = None) -> float | None:
+    """The reference FLOP/s of one device of `mesh` (default: the mesh in effect, else this process's
+    devices) for MFU: the config's override, a TPU/GPU's dense bf16 peak, or on a CPU the fixed
+    CPU_REFERENCE_FLOPS_PER_CPU for each CPU this process may use, shared by its devices. None for an
+    accelerator missing from the table."""
+    if override > 0:
+        return override
+    kind = platform.of_mesh(mesh)
+    for name, peak in _PEAK_FLOPS.items():
+        if name.lower() in kind.device_kind.lower():
+            return peak
+    if kind.name != "cpu":
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return CPU_REFERENCE_FLOPS_PER_CPU * cpus / jax.local_device_count()
+
+
+def _summary_writer(logdir: str):
+    """tensorboardX's SummaryWriter. tensorboardX imports torch, where it is installed, only to accept
+    torch tensors (1-2 s of start-up); we log Python floats, so torch stays hidden while it loads."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while this is in place
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter(logdir)
+
+
+class Logger:
+    """metrics.jsonl + TensorBoard, written by process 0 only.
+
+    In a gs:// workdir tensorboardX writes its event file to Cloud Storage itself (through
+    google-cloud-storage, uploading the file whole every two minutes and at the end)."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self.metrics = metrics_file.Writer(os.path.join(workdir, "metrics.jsonl")) if self.enabled else None
+        self.tb = None
+        if self.enabled:
+            try:
+                self.tb = _summary_writer(os.path.join(workdir, "tensorboard"))
+            except ImportError as e:  # TensorBoard files are optional
+                logging.warning("no TensorBoard event files: %s", e)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.metrics.write(record)
+        if self.tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def flush(self) -> None:
+        """Puts metrics.jsonl in the workdir up to date (a gs:// one is uploaded in batches)."""
+        if self.enabled:
+            self.metrics.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_loss_curve(workdir: str) -> str | None:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not storage.exists(path):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = {}, {}
+    for line in storage.read_text(path).splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if "loss" in r:
+                train[r["step"]] = r["loss"]
+            if "val_loss" in r:
+                val[r["step"]] = r["val_loss"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(sorted(train), [train[s] for s in sorted(train)], label="train")
+    if val:
+        ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = os.path.join(workdir, "loss.png")
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    plt.close(fig)
+    storage.write_bytes(out, png.getvalue())
+    return out
+
+
+class Throughput:
+    """tokens/s and MFU over the steps since the last record, leaving out what is not training
+    (evaluations, checkpoints: call `restart` after them)."""
+
+    def __init__(self, tokens_per_step: int, flops_per_step: float, peak: float | None):
+        self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.steps = time.perf_counter(), 0
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def figures(self) -> dict[str, float]:
+        """{"tokens_per_s", "mfu" (when the peak is known)} since the last restart, then restarts."""
+        elapsed = time.perf_counter() - self.start
+        out = {"tokens_per_s": self.steps * self.tokens_per_step / elapsed}
+        if self.peak is not None:
+            out["mfu"] = self.steps * self.flops_per_step / elapsed / (self.peak * jax.device_count())
+        self.restart()
+        return out
+
+
+def done_line(summary: dict) -> str:
+    """The last line train.py prints: the step, the last losses, and where the results are."""
+    workdir = summary["workdir"]
+    losses, vals = _logged(os.path.join(workdir, "metrics.jsonl"))
+    parts = [f"done: step {summary['step']}"]
+    if summary["loss"] is not None:
+        parts.append(f"loss {summary['loss']:.4f}")
+    elif losses:  # nothing trained by this call: the run's last logged loss
+        parts.append(f"loss {losses[-1]['loss']:.4f} (step {losses[-1]['step']})")
+    if vals:
+        parts.append(f"val_loss {vals[-1]['val_loss']:.4f}"
+                     + ("" if vals[-1]["step"] == summary["step"] else f" (step {vals[-1]['step']})"))
+    files = [name for name in ("metrics.jsonl", "loss.png") if storage.exists(os.path.join(workdir, name))]
+    return ", ".join(parts) + f" | {workdir}: " + ", ".join(files + ["checkpoints/"])
+
+
+def _logged(path: str) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl's train and eval records (none if it does not exist)."""
+    if not storage.exists(path):
+        return [], []
+    records = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
