@@ -100,7 +100,7 @@ def preflight() -> None:
             raise ValueError("--preset and --ckpt / --hf both name a model: give one")
         config = ModelConfig.from_preset(FLAGS.preset, dtype=FLAGS.dtype, param_dtype=FLAGS.dtype)
     else:
-        from gpt2_jax.inference.export import load_model
+        from gpt2_jax.checkpoints import load_model
 
         config, _ = load_model(ckpt=FLAGS.ckpt, hf=FLAGS.hf, dtype=FLAGS.dtype)
     prompt_ids = None
@@ -122,7 +122,7 @@ def main(argv) -> None:
         if not FLAGS.preflight:
             raise ValueError("--topology and --preset need --preflight (generate.py samples from --ckpt or --hf)")
         return preflight()
-    from gpt2_jax.inference.export import check_source
+    from gpt2_jax.checkpoints import check_source
     from gpt2_jax.inference.options import validate_sampling, validate_speculate
 
     # Cheap checks first, before jax loads, so a typo fails at once (a ValueError: one `error:` line).
@@ -138,7 +138,7 @@ def main(argv) -> None:
 
     from gpt2_jax import compilation_cache
     from gpt2_jax.data.tokenizer import EOT_ID, get_tokenizer
-    from gpt2_jax.inference.export import load_model
+    from gpt2_jax.checkpoints import load_model
     from gpt2_jax.inference.sampling import PromptTooLongError, generate_with_stats, stream
 
     compilation_cache.enable(traced_programs=True)  # a second call loads prefill and decode, traced and compiled

@@ -34,7 +34,7 @@ def _define_flags() -> None:
 def main(argv: list[str]) -> None:
     """ValueError and OSError (a missing --text / --hellaswag file, a bad model folder) are the user's:
     cli.run prints them as one `error:` line."""
-    from gpt2_jax.inference.export import check_source
+    from gpt2_jax.checkpoints import check_source
 
     del argv
     FLAGS = flags.FLAGS
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
 
     from gpt2_jax import compilation_cache
     from gpt2_jax.inference import evaluate
-    from gpt2_jax.inference.export import load_model
+    from gpt2_jax.checkpoints import load_model
 
     compilation_cache.enable()  # a second call loads the scoring program instead of compiling it
     if FLAGS.text is not None:

@@ -19,55 +19,11 @@ attention, a sliding window) are refused with the reason, and nothing is written
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from gpt2_jax import storage
+from gpt2_jax.checkpoints import DTYPES, check_source, load_model  # noqa: F401 - also importable from here
 from gpt2_jax.model.config import ModelConfig
 
-DTYPES = ("float32", "bfloat16")
-HF_COPIES = "~/.cache/gpt2_jax"  # where a gs:// --hf folder is copied (storage.local_copy)
-
-
-def check_source(ckpt: str | None, hf: str | None) -> None:
-    """ValueError / FileNotFoundError unless exactly one model source is given and it is a folder with
-    something in it (cheap, no jax: call it before slow work)."""
-    if (ckpt is None) == (hf is None):
-        raise ValueError("give exactly one of --ckpt DIR (a training checkpoint) or --hf DIR (a Hugging Face folder)")
-    path = ckpt if ckpt is not None else hf
-    flag = "--ckpt" if ckpt is not None else "--hf"
-    storage.check(path, flag)
-    if not storage.exists(path):
-        raise FileNotFoundError(f"{flag} {path}: no such folder")
-    if not storage.isdir(path):
-        raise ValueError(f"{flag} {path} is a file, not a folder")
-    if not storage.listdir(path):
-        raise FileNotFoundError(f"{flag} {path}: the folder is empty (nothing to load)")
-
-
-def load_model(*, ckpt: str | None = None, hf: str | None = None, dtype: str = "float32") -> tuple[ModelConfig, Any]:
-    """(ModelConfig, params) from a training checkpoint (`ckpt`) or a Hugging Face folder (`hf`).
-
-    Exactly one source must be given. `dtype='bfloat16'` casts the weights and the model's compute
-    to bfloat16. Raises ValueError / FileNotFoundError with a message fit for a command line.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    check_source(ckpt, hf)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} must be one of {DTYPES}")
-    if ckpt is not None:
-        from gpt2_jax.training.checkpoint import restore_params
-
-        config, params = restore_params(ckpt)
-    else:
-        from gpt2_jax.model.hf import load_hf_gpt2
-
-        config, params = load_hf_gpt2(storage.local_copy(hf, HF_COPIES))
-    if dtype != config.param_dtype or dtype != config.dtype:
-        config = config.replace(dtype=dtype, param_dtype=dtype)
-        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.dtype(dtype)), params)
-    return config, params
 
 
 def check_out(out: str, *, overwrite: bool = False) -> None:
