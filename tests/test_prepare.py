@@ -15,6 +15,7 @@ import pytest
 from helpers import require, subprocess_env
 
 from gpt2_jax.data import prepare as prepare_lib
+from gpt2_jax.data.corpus import check_source
 from gpt2_jax.data.shards import read_llmc_shard
 from gpt2_jax.data.tokenizer import EOT_ID, get_tokenizer
 
@@ -134,6 +135,8 @@ def test_interrupted_runs_resume_to_the_same_bytes(corpus, tmp_path):
     first = interrupted("train_000003.bin:SIGINT:mid")  # Ctrl-C
     assert first.returncode == 130 and "run the same command again" in first.stderr, first.stderr[-2000:]
     assert json.loads((resumed / "prepare_progress.json").read_text())["resume"][2] > 0  # inside a document
+    with pytest.raises(ValueError, match="still being prepared"):  # train.py's check of config.data.source
+        check_source(str(resumed))
     second = interrupted("train_000009.bin:SIGKILL:mid")
     assert second.returncode == -9 and "resuming" in second.stdout and (resumed / ".train_000009.bin.tmp").exists()
     third = interrupted("train_000014.bin:SIGKILL:after")
