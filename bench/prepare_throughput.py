@@ -36,7 +36,7 @@ from gpt2_jax.data.tokenizer import get_tokenizer  # noqa: E402
 
 def make_documents(num_tokens: int, seed: int = 0) -> list[str]:
     """Documents of 200-8000 characters cut from the plays, about ``num_tokens`` GPT-2 tokens in all."""
-    text = "\n".join(corpus._play_markdown_to_text(p.read_text(encoding="utf-8")) for p in corpus.shakespeare_files())
+    text = "\n".join(corpus.play_markdown_to_text(p.read_text(encoding="utf-8")) for p in corpus.shakespeare_files())
     rng = np.random.default_rng(seed)
     docs, chars = [], int(num_tokens * 3.3)  # ~3.3 characters per token in this text
     while chars > 0:

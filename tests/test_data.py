@@ -104,7 +104,7 @@ def test_safe_pieces_keep_tokens_identical():
     for text in texts:
         for target in (5, 16, 100):
             blocks = [text[i : i + 7] for i in range(0, len(text), 7)]
-            pieces = list(corpus._safe_pieces(blocks, target))
+            pieces = list(corpus.safe_pieces(blocks, target))
             assert "".join(pieces) == text
             assert [t for p in pieces for t in enc.encode_ordinary(p)] == enc.encode_ordinary(text)
 

@@ -36,7 +36,7 @@ def documents() -> list[str]:
         "مرحبا بالعالم، هذا نص عربي. שלום עולם, זה טקסט בעברית.",
         "Ελληνικά и русский текст, हिन्दी पाठ",
         "中" * 3000,  # one long pre-tokeniser piece
-        " ".join(rng.choice(words, 150_000)),  # ~750K characters: cut into several tasks (corpus._PIECE_CHARS)
+        " ".join(rng.choice(words, 150_000)),  # ~750K characters: cut into several tasks (corpus.PIECE_CHARS)
     ]
     docs += [" ".join(rng.choice(words, n)) for n in rng.integers(1, 400, 120)]
     return docs

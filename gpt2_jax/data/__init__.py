@@ -1,5 +1,6 @@
 """Training data: the offline GPT-2 tokenizer (tokenizer.py), token storage in llm.c shards (shards.py),
-corpus preparation from text, jsonl or shards (corpus.py), and resumable per-process batches (batches.py).
+what a source may be (sources.py), corpus preparation into cached shards (corpus.py), and resumable
+per-process batches (batches.py).
 
 The names below load on first use: batches.py needs grain, which imports jax, and train.py checks
 its data source before jax loads.
@@ -10,8 +11,8 @@ import importlib
 _WHERE = {
     "BatchIterator": "batches", "check_enough_tokens": "batches", "make_batch_iterator": "batches",
     "rebatch_state": "batches",
-    "BUILTIN_SHAKESPEARE": "corpus", "Corpus": "corpus", "check_source": "corpus", "first_line": "corpus",
-    "prepare_corpus": "corpus", "shakespeare_files": "corpus",
+    "BUILTIN_SHAKESPEARE": "sources", "Corpus": "corpus", "check_source": "sources", "first_line": "corpus",
+    "prepare_corpus": "corpus", "shakespeare_files": "sources",
     "TokenArray": "shards", "read_llmc_shard": "shards", "split_tokens": "shards", "write_llmc_shard": "shards",
 }
 __all__ = sorted(_WHERE)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2_jax.data import corpus
+from gpt2_jax.data import sources
 from gpt2_jax.data import tokenizer as tokenizer_lib
 from gpt2_jax.data.shards import ShardWriter, read_llmc_shard
 
@@ -40,7 +40,7 @@ def text_items(documents) -> Iterator[tuple[bool, str | None]]:
             yield False, None
             continue
         first = True
-        for piece in corpus._safe_pieces(document, corpus._PIECE_CHARS):  # a long document in several tasks
+        for piece in sources.safe_pieces(document, sources.PIECE_CHARS):  # a long document in several tasks
             yield first, piece
             first = False
         if first:

@@ -4,7 +4,7 @@ resumable.
     python -m gpt2_jax.data.prepare SOURCE... --out DIR [--shard_tokens N] [--val_tokens N] [--workers N]
         [--text_field text] [--hf_dataset NAME --hf_config C --hf_split S] [--max_tokens N]
 
-SOURCE is anything ``config.data.source`` takes (corpus.py: a .txt / .jsonl / .parquet file, a folder or glob
+SOURCE is anything ``config.data.source`` takes (sources.py: a .txt / .jsonl / .parquet file, a folder or glob
 of them, a ``datasets`` save_to_disk folder, llm.c .bin shards, ``builtin:shakespeare``); ``--hf_dataset``
 streams a Hugging Face dataset after them. Every document is preceded by ``<|endoftext|>``, an empty one too.
 
@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gpt2_jax import cli
-from gpt2_jax.data import corpus, pipeline, tables
+from gpt2_jax.data import corpus, pipeline, sources, tables
 from gpt2_jax.data import tokenizer as tokenizer_lib
 
 FORMAT_VERSION = 1
@@ -77,16 +77,16 @@ def _units(options: Options) -> tuple[list[pipeline.Unit], list[dict]]:
     """The units to read in order, and how the manifest describes the sources."""
     units, described = [], []
     for source in options.sources:
-        src = corpus._resolve_source(source)
+        src = sources.resolve_source(source)
         described.append({"source": src.key, "kind": src.kind,
                           "files": [{"path": str(f), "size": f.stat().st_size} for f in src.files]})
-        for unit in corpus._units(src):
+        for unit in sources.units(src):
             if src.kind == "llmc":
                 units.append(pipeline.Unit(functools.partial(pipeline.bin_items, unit)))
                 continue
             if unit.suffix == ".parquet":
                 next(tables.parquet_documents(unit, options.text_field), None)  # its field and footer, now
-            documents = functools.partial(corpus._unit_documents, src, unit, corpus._PIECE_CHARS,
+            documents = functools.partial(sources.unit_documents, src, unit, sources.PIECE_CHARS,
                                           text_field=options.text_field, split=options.hf_split)
             units.append(pipeline.Unit(lambda documents=documents: pipeline.text_items(documents())))
     if options.hf_dataset:
@@ -148,7 +148,7 @@ class OutputFolder:
 def _identity(options: Options, described: list[dict]) -> dict:
     """What decides the output's bytes (not --workers): a folder holding another identity is not ours."""
     return {
-        "format": corpus.PREPARED_FORMAT,
+        "format": sources.PREPARED_FORMAT,
         "format_version": FORMAT_VERSION,
         "sources": described,
         "text_field": options.text_field,
@@ -156,7 +156,7 @@ def _identity(options: Options, described: list[dict]) -> dict:
         "shard_tokens": options.shard_tokens,
         "val_tokens": options.val_tokens,
         "max_tokens": options.max_tokens,
-        "tokenizer": corpus._tokenizer_info("text"),
+        "tokenizer": corpus.tokenizer_info("text"),
         "document_separator": {"token": tokenizer_lib.EOT_TOKEN, "id": tokenizer_lib.EOT_ID, "placement": "before"},
     }
 
@@ -167,7 +167,7 @@ def _claim(out: OutputFolder, identity: dict) -> pipeline.Progress | dict:
     for name in names:
         if name.startswith(".") and name.endswith(".tmp"):  # a shard an interrupted run was writing
             out.remove(name)
-    for name, done in ((corpus.PREPARED_MANIFEST, True), (corpus.PREPARE_PROGRESS, False)):
+    for name, done in ((sources.PREPARED_MANIFEST, True), (sources.PREPARE_PROGRESS, False)):
         if name not in names:
             continue
         found = out.read_json(name)
@@ -207,7 +207,7 @@ def prepare(options: Options, *, say: Callable[[str], None] = print) -> dict:
         return progress
 
     def save():
-        out.write_json(corpus.PREPARE_PROGRESS, {"identity": identity, **dataclasses.asdict(progress)})
+        out.write_json(sources.PREPARE_PROGRESS, {"identity": identity, **dataclasses.asdict(progress)})
 
     save()  # claims the folder before any work
     if progress.position:
@@ -237,7 +237,7 @@ def prepare(options: Options, *, say: Callable[[str], None] = print) -> dict:
     if skipped:
         print(f"warning: skipped {skipped:,} documents whose text is null or not valid UTF-8", file=sys.stderr)
     manifest = {
-        "format": corpus.PREPARED_FORMAT,
+        "format": sources.PREPARED_FORMAT,
         "identity": identity,
         "train_shards": train,
         "val_shards": val,
@@ -248,8 +248,8 @@ def prepare(options: Options, *, say: Callable[[str], None] = print) -> dict:
         "total_tokens": progress.position,
         "created": time.time(),
     }
-    out.write_json(corpus.PREPARED_MANIFEST, manifest)
-    out.remove(corpus.PREPARE_PROGRESS)
+    out.write_json(sources.PREPARED_MANIFEST, manifest)
+    out.remove(sources.PREPARE_PROGRESS)
     say(f"done: {out}: {manifest['train_tokens']:,} train tokens in {len(train)} shards, {manifest['val_tokens']:,} "
         f"val tokens in {len(val)}, {documents:,} documents ({progress.position / max(elapsed, 1e-9):,.0f} tokens/s)")
     return manifest
