@@ -7,6 +7,7 @@ each in its own `train.py` process.
     python bench/speedrun.py --source my.txt     # the same on another corpus (any config.data.source)
     python bench/speedrun.py --sweep             # the learning-rate sweep behind the configs' rates
     python bench/speedrun.py --ablate            # the modern recipe with each switch turned back to GPT-2's
+    python bench/speedrun.py --document_mask     # also the modern recipe with config.data.document_mask=True
 
 The target is the baseline's final validation loss. For each recipe: the tokens and the training
 wall-clock at which its validation curve first reaches the target (linear between evaluations),
@@ -51,6 +52,9 @@ SWEEP = {
     "baseline": [{"train.learning_rate": lr, "train.min_lr": lr / 10} for lr in (3e-3, 1.2e-2)],
     "modern": [{"train.muon_learning_rate": lr} for lr in (0.01, 0.04)],
 }
+# The modern recipe with attention kept inside each document (positions restarting at each <|endoftext|>).
+# Its validation loss is computed under the same mask, so each token sees less context than the others'.
+DOCUMENT_MASK = {"data.document_mask": True}
 SMOKE = {"model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2, "model.block_size": 16,
          "train.global_batch_size": 4, "train.num_steps": 6, "train.warmup_steps": 1, "train.eval_every": 3,
          "train.eval_steps": 2}
@@ -209,6 +213,8 @@ def main() -> None:
     p.add_argument("--source", default="", help="train both on this corpus (any config.data.source)")
     p.add_argument("--sweep", action="store_true", help="also run the learning-rate sweep of both recipes")
     p.add_argument("--ablate", action="store_true", help="also run the modern recipe without each switch")
+    p.add_argument("--document_mask", action="store_true",
+                   help="also run the modern recipe with config.data.document_mask=True")
     p.add_argument("--steps", type=int, default=0, help="train every run this many steps (default: the config's)")
     p.add_argument("--step_rounds", type=int, default=10,
                    help="alternate the two recipes' steps this many times in one process (0 = skip)")
@@ -261,6 +267,14 @@ def main() -> None:
                 "tokens_ratio": None if r is None else r[0] / result["baseline_tokens"],
                 "time_ratio": None if r is None else r[1] / result["baseline_s"],
                 "train_s": c["train_s"]})
+    if args.document_mask:
+        c = run("modern", "modern_document_mask", DOCUMENT_MASK)
+        r = reach(c, result["target_val_loss"])
+        out["document_mask"] = {
+            "final_val_loss": c["val"][-1][2], "train_s": c["train_s"],
+            "tokens_ratio": None if r is None else r[0] / result["baseline_tokens"],
+            "time_ratio": None if r is None else r[1] / result["baseline_s"],
+            "train_time_ratio_vs_modern": c["train_s"] / curves["modern"]["train_s"]}
     if args.plot:
         plot(curves, args.plot, result["target_val_loss"])
         out["plot"] = args.plot
@@ -284,6 +298,11 @@ def main() -> None:
     for recipe, rows in out.get("sweep", {}).items():
         for row in rows:
             print(f"sweep {recipe:8s} {_show(row['overrides']):28s} final val {row['final_val_loss']:.4f}")
+    if "document_mask" in out:
+        row = out["document_mask"]
+        print(f"modern with document_mask final val {row['final_val_loss']:.4f} (masked evaluation) "
+              f"tokens_ratio {fmt(row['tokens_ratio'], '.3f')} time_ratio {fmt(row['time_ratio'], '.3f')} "
+              f"training time x{row['train_time_ratio_vs_modern']:.2f} of modern's")
     for row in out.get("ablation", []):
         print(f"modern without {row['without']:10s} final val {row['final_val_loss']:.4f} "
               f"tokens_ratio {fmt(row['tokens_ratio'], '.3f')} time_ratio {fmt(row['time_ratio'], '.3f')}")

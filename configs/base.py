@@ -107,5 +107,9 @@ def get_config() -> ml_collections.ConfigDict:
     d.val_source = ""  # optional separate validation source; '' = hold out val_fraction of source
     d.val_fraction = 0.05
     d.cache_dir = "~/.cache/gpt2_jax"  # prepared (tokenised) corpora are kept here and reused
+    # True: a window's tokens attend only to earlier tokens of their own document, and positions restart at
+    # 0 at each document's <|endoftext|> (which begins it); training and evaluation alike. Needs the GPT-2
+    # vocabulary (the EOT id). See gpt2_jax/data/documents.py.
+    d.document_mask = False
     c.lock()  # unknown keys are errors, not silent additions
     return c

@@ -161,3 +161,26 @@ def test_decoding_programs_compile_for_one_v5e_chip():
     assert report["kv_cache_bytes"] == 2 * 2 * L * (2 * 2 * 64 * 2 + 4)
     assert report["weight_bytes"] == report["params"] * 2
     assert 0 < report["decode"]["peak_bytes"] < report["hbm_bytes_per_device"]
+
+
+def test_document_masked_loss_compiles_for_v5e_with_splash_segment_ids(v5e_2x2):
+    """The loss and gradients with config.data.document_mask (positions and segment ids from the tokens)
+    compile for a v5e slice with splash's kernels taking the segment ids, under fsdp's shard_map."""
+    import functools
+
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from gpt2_jax.model import abstract_params
+    from gpt2_jax.training import step as step_lib
+
+    config = model_config_from(tiny_config().model)
+    tpu_mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=1), devices=v5e_2x2)
+    boxed = abstract_params(config)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
+                          sharding.logical_to_sharding(boxed, tpu_mesh))
+    batch = {k: jax.ShapeDtypeStruct((8, config.block_size), jnp.int32, sharding=sharding.batch_sharding(tpu_mesh))
+             for k in step_lib.BATCH_KEYS}
+    loss = functools.partial(step_lib.loss_fn, model_config=config, document_mask=True)
+    result = compiled_lib.compile_program(jax.jit(jax.value_and_grad(loss)), params, batch, mesh=tpu_mesh)
+    assert not result.error and result.mosaic_kernels == 3  # splash forward, dq and dkv

@@ -1,6 +1,7 @@
 """Training data: the offline GPT-2 tokenizer (tokenizer.py), token storage in llm.c shards (shards.py),
-what a source may be (sources.py), corpus preparation into cached shards (corpus.py), and resumable
-per-process batches (batches.py).
+what a source may be (sources.py), corpus preparation into cached shards (corpus.py), resumable
+per-process batches (batches.py), and the documents packed in a window as positions and segment ids
+(documents.py).
 
 The names below load on first use: batches.py needs grain, which imports jax, and train.py checks
 its data source before jax loads.
@@ -11,6 +12,7 @@ import importlib
 _WHERE = {
     "BatchIterator": "batches", "check_enough_tokens": "batches", "make_batch_iterator": "batches",
     "rebatch_state": "batches",
+    "document_layout": "documents",
     "BUILTIN_SHAKESPEARE": "sources", "Corpus": "corpus", "check_source": "sources", "first_line": "corpus",
     "prepare_corpus": "corpus", "shakespeare_files": "sources",
     "TokenArray": "shards", "read_llmc_shard": "shards", "split_tokens": "shards", "write_llmc_shard": "shards",

@@ -14,10 +14,17 @@
 
 `resolve_attention` makes that choice - the one place the platform is looked at, read from the
 devices of the mesh in effect (gpt2_jax/model/platform.py), not the process's backend - and
-`causal_self_attention` runs it. The choice applies where token t sits at position t with no
-padding and no cache: training and whole-row evaluation. Explicit positions (padded prompts), the
+`causal_self_attention` runs it. The choice applies where token t sits at index t of its row with
+no padding and no cache: training and whole-row evaluation. Explicit positions (padded prompts), the
 KV cache of decoding and dropout on the attention probabilities keep the dense rule (`attend`),
 which masks by position: every implementation equals it there, and decoding reads one query row.
+
+Packed documents (`segment_ids` [B, T] int32): token i sees key j only if j <= i, both carry the same
+segment id and, with a window, i - j < window; the mask is by index, so positions may restart at
+each document. Every implementation takes them (splash as its SegmentIds), except cuDNN: the
+installed jax.nn.dot_product_attention knows per-row lengths (one segment per row) and a dense mask,
+which cuDNN would read as a [B, 1, T, T] bias and differentiate every step; so 'cudnn' (and 'auto' on
+a GPU) runs such rows blockwise, saying so in one log line.
 """
 
 from __future__ import annotations
@@ -87,24 +94,29 @@ def _announce(impl: str, why: str, fell_back: bool) -> None:
     (logging.warning if fell_back else logging.info)("attention: %s (%s)", impl, why)
 
 
-def causal_self_attention(config: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(H) + causal [+ window] mask) v for q [B, T, K, G, H], k, v [B, T, K, H],
-    token t at position t. Returns [B, T, K, G, H] in q's dtype, by the implementation that
-    `resolve_attention` picks."""
+def causal_self_attention(config: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array,
+                          segment_ids: jax.Array | None = None) -> jax.Array:
+    """softmax(q k^T / sqrt(H) + causal [+ window] [+ segment] mask) v for q [B, T, K, G, H], k, v
+    [B, T, K, H], token t at index t; `segment_ids` [B, T] int32 (None: one segment per row).
+    Returns [B, T, K, G, H] in q's dtype, by the implementation that `resolve_attention` picks."""
     impl, why = resolve_attention(config)
-    _announce(impl, why, fell_back=config.attention == "auto" and impl == "blockwise" and _on_gpu())
+    fell_back = config.attention == "auto" and impl == "blockwise" and _on_gpu()
+    if impl == "cudnn" and segment_ids is not None:
+        impl, fell_back = "blockwise", True
+        why = f"{config.attention}: cuDNN takes no segment ids, so packed documents run blockwise"
+    _announce(impl, why, fell_back=fell_back)
     window = config.sliding_window
     if impl == "blockwise":
-        return causal_attention(q, k, v, window, QUERY_BLOCK)
+        return causal_attention(q, k, v, window, QUERY_BLOCK, segment_ids)
     if impl == "splash":
         from gpt2_jax.model.splash import splash_attention  # Pallas: imported only when used
 
-        return splash_attention(q, k, v, window)
+        return splash_attention(q, k, v, window, segment_ids)
     if impl == "cudnn":
         return _dot_product_attention(q, k, v, window, "cudnn" if _on_gpu() else "xla")
     B, T = q.shape[:2]
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    return attend(config, q, positions, [(k, v, positions)])
+    return attend(config, q, positions, [(k, v, positions)], segment_ids=segment_ids)
 
 
 def _dot_product_attention(q, k, v, window: int | None, implementation: str) -> jax.Array:
@@ -127,19 +139,25 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> ja
     return mask
 
 
-def attend(config: ModelConfig, q: jax.Array, q_pos: jax.Array, kv_parts, dropout=None) -> jax.Array:
+def attend(config: ModelConfig, q: jax.Array, q_pos: jax.Array, kv_parts, dropout=None,
+           segment_ids: jax.Array | None = None) -> jax.Array:
     """The dense rule: softmax attention of q [B, T, K, G, H] over the concatenation of key/value parts.
 
     Each part is (k [B, S, K, H], v [B, S, K, H], k_pos [B, S]); a key is visible iff
     0 <= k_pos <= q_pos (and q_pos - k_pos < window). Scores are joined, never the keys
     themselves, so attending over cache + new tokens copies no cache. Returns [B, T, K, G, H].
+    `segment_ids` [B, T] (one part: the queries' own tokens) also hides keys of other segments.
     """
+    if segment_ids is not None and (len(kv_parts) != 1 or kv_parts[0][0].shape[1] != q.shape[1]):
+        raise ValueError("segment_ids need the queries' own keys as the one key part (no KV cache)")
     scale = config.head_dim**-0.5
     scores = []
     for k, _, k_pos in kv_parts:
         s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-        mask = attention_mask(q_pos, k_pos, config.sliding_window)[:, None, None]  # [B,1,1,T,S]
-        scores.append(jnp.where(mask, s, _MASKED))
+        mask = attention_mask(q_pos, k_pos, config.sliding_window)  # [B, T, S]
+        if segment_ids is not None:
+            mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+        scores.append(jnp.where(mask[:, None, None], s, _MASKED))  # mask as [B, 1, 1, T, S]
     s = jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
     probs = jax.nn.softmax(s, axis=-1)  # [B, K, G, T, S_total], fp32
     if dropout is not None:

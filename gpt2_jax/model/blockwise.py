@@ -10,6 +10,11 @@ sliding window can reach (0 without a window), so the score blocks wholly above 
 behind the window are never computed: about half the T x T work at T >> block. Only the
 columns inside the diagonal block and the window's edge are masked.
 
+Packed documents (`segment_ids` [B, T]) add a mask per block: a key of another segment is hidden.
+No block is skipped for them: the key range of a block is static, and a block could be dropped only
+where no row of the whole batch (each packed differently) sees it, which at GPT-2's document lengths
+is rare; so the saving is left to splash, whose blocks are per sequence.
+
 Each query block sees all of its keys at once, so its softmax is exact, not the running
 "online" softmax of FlashAttention. The backward pass is written out (`jax.custom_vjp`) the
 way FlashAttention's is: it keeps only q, k, v, the output and the log-sum-exp of each score
@@ -52,6 +57,20 @@ def _mask(q_start: int, q_end: int, k_start: int, k_end: int, groups: int, windo
     return None if visible.all() else jnp.asarray(visible)
 
 
+def _segment_mask(segment_ids, q_start: int, q_end: int, k_start: int, k_end: int, groups: int):
+    """[B, 1, M, S] bool (True = same segment) for one block, or None without segment ids."""
+    if segment_ids is None:
+        return None
+    q_seg = jnp.repeat(segment_ids[:, q_start:q_end], groups, axis=1)  # [B, M], row m is token q_start + m // G
+    return (q_seg[:, :, None] == segment_ids[:, None, k_start:k_end])[:, None]
+
+
+def _both(mask, segment_mask):
+    if segment_mask is None:
+        return mask
+    return segment_mask if mask is None else mask & segment_mask
+
+
 def _scores(q_blk, k_blk, mask, scale):
     s = jnp.einsum("bkmh,bksh->bkms", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
     return s if mask is None else jnp.where(mask, s, _MASKED)
@@ -64,14 +83,15 @@ def _layout(q, k, v):
     return qt, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
-def _forward(q, k, v, window, block):
+def _forward(q, k, v, segment_ids, window, block):
     B, T, K, G, H = q.shape
     scale = H**-0.5
     qt, kt, vt = _layout(q, k, v)
     outs, lses = [], []
     for q_start, q_end, k_start, k_end in _blocks(T, block, window):
         q_blk = qt[:, :, q_start * G : q_end * G]
-        mask = _mask(q_start, q_end, k_start, k_end, G, window)
+        mask = _both(_mask(q_start, q_end, k_start, k_end, G, window),
+                     _segment_mask(segment_ids, q_start, q_end, k_start, k_end, G))
         s = _scores(q_blk, kt[:, :, k_start:k_end], mask, scale)  # [B, K, M, S] fp32
         m = jnp.max(s, axis=-1, keepdims=True)
         p = jnp.exp(s - m)
@@ -83,21 +103,27 @@ def _forward(q, k, v, window, block):
     o = jnp.concatenate(outs, axis=2)  # [B, K, T*G, H] fp32
     lse = jnp.concatenate(lses, axis=2)  # [B, K, T*G]
     out = o.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).astype(q.dtype)
-    return out, (qt, kt, vt, o, lse)
+    return out, (qt, kt, vt, o, lse, segment_ids)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None, block: int) -> jax.Array:
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None, block: int,
+                     segment_ids: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(H) + causal mask) v for q [B, T, K, G, H], k, v [B, T, K, H].
 
-    Token t attends to tokens max(0, t - window + 1) .. t. Returns [B, T, K, G, H] in q's dtype;
-    scores, softmax and accumulation are fp32.
+    Token t attends to tokens max(0, t - window + 1) .. t, and with `segment_ids` [B, T] int only
+    to those of its own segment. Returns [B, T, K, G, H] in q's dtype; scores, softmax and
+    accumulation are fp32.
     """
-    return _forward(q, k, v, window, block)[0]
+    return _attention(q, k, v, segment_ids, window, block)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q, k, v, segment_ids, window, block):
+    return _forward(q, k, v, segment_ids, window, block)[0]
 
 
 def _bwd(window, block, residuals, d_out):
-    qt, kt, vt, o, lse = residuals
+    qt, kt, vt, o, lse, segment_ids = residuals
     B, K, TG, H = qt.shape
     T = kt.shape[2]
     G = TG // T
@@ -111,7 +137,9 @@ def _bwd(window, block, residuals, d_out):
         rows = slice(q_start * G, q_end * G)
         q_blk, do_blk = qt[:, :, rows], do[:, :, rows]
         k_blk, v_blk = kt[:, :, k_start:k_end], vt[:, :, k_start:k_end]
-        s = _scores(q_blk, k_blk, _mask(q_start, q_end, k_start, k_end, G, window), scale)
+        mask = _both(_mask(q_start, q_end, k_start, k_end, G, window),
+                     _segment_mask(segment_ids, q_start, q_end, k_start, k_end, G))
+        s = _scores(q_blk, k_blk, mask, scale)
         p = jnp.exp(s - lse[:, :, rows, None])  # the forward's probabilities, recomputed
         # In the compute dtype like every other matmul here (bf16 in mixed precision), fp32 out.
         dp = jnp.einsum("bkmh,bksh->bkms", do_blk.astype(vt.dtype), v_blk, preferred_element_type=jnp.float32)
@@ -123,7 +151,8 @@ def _bwd(window, block, residuals, d_out):
         dv = dv.at[:, :, k_start:k_end].add(
             jnp.einsum("bkms,bkmh->bksh", p, do_blk.astype(qt.dtype), preferred_element_type=jnp.float32))
     dq = jnp.concatenate(dq_blocks, axis=2).reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4)
-    return (dq.astype(qt.dtype), dk.transpose(0, 2, 1, 3).astype(kt.dtype), dv.transpose(0, 2, 1, 3).astype(vt.dtype))
+    return (dq.astype(qt.dtype), dk.transpose(0, 2, 1, 3).astype(kt.dtype), dv.transpose(0, 2, 1, 3).astype(vt.dtype),
+            None)  # segment ids: integers, no cotangent
 
 
-causal_attention.defvjp(_forward, _bwd)  # _forward returns (out, residuals)
+_attention.defvjp(_forward, _bwd)  # _forward returns (out, residuals)

@@ -127,13 +127,18 @@ REMAT_POLICIES = {
 }
 
 
-def _residual_stream(cfg: ModelConfig, tokens: jax.Array, positions: jax.Array | None, deterministic: bool,
-                     decode: bool) -> tuple[jax.Array, nn.Embed]:
+def _residual_stream(cfg: ModelConfig, tokens: jax.Array, positions: jax.Array | None,
+                     segment_ids: jax.Array | None, deterministic: bool, decode: bool) -> tuple[jax.Array, nn.Embed]:
     """The embeddings and the blocks, created in the calling module: (the last residual stream
     [B, T, E], wte). GPT2 and GPT2Hidden both call it, so both have one parameter tree."""
     B, T = tokens.shape
     if not decode and T > cfg.block_size:
         raise ValueError(f"Cannot forward sequence of length {T}, block size is only {cfg.block_size}")
+    if segment_ids is not None:
+        if decode:
+            raise ValueError("segment_ids are not supported with decode=True (the KV cache); pass None")
+        if segment_ids.shape != tokens.shape:
+            raise ValueError(f"segment_ids must be [B, T] like tokens {tokens.shape}, got {segment_ids.shape}")
     if positions is None and decode:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
 
@@ -156,7 +161,7 @@ def _residual_stream(cfg: ModelConfig, tokens: jax.Array, positions: jax.Array |
         unroll=1 if cfg.scan_layers else cfg.n_layer,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, deterministic, decode, name="blocks")
-    x, _ = blocks(x, positions)
+    x, _ = blocks(x, positions, segment_ids)
     return x, wte
 
 
@@ -167,6 +172,10 @@ class GPT2(nn.Module):
     to. Left out, token t is at position t, and attention skips the masked half of the scores
     (gpt2_jax/model/attention.py): the layout of training and of evaluating whole rows. With `decode=True` the blocks read and extend a KV cache in the
     "cache" collection (see `init_cache`); pass `mutable=["cache"]` to `apply`.
+
+    `segment_ids` [B, T] int32 packs documents in a row: token i attends to token j <= i only when
+    both have the same id (and within the sliding window); `positions` then restart at each
+    document (for rotary or learned embeddings) and mark no padding. Not with `decode=True`.
     """
 
     config: ModelConfig
@@ -177,11 +186,12 @@ class GPT2(nn.Module):
         tokens: jax.Array,
         positions: jax.Array | None = None,
         *,
+        segment_ids: jax.Array | None = None,
         deterministic: bool = True,
         decode: bool = False,
     ) -> jax.Array:
         cfg = self.config
-        x, wte = _residual_stream(cfg, tokens, positions, deterministic, decode)
+        x, wte = _residual_stream(cfg, tokens, positions, segment_ids, deterministic, decode)
         return output_logits(cfg, layer_norm(cfg, "ln_f"), output_head(cfg, wte), x)  # [B, T, vocab_size]
 
     def init_cache(self, batch_size: int, max_len: int):
@@ -211,10 +221,11 @@ class GPT2Hidden(nn.Module):
 
     @nn.compact
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array | None = None, *, deterministic: bool = True
+        self, tokens: jax.Array, positions: jax.Array | None = None, *, segment_ids: jax.Array | None = None,
+        deterministic: bool = True
     ) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
-        x, wte = _residual_stream(cfg, tokens, positions, deterministic, False)
+        x, wte = _residual_stream(cfg, tokens, positions, segment_ids, deterministic, False)
         h = layer_norm(cfg, "ln_f")(x).astype(cfg.dtype)  # [B, T, E], as output_logits feeds the head
         return h, output_head(cfg, wte).embedding  # [V_padded, E]
 

@@ -8,6 +8,11 @@ evaluation of full rows); attention then runs by the implementation `config.atte
 (gpt2_jax/model/attention.py: blockwise, splash, cuDNN or dense). Otherwise every token carries its position, -1 marks padding, and the
 mask is derived from positions alone (key visible iff 0 <= k_pos <= q_pos and, with a window,
 q_pos - k_pos < window), so left-padded prompts and a ring-buffer KV cache share one rule.
+
+Packed documents: with `segment_ids` [B, T] the rows are whole again (token t at index t, no padding,
+no cache) and `positions` only place tokens for rotary and learned embeddings (they restart at each
+document); a key is visible iff its index is at most the query's, its segment id is the query's
+and, with a window, it is fewer than `window` tokens back. Decoding takes no segment ids.
 """
 
 from __future__ import annotations
@@ -118,13 +123,15 @@ class Attention(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array | None, segment_ids: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         B, T, _ = x.shape
+        if segment_ids is not None and self.decode:
+            raise ValueError("segment_ids are not supported with decode=True (the KV cache); pass None")
         drop = None
         if cfg.dropout > 0.0 and not self.deterministic:
             drop = nn.Dropout(rate=cfg.dropout, deterministic=False)
-        whole_rows = positions is None and not self.decode and drop is None
+        whole_rows = (positions is None or segment_ids is not None) and not self.decode and drop is None
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         N, K, H = cfg.n_head, cfg.kv_heads, cfg.head_dim
@@ -144,7 +151,10 @@ class Attention(nn.Module):
         q = q.reshape(B, T, K, G, H)  # query heads grouped by the kv head they share
 
         if whole_rows:
-            out = causal_self_attention(cfg, q, k, v)
+            out = causal_self_attention(cfg, q, k, v, segment_ids)
+        elif segment_ids is not None:  # dropout on the probabilities: the dense rule, masked by index
+            index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+            out = attend(cfg, q, index, [(k, v, index)], drop, segment_ids=segment_ids)
         elif not self.decode:
             out = attend(cfg, q, positions, [(k, v, positions)], drop)
         else:  # the KV cache (gpt2_jax/model/kv_cache.py)
@@ -207,12 +217,12 @@ class Block(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array | None):
+    def __call__(self, x: jax.Array, positions: jax.Array | None, segment_ids: jax.Array | None = None):
         cfg = self.config
         drop = lambda y: nn.Dropout(rate=cfg.dropout)(y, deterministic=self.deterministic)  # noqa: E731
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
         h = layer_norm(cfg, "ln_1")(x)
-        x = x + drop(Attention(cfg, self.deterministic, self.decode, name="attn")(h, positions))
+        x = x + drop(Attention(cfg, self.deterministic, self.decode, name="attn")(h, positions, segment_ids))
         h = layer_norm(cfg, "ln_2")(x)
         x = x + drop(MLP(cfg, name="mlp")(h))
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)

@@ -163,21 +163,24 @@ head_mean_loss.defvjp(_mean_loss_fwd, _mean_loss_bwd)
 
 
 # --------------------------------------------------------------------------- from tokens
-def _hidden(config: ModelConfig, params, tokens, positions, dropout_rng):
+def _hidden(config: ModelConfig, params, tokens, positions, dropout_rng, segment_ids=None):
     return GPT2Hidden(config).apply(
         {"params": params},
         tokens,
         positions,
+        segment_ids=segment_ids,
         deterministic=dropout_rng is None,
         rngs=None if dropout_rng is None else {"dropout": dropout_rng},
     )  # h [B, T, E], table [V_padded, E]
 
 
 def chunked_mean_loss(config: ModelConfig, params, tokens: jax.Array, targets: jax.Array, *, chunk: int,
-                      dropout_rng: jax.Array | None = None) -> jax.Array:
+                      dropout_rng: jax.Array | None = None, positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None) -> jax.Array:
     """GPT2's mean next-token loss (fp32 scalar) for tokens and targets int [B, T], the head run
-    `chunk` positions at a time. dropout_rng=None runs deterministically."""
-    h, table = _hidden(config, params, tokens, None, dropout_rng)
+    `chunk` positions at a time. dropout_rng=None runs deterministically; positions and segment_ids
+    as GPT2 takes them (packed documents)."""
+    h, table = _hidden(config, params, tokens, positions, dropout_rng, segment_ids)
     return head_mean_loss(config, h, table, targets, chunk)
 
 

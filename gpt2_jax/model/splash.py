@@ -14,6 +14,10 @@ Two things the kernel does not do, done here: it has no softmax scale (q is scal
 its blocks must divide the sequence, so T is padded with zeros to a multiple of the block. Padded
 keys sit after every real query, so the causal mask already hides them; padded queries' rows are
 cut from the output (their gradients are zero).
+
+Packed documents go to the kernel as its `SegmentIds` (the same ids for queries and keys): it ANDs
+them with the causal (and window) mask inside each block. Padding gets segment -1, which no real
+token carries, so a padded query sees only padded keys (never an empty row).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ _LANES = 128
 # Logical names of the kernel's operand axes ([B, N, T, H] and [B, K, T, H]); sharding.py maps them.
 _Q_AXES = ("batch", "heads", None, None)
 _KV_AXES = ("batch", "kv_heads", None, None)
+_SEGMENT_AXES = ("batch", None)
 
 
 def _block(T: int) -> int:
@@ -56,21 +61,32 @@ def _kernel(num_heads: int, T: int, window: int | None, interpret: bool):
                                       head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _local(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None, interpret: bool) -> jax.Array:
-    """q [B, N, T, H] (already scaled), k, v [B, K, T, H] -> [B, N, T, H], on one device's shard."""
+def _local(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, window: int | None,
+           interpret: bool) -> jax.Array:
+    """q [B, N, T, H] (already scaled), k, v [B, K, T, H], segment_ids [B, T] or None -> [B, N, T, H],
+    on one device's shard."""
     B, N, T, H = q.shape
     padded = -(-T // _LANES) * _LANES
     if padded != T:
         pad = ((0, 0), (0, 0), (0, padded - T), (0, 0))
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-    out = jax.vmap(_kernel(N, padded, window, interpret))(q, k, v)
+        if segment_ids is not None:
+            segment_ids = jnp.pad(segment_ids, ((0, 0), (0, padded - T)), constant_values=-1)
+    kernel = _kernel(N, padded, window, interpret)
+    if segment_ids is None:
+        out = jax.vmap(kernel)(q, k, v)
+    else:
+        out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=kernel_lib.SegmentIds(q=s, kv=s)))(
+            q, k, v, segment_ids)
     return out[:, :, :T]
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None) -> jax.Array:
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None,
+                     segment_ids: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(H) + causal mask) v for q [B, T, K, G, H], k, v [B, T, K, H].
 
-    Token t attends to tokens max(0, t - window + 1) .. t. Returns [B, T, K, G, H] in q's dtype.
+    Token t attends to tokens max(0, t - window + 1) .. t, and with `segment_ids` [B, T] int32 only
+    to those of its own segment. Returns [B, T, K, G, H] in q's dtype.
     Inside a mesh (jax.set_mesh + the logical axis rules) the kernel runs per shard.
     """
     B, T, K, G, H = q.shape
@@ -83,8 +99,9 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | Non
     if not mesh.empty:
         q_spec = nn.logical_to_mesh_axes(_Q_AXES)
         kv_spec = nn.logical_to_mesh_axes(_KV_AXES)
-        attend = jax.shard_map(attend, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+        seg_spec = None if segment_ids is None else nn.logical_to_mesh_axes(_SEGMENT_AXES)
+        attend = jax.shard_map(attend, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
                                check_vma=False)
-    out = attend(qh, kh, vh)  # [B, N, T, H]
+    out = attend(qh, kh, vh, segment_ids)  # [B, N, T, H]
     return out.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4)
 

@@ -81,7 +81,7 @@ def train_cost_per_step(run: run_lib.Run) -> tuple[float | None, float | None]:
     for layers in (1, 2):
         # Whole logits: the chunked loss is a loop too, and runs the same matmuls (it recomputes nothing).
         small = run_lib.build_run(model_config.replace(scan_layers=False, n_layer=layers, loss_chunk=0), one_micro,
-                                  run.mesh, run.num_steps)
+                                  run.mesh, run.num_steps, document_mask=run.document_mask)
         costs.append(compile_train_step(small))
     extra = model_config.n_layer - 1
 
@@ -117,7 +117,7 @@ def largest_micro_batch(run: run_lib.Run, first: Compiled, usable_bytes: int, *,
         if b not in peaks:
             peaks[b] = compile_train_step(run_lib.build_run(
                 run.model_config, with_train(t, global_batch_size=b * ways * accum),
-                run.mesh, run.num_steps))
+                run.mesh, run.num_steps, document_mask=run.document_mask))
         return peaks[b]
 
     if first.peak_bytes is None:

@@ -104,7 +104,7 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
     # build the state against one that does (model dimensions are still checked, and raise).
     state_train_cfg = compiled_lib.with_train(t, global_batch_size=sharding.batch_divisor(mesh) * accum)
     num_steps = max(int(t.num_steps), 1)  # shapes only; the schedule does not change them
-    run = run_lib.build_run(model_config, state_train_cfg, mesh, num_steps)
+    run = run_lib.build_run(model_config, state_train_cfg, mesh, num_steps, document_mask=config.data.document_mask)
     abstract = run.abstract_state
     params_bytes = bytes_per_device(abstract.params)
     opt_state_bytes = bytes_per_device(abstract.opt_state)
@@ -171,7 +171,7 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
         figures["compile_note"] = "compilation skipped: the batch does not divide (see warnings)"
     else:
         start = time.perf_counter()
-        full_run = run_lib.build_run(model_config, t, mesh, num_steps)
+        full_run = run_lib.build_run(model_config, t, mesh, num_steps, document_mask=config.data.document_mask)
         figures.update(_compiled_figures(full_run, spec, memory_limit, fit_search))
         figures["compile_s"] = time.perf_counter() - start
         figures["compiled"] = True

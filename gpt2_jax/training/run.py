@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from gpt2_jax.data.tokenizer import EOT_ID
 from gpt2_jax.model import ModelConfig, abstract_params, init_params, platform
 from gpt2_jax.model.attention import resolve_attention
 from gpt2_jax.model.config import model_config_from
@@ -49,6 +50,7 @@ class Run:
     tx: optax.GradientTransformation  # clipping + AdamW (or Muon + AdamW) on `schedule`
     abstract_state: TrainState  # jax.ShapeDtypeStruct leaves with .sharding: what a checkpoint restores into
     state_shardings: TrainState  # NamedSharding leaves: what jit takes as in / out shardings
+    document_mask: bool = False  # config.data.document_mask: attention stays inside each document
 
     @property
     def batch_sharding(self) -> NamedSharding:
@@ -76,8 +78,10 @@ def _state_around(tx: optax.GradientTransformation) -> Callable:
     return init
 
 
-def build_run(model_config: ModelConfig, train_cfg: Any, mesh: Mesh, num_steps: int) -> Run:
+def build_run(model_config: ModelConfig, train_cfg: Any, mesh: Mesh, num_steps: int, *,
+              document_mask: bool = False) -> Run:
     """Validates, then builds the schedule, optimizer and state layout once; allocates nothing."""
+    check_document_mask(document_mask, model_config)
     sharding.validate_mesh_for(model_config, train_cfg, mesh)
     # An attention choice the mesh's platform cannot run fails here, by key.
     resolve_attention(model_config, platform.of_mesh(mesh).name)
@@ -92,13 +96,24 @@ def build_run(model_config: ModelConfig, train_cfg: Any, mesh: Mesh, num_steps: 
         rng=sharding.replicated(mesh),
     )
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-    return Run(model_config, train_cfg, mesh, num_steps, schedule, tx, abstract, shardings)
+    return Run(model_config, train_cfg, mesh, num_steps, schedule, tx, abstract, shardings, document_mask)
+
+
+def check_document_mask(document_mask: Any, model_config: ModelConfig) -> None:
+    """Raises ValueError naming config.data.document_mask when it is not a bool, or when the vocabulary
+    has no `<|endoftext|>` to find documents by."""
+    if not isinstance(document_mask, bool):
+        raise ValueError(f"config.data.document_mask={document_mask!r} must be True or False")
+    if document_mask and model_config.vocab_size <= EOT_ID:
+        raise ValueError(f"config.data.document_mask=True finds documents by <|endoftext|> ({EOT_ID}), "
+                         f"which is outside vocab_size={model_config.vocab_size}")
 
 
 def run_from_config(config: Any, mesh: Mesh, num_steps: int | None = None) -> Run:
     """`build_run` for a full training config (configs/*.py); num_steps defaults to config.train.num_steps."""
     steps = config.train.num_steps if num_steps is None else num_steps
-    return build_run(model_config_from(config.model), config.train, mesh, steps)
+    return build_run(model_config_from(config.model), config.train, mesh, steps,
+                     document_mask=config.data.document_mask)
 
 
 def create_train_state(run: Run, params: Any = None) -> TrainState:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gpt2_jax.data.documents import document_layout
 from gpt2_jax.model import GPT2, ModelConfig
 from gpt2_jax.model import loss as loss_lib
 from gpt2_jax.training import sharding
@@ -34,20 +35,26 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def loss_fn(
-    params: Any, batch: Batch, *, model_config: ModelConfig, dropout_rng: jax.Array | None = None
+    params: Any, batch: Batch, *, model_config: ModelConfig, dropout_rng: jax.Array | None = None,
+    document_mask: bool = False,
 ) -> jax.Array:
     """Mean loss of one batch. dropout_rng=None runs deterministically (no dropout).
 
     With `config.loss_chunk` resolved to N > 0 (gpt2_jax/model/loss.py) the head runs N positions
-    at a time and no [B, T, V] logits exist; the loss and gradients are the same.
+    at a time and no [B, T, V] logits exist; the loss and gradients are the same. With
+    `document_mask` each token attends inside its own document only, positions restarting at each
+    `<|endoftext|>` (gpt2_jax/data/documents.py).
     """
+    positions, segment_ids = document_layout(batch["inputs"]) if document_mask else (None, None)
     chunk = loss_lib.resolve_loss_chunk(model_config)
     if chunk:
         return loss_lib.chunked_mean_loss(model_config, params, batch["inputs"], batch["targets"], chunk=chunk,
-                                          dropout_rng=dropout_rng)
+                                          dropout_rng=dropout_rng, positions=positions, segment_ids=segment_ids)
     logits = GPT2(model_config).apply(
         {"params": params},
         batch["inputs"],
+        positions,
+        segment_ids=segment_ids,
         deterministic=dropout_rng is None,
         rngs=None if dropout_rng is None else {"dropout": dropout_rng},
     )  # [B, T, V]
@@ -118,7 +125,8 @@ def make_train_step(run: Run) -> OnMesh:
     batch_spec = sharding.batch_sharding(mesh)
     # [A, B/A, T]: every micro-batch is split over data x fsdp like the full batch.
     micro_spec = NamedSharding(mesh, PartitionSpec(None, *batch_spec.spec))
-    grad_fn = jax.value_and_grad(lambda p, b, rng: loss_fn(p, b, model_config=model_config, dropout_rng=rng))
+    grad_fn = jax.value_and_grad(lambda p, b, rng: loss_fn(p, b, model_config=model_config, dropout_rng=rng,
+                                                           document_mask=run.document_mask))
 
     def split_micro(x: jax.Array) -> jax.Array:
         B, T = x.shape
@@ -193,7 +201,7 @@ def make_eval_step(run: Run) -> OnMesh:
     batch_spec = sharding.batch_sharding(mesh)
 
     def eval_fn(params: Any, batch: Batch) -> dict[str, jax.Array]:
-        return {"loss": loss_fn(params, batch, model_config=model_config)}
+        return {"loss": loss_fn(params, batch, model_config=model_config, document_mask=run.document_mask)}
 
     jitted = jax.jit(
         eval_fn,

@@ -151,7 +151,8 @@ def _train(config: Any, workdir: str) -> dict:
 
     # Checks the mesh against the model and batch, builds the optimizer, schedule and the state's
     # layout, once (the schedule's length needs the corpus when training by epochs); allocates nothing.
-    run = run_lib.build_run(model_config, schedule.train_cfg, mesh, schedule.num_steps)
+    run = run_lib.build_run(model_config, schedule.train_cfg, mesh, schedule.num_steps,
+                            document_mask=config.data.document_mask)
     # Pretrained weights, straight into their shards, before any checkpoint folder is made.
     params = None
     if pretrained is not None:
