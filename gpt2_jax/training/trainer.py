@@ -21,17 +21,21 @@ import numpy as np
 from absl import logging
 
 from gpt2_jax import data as data_lib
+from gpt2_jax.data import token_bytes
 from gpt2_jax.model import platform
 from gpt2_jax.model.attention import resolve_attention
 from gpt2_jax.model import loss as loss_lib
 from gpt2_jax.model.config import ModelConfig, count_params
 from gpt2_jax.training import checkpoint as ckpt_lib
+from gpt2_jax.training import hellaswag as hellaswag_lib
 from gpt2_jax.training import init_from as init_from_lib
 from gpt2_jax.training import metrics_file
+from gpt2_jax.training import profiling
 from gpt2_jax.training import resume as resume_lib
 from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding as sharding_lib
 from gpt2_jax.training import step as step_lib
+from gpt2_jax.training import wandb_log
 from gpt2_jax.training import workdir_lock
 
 # Keys that may differ between a checkpoint and the config resuming it: they change how the
@@ -109,11 +113,12 @@ def _summary_writer(logdir: str):
 
 
 class _Logger:
-    """metrics.jsonl + TensorBoard, written by process 0 only."""
+    """metrics.jsonl + TensorBoard (+ W&B where config.train.wandb_project is set), written by process 0 only."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, wandb_run: wandb_log.WandbRun | None = None):
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.wandb_run = wandb_run
         self.tb = None
         if self.enabled:
             try:
@@ -130,6 +135,8 @@ class _Logger:
             for key, value in record.items():
                 if key not in ("step", "time") and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["step"])
+        if self.wandb_run is not None:
+            self.wandb_run.log(record)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -188,6 +195,14 @@ def _prepare_data(config: Any):
     result = prepare() if jax.process_index() == 0 else None
     multihost_utils.sync_global_devices("gpt2_jax: corpus prepared")
     return result if result is not None else prepare()
+
+
+def _sum_over_processes(n: int) -> int:
+    if jax.process_count() == 1:
+        return n
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.int64(n))))
 
 
 def _any_process(flag: bool) -> bool:
@@ -264,6 +279,8 @@ def _has_results(workdir: str) -> bool:
 
 def _train(config: Any, workdir: str) -> dict:
     t = config.train
+    for check in (profiling.check_config, hellaswag_lib.check_config, wandb_log.check_config):
+        check(t)  # README "Watching a run": a bad key or a missing wandb stops the run here
     # config.model alone, or the architecture of config.model.init_from (None once the workdir has a checkpoint).
     model_config, pretrained = init_from_lib.resolve(config.model, workdir)
     mesh = sharding_lib.make_mesh(config.mesh)
@@ -356,19 +373,33 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
         checkpointer.save(step, state, train_iter.get_state(), {**meta, "tokens": tokens_seen(step)})
 
     eval_batch = step_lib.eval_batch_size(t)
+    hellaswag = hellaswag_lib.HellaSwagEval(run, t.hellaswag, t.hellaswag_examples) if t.hellaswag else None
+    val_bytes: list[int] = []  # the bytes the scored targets decode to: counted once (every eval reads the same)
 
-    def evaluate() -> float:
+    def evaluate() -> dict[str, float]:
+        """val_loss (mean over the scored targets: every target of eval_steps global batches), val_bpb
+        (data/token_bytes.py), and the HellaSwag accuracies where config.train.hellaswag is set."""
         it = data_lib.make_batch_iterator(
             val_tokens, block_size=model_config.block_size, global_batch_size=eval_batch,
             seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count(),
             name="validation split",
         )
         steps = min(t.eval_steps * t.grad_accum_steps, it.steps_per_epoch)  # eval_steps global batches
-        total = 0.0
+        total, local_bytes = 0.0, 0
         for _ in range(steps):
-            total += float(eval_step(state.params, _global_batch(next(it), batch_sharding, eval_batch))["loss"])
+            local = next(it)
+            if not val_bytes:
+                local_bytes += token_bytes.count_bytes(local["targets"])
+            total += float(eval_step(state.params, _global_batch(local, batch_sharding, eval_batch))["loss"])
         it.close()
-        return total / steps
+        if not val_bytes:
+            val_bytes.append(_sum_over_processes(local_bytes))
+        val_loss = total / steps
+        scores = {"val_loss": val_loss, "val_bpb": token_bytes.bits_per_byte(
+            val_loss, steps * eval_batch * model_config.block_size, val_bytes[0])}
+        if hellaswag is not None:
+            scores.update(hellaswag(state.params))
+        return scores
 
     n_params = count_params(state.params)
     tokens_per_step = t.global_batch_size * model_config.block_size
@@ -379,7 +410,10 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
     if peak is None and is_main:
         print(f"no MFU: the peak FLOP/s of a {jax.devices()[0].device_kind} is not known; "
               "set config.train.peak_flops_per_device", flush=True)
-    logger = _Logger(workdir)
+    wandb_run = wandb_log.WandbRun(t.wandb_project, config, workdir) if t.wandb_project and is_main else None
+    logger = _Logger(workdir, wandb_run)
+    say = (lambda line: print(line, flush=True)) if is_main else (lambda line: None)
+    profile = profiling.ProfileWindow(t, workdir, say)
     if is_main:
         print(
             f"model: {n_params:,} parameters | mesh {dict(mesh.shape)} on {jax.device_count()} "
@@ -403,6 +437,7 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
 
         progress = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0)
         checkpointer.say = lambda line: progress.write(line, file=sys.stderr)
+        profile.say = progress.write
 
     window_t, window_steps = time.perf_counter(), 0
     step = start_step
@@ -410,10 +445,16 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
     try:
         while step < num_steps:
             batch = _global_batch(next(train_iter), batch_sharding, t.global_batch_size)
+            step_t = time.perf_counter()
+            traced = profile.begin(step + 1)
             state, metrics = train_step(state, batch)
             step += 1
-            window_steps += 1
             m = jax.device_get(metrics)
+            if traced:  # the traced step (and starting, stopping the tracer) is no measure of throughput
+                profile.end(step)
+                window_t += time.perf_counter() - step_t
+            else:
+                window_steps += 1
             checkpointer.poll()
             last_loss = float(m["loss"])
             if not math.isfinite(last_loss) and not t.skip_nonfinite_updates:
@@ -427,22 +468,24 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
                 progress.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
             if step % t.log_every == 0 or step == num_steps:
                 elapsed = time.perf_counter() - window_t
-                tps = window_steps * tokens_per_step / elapsed
                 record = {
                     "step": step, "loss": last_loss, "time": time.time(), "tokens": tokens_seen(step),
-                    "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]), "tokens_per_s": tps,
+                    "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
                 }
-                if peak is not None:
+                if window_steps:  # none when every step since the last record was profiled
+                    record["tokens_per_s"] = window_steps * tokens_per_step / elapsed
+                if peak is not None and window_steps:
                     record["mfu"] = window_steps * flops_per_step / elapsed / (peak * jax.device_count())
                 if "skipped" in m:
                     record["skipped"] = float(m["skipped"])
                 logger.write(record)
                 window_t, window_steps = time.perf_counter(), 0
             if do_eval and (step % t.eval_every == 0 or step == num_steps):
-                last_val = evaluate()
-                logger.write({"step": step, "val_loss": last_val, "time": time.time(), "tokens": tokens_seen(step)})
+                scores = evaluate()
+                last_val = scores["val_loss"]
+                logger.write({"step": step, **scores, "time": time.time(), "tokens": tokens_seen(step)})
                 if progress is not None:
-                    progress.write(f"step {step}: val_loss {last_val:.4f}")
+                    progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
                 window_t, window_steps = time.perf_counter(), 0  # don't count eval in tokens/s
             if _any_process(signals.received is not None):
                 save(step)
@@ -458,6 +501,7 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
             if step not in checkpointer.all_steps():
                 save(step)
     finally:
+        profile.stop(step)  # a run that ended inside the window keeps the trace so far
         signals.uninstall()
         if progress is not None:
             progress.close()
@@ -465,6 +509,8 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
 
     summary.update(step=step, loss=last_loss, val_loss=last_val, params=n_params)
     summary["loss_curve"] = plot_loss_curve(workdir)  # also after a signal: the curve so far
+    if wandb_run is not None:
+        wandb_run.finish(summary["loss_curve"])
     # Sampling runs on process 0's devices alone: only where it can see every parameter.
     if "stopped_by_signal" not in summary and prompt is not None and jax.process_count() == 1:
         summary["sample"] = _sample(model_config, state.params, t, prompt)
