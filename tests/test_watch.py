@@ -152,7 +152,7 @@ def test_in_loop_scoring_matches_the_commands_on_a_mesh(tmp_path, corpus_cache, 
     run = run_lib.run_from_config(config, mesh)
     params = random_params(run.model_config, seed=5, std=0.3)
     scorer = hellaswag_lib.HellaSwagEval(run, config.train.hellaswag, 0)
-    assert scorer.rows_per_step == 8  # eval batch 8 x (block_size 32 // rows of 32)
+    assert (scorer.rows_per_step(32), scorer.rows_per_step(16)) == (8, 16)  # eval batch 8 x block_size 32 tokens
     sharded = jax.device_put(params, run.state_shardings.params)
     rows = choice_rows(scorer.examples, run.model_config.block_size)
     from gpt2_jax.inference.evaluate import _Scorer
