@@ -8,7 +8,8 @@ The scorer is the training loop's (gpt2_jax/training/hellaswag.py) on the config
 machine's devices, with the config's freshly initialised parameters (the cost does not depend on
 the weights). Without --hellaswag, a file in HellaSwag's format is synthesised from the built-in
 Shakespeare corpus, its lengths drawn uniformly in GPT-2 tokens (context 20-90, endings 10-40,
-CONTEXT_TOKENS / ENDING_TOKENS below: about HellaSwag's, so the cost is alike, though not the same). Reported: building the scorer (reading, tokenising, the rows), the first eval (compiling
+CONTEXT_TOKENS / ENDING_TOKENS below: about HellaSwag's, so the cost is alike, though not the
+same). Reported: building the scorer (reading, tokenising, the rows), the first eval (compiling
 included), then the median of --repeats evals, wall clock and CPU seconds of this process.
 """
 

@@ -44,12 +44,16 @@ HELLASWAG = [
      "split": "val", "split_type": "zeroshot", "label": 3,
      "endings": ["swings and lands in her arms.", "pulls the barbell forward.", "pulls a rope attached to the barbell.",
                  "stands and lifts the weight over her head."], "source_id": "activitynet~v_-lJS58hyo1c"},
-    {"ind": 106, "activity_label": "Canoeing", "ctx_a": "Two women in a child are shown in a canoe while a man pulls the canoe while standing in the water, with other individuals visible in the background.",
+    {"ind": 106, "activity_label": "Canoeing",
+     "ctx_a": "Two women in a child are shown in a canoe while a man pulls the canoe while standing in the water, "
+              "with other individuals visible in the background.",
      "ctx_b": "the child and a different man", "split": "val", "split_type": "indomain", "label": 2,
-     "ctx": "Two women in a child are shown in a canoe while a man pulls the canoe while standing in the water, with other individuals visible in the background. the child and a different man",
+     "ctx": "Two women in a child are shown in a canoe while a man pulls the canoe while standing in the water, "
+            "with other individuals visible in the background. the child and a different man",
      "endings": ["are then shown paddling down a river in a boat while a woman talks.",
                  "are driving the canoe, they go down the river flowing side to side.",
-                 "sit in a canoe while the man paddles.", "walking go down the rapids, while the man in his helicopter almost falls and goes out of canoehood."],
+                 "sit in a canoe while the man paddles.",
+                 "walking go down the rapids, while the man in his helicopter almost falls and goes out of canoehood."],
      "source_id": "activitynet~v_-xQvJmC2jhk"},
     {"ind": 114, "activity_label": "High jump", "ctx_a": "A boy is running down a track.", "ctx_b": "the boy",
      "ctx": "A boy is running down a track. the boy", "split": "val", "split_type": "zeroshot", "label": 2,
@@ -228,7 +232,8 @@ def test_bad_watch_keys_are_one_line_each(tmp_path, corpus_cache, monkeypatch):
 
 
 def test_train_py_without_wandb_stops_with_one_error_line_before_training(tmp_path, corpus_cache):
-    hide = "import runpy, sys; sys.modules['wandb'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    hide = ("import runpy, sys; sys.modules['wandb'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
     out = subprocess.run(
         [sys.executable, "-c", hide, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
          "--workdir", str(tmp_path / "run"), f"--config.data.cache_dir={corpus_cache}",

@@ -33,7 +33,8 @@ def count_bytes(tokens) -> int:
     tokens = np.asarray(tokens).reshape(-1)
     table = byte_lengths()
     if tokens.size and (tokens.min() < 0 or tokens.max() >= table.size):
-        raise ValueError(f"token ids must be in [0, {table.size}) to count their bytes; got {tokens.min()}..{tokens.max()}")
+        raise ValueError(f"token ids must be in [0, {table.size}) to count their bytes; "
+                         f"got {tokens.min()}..{tokens.max()}")
     return int(table[tokens].sum())
 
 
