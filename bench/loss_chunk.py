@@ -1,6 +1,6 @@
 """The training step with the whole-logits loss against the chunked one (config.model.loss_chunk), on this machine.
 
-    python bench/loss_chunk.py                                  # configs/small.py's shape, chunks 0 (whole), 32, 64
+    python bench/loss_chunk.py                                  # a small model's shape, chunks 0 (whole), 32, 64
     python bench/loss_chunk.py --shape throughput_small --chunks 0,64,128 --rounds 6
     python bench/loss_chunk.py --json
 
@@ -27,7 +27,7 @@ from absl import app, flags  # noqa: E402
 
 from bench.cpu_facts import cpu_facts  # noqa: E402
 
-# (n_layer, n_head, n_embd, T, B): configs/small.py's model and batch, and train_throughput.py's shapes.
+# (n_layer, n_head, n_embd, T, B): the earlier quickstart's model and batch, and train_throughput.py's shapes.
 SHAPES = {"small": (4, 4, 256, 128, 2), "throughput_small": (6, 6, 384, 256, 8), "124m_t256": (12, 12, 768, 256, 4),
           "124m_t1024": (12, 12, 768, 1024, 1)}
 

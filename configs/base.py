@@ -88,6 +88,12 @@ def get_config() -> ml_collections.ConfigDict:
     # On resume: 'keep' follows the checkpoint's learning-rate schedule (length, warmup, peak, floor),
     # so a longer num_steps goes on at min_lr; 'replan' plans it from this config (training/resume.py).
     t.resume_schedule = "keep"
+    # Watching a run (README "Watching a run"); each is off by default.
+    t.profile_start = 0  # the first step of a jax.profiler trace into WORKDIR/profile (steps count from 1)
+    t.profile_steps = 0  # how many steps it traces, left out of tokens_per_s and mfu; 0 = no trace
+    t.hellaswag = ""  # HellaSwag's validation jsonl: hellaswag_acc / hellaswag_acc_norm at each eval; '' = off
+    t.hellaswag_examples = 0  # score its first N examples (10,042 in all; ~1000 is a cheap signal); 0 = all
+    t.wandb_project = ""  # log to this Weights & Biases project too (pip install -e ".[wandb]"); '' = off
 
     # ---- device mesh: data x fsdp x tensor must equal the device count (-1 = all remaining)
     c.mesh = ml_collections.ConfigDict()

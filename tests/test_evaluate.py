@@ -99,19 +99,23 @@ def test_multiple_choice_picks_the_models_own_greedy_continuation():
         wrong = [rng.integers(0, V, rng.integers(3, 6)).tolist() for _ in range(3)]
         label = int(rng.integers(0, 4))
         examples.append(MultipleChoice(ctx, wrong[:label] + [right] + wrong[label:], label))
-    accuracy, predictions = score_multiple_choice(CFG, params, examples, batch_size=4)
-    assert predictions == [ex.label for ex in examples]
-    assert accuracy == 1.0
+    scores = score_multiple_choice(CFG, params, examples, batch_size=4)
+    assert scores.predictions == scores.predictions_norm == [ex.label for ex in examples]
+    assert scores.accuracy == scores.accuracy_norm == 1.0
     relabelled = [MultipleChoice(ex.context, ex.endings, (ex.label + 1) % 4) for ex in examples]
-    assert score_multiple_choice(CFG, params, relabelled)[0] == 0.0
+    assert score_multiple_choice(CFG, params, relabelled).accuracy == 0.0
 
 
-def test_an_endings_score_is_its_mean_token_loss():
-    ctx, endings = TEXT[:10], [TEXT[10:13], TEXT[20:27]]
-    _, predictions = score_multiple_choice(CFG, PARAMS, [MultipleChoice(ctx, endings, 0)])
-    means = [token_losses(CFG, PARAMS, ctx + e)[-len(e):].mean() for e in endings]
-    assert predictions == [int(np.argmin(means))]
-    assert abs(means[0] - means[1]) > 1e-3  # the comparison is not a tie
+def test_an_endings_score_is_its_summed_or_its_mean_token_loss():
+    # Endings of 3 and 8 (then 2) tokens whose sums and means rank them in opposite orders.
+    ctx = TEXT[:10]
+    examples = [MultipleChoice(ctx, [TEXT[10:13], TEXT[40:48]], 0), MultipleChoice(ctx, [TEXT[10:13], TEXT[40:42]], 0)]
+    scores = score_multiple_choice(CFG, PARAMS, examples)
+    for i, ex in enumerate(examples):
+        losses = [token_losses(CFG, PARAMS, ctx + e)[-len(e):] for e in ex.endings]
+        by_sum, by_mean = int(np.argmin([x.sum() for x in losses])), int(np.argmin([x.mean() for x in losses]))
+        assert by_sum != by_mean  # the two rules disagree here...
+        assert (scores.predictions[i], scores.predictions_norm[i]) == (by_sum, by_mean)  # ...and each is applied
 
 
 def test_load_hellaswag(tmp_path):
@@ -166,6 +170,10 @@ def test_cli_perplexity_and_hellaswag_json(hf_folder, tmp_path):
     tokens = get_tokenizer().encode(text.read_text())
     assert got["tokens"] == len(tokens) and got["stride"] == 8 and got["context"] == 32
     assert got["perplexity"] == pytest.approx(perplexity(cfg, params, tokens, stride=8), rel=1e-4)
+    # Bits per byte by hand: the text's predicted tokens (all but the first) are its bytes but the first token's.
+    scored_bytes = len(text.read_text().encode()) - len(get_tokenizer().decode_single_token_bytes(tokens[0]))
+    assert got["bpb"] == pytest.approx(math.log(got["perplexity"]) * (len(tokens) - 1) / math.log(2) / scored_bytes,
+                                       rel=1e-6)
 
     hs = tmp_path / "hs.jsonl"
     records = [{"ctx": f"Sentence {i}. It", "endings": ["was.", "is not", "x"], "label": i % 3} for i in range(5)]
@@ -173,7 +181,10 @@ def test_cli_perplexity_and_hellaswag_json(hf_folder, tmp_path):
     out = run_cli("--hf", hf_folder, "--hellaswag", str(hs), "--limit", "4", "--json")
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
-    assert got["examples"] == 4 and len(got["predictions"]) == 4 and 0.0 <= got["accuracy"] <= 1.0
+    assert got["examples"] == 4 and len(got["predictions"]) == len(got["predictions_norm"]) == 4
+    scores = score_multiple_choice(cfg, params, load_hellaswag(str(hs), limit=4))
+    assert (got["accuracy"], got["accuracy_norm"]) == (scores.accuracy, scores.accuracy_norm)
+    assert (got["predictions"], got["predictions_norm"]) == (scores.predictions, scores.predictions_norm)
 
 
 def test_cli_bad_input_is_one_clear_line(hf_folder, tmp_path):
@@ -181,3 +192,22 @@ def test_cli_bad_input_is_one_clear_line(hf_folder, tmp_path):
     assert out.returncode == 2 and out.stderr == "error: give exactly one of --text FILE or --hellaswag FILE.jsonl\n"
     out = run_cli("--hf", hf_folder, "--text", str(tmp_path / "missing.txt"))
     assert out.returncode == 2 and out.stderr == f"error: {tmp_path / 'missing.txt'}: No such file or directory\n"
+
+
+def test_bits_per_byte_by_hand():
+    from gpt2_jax.data.token_bytes import bits_per_byte, byte_lengths, count_bytes
+    from gpt2_jax.data.tokenizer import get_tokenizer
+
+    enc = get_tokenizer()
+    text = "naïve café, 日本"  # 2- and 3-byte characters, some split over two tokens
+    tokens = enc.encode(text)
+    assert count_bytes(tokens) == len(text.encode("utf-8")) == 20
+    assert count_bytes(np.array([tokens, tokens])) == 40  # any shape
+    assert byte_lengths()[enc.eot_token] == 0  # a document separator is no text
+    assert count_bytes(enc.encode("a<|endoftext|>b", allowed_special="all")) == 2
+    # 1.5 nats a token over 10 tokens that are 25 bytes: 15 nats = 21.64 bits over 25 bytes.
+    assert bits_per_byte(1.5, 10, 25) == pytest.approx(15 / math.log(2) / 25)
+    with pytest.raises(ValueError, match="no bytes"):
+        bits_per_byte(1.0, 3, 0)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        count_bytes([50257])

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt2_jax.inference import evaluate as evaluate_lib
+from gpt2_jax.model import scoring
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.gpt2 import GPT2Hidden, abstract_params
 from gpt2_jax.model.loss import ACCELERATOR_CHUNK, CPU_CHUNK, resolve_loss_chunk
@@ -128,7 +128,7 @@ def test_evaluation_scores_with_the_chunked_loss():
     positions[1, :4] = -1  # a left-padded row, as multiple-choice scoring packs them
     weights = (positions >= 0).astype(np.float32)
     args = (rows["inputs"], jnp.asarray(positions), rows["targets"], jnp.asarray(weights))
-    score = jax.jit(evaluate_lib._row_losses, static_argnums=0)
+    score = jax.jit(scoring.row_losses, static_argnums=0)
     np.testing.assert_allclose(score(cfg, params, *args), score(whole(cfg), params, *args), rtol=1e-6)
 
 

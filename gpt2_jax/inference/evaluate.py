@@ -5,9 +5,10 @@
 
 (the command line is evaluate_cli.py)
 
-Both score padded rows of tokens with one compiled function, the summed next-token loss over the
-positions a weight selects. Rows are split over every device (a 1-D mesh whose one axis splits
-the batch; parameters replicated).
+Both score padded rows of tokens with one compiled function (gpt2_jax/model/scoring.py's
+row_losses), the summed next-token loss over the positions a weight selects. Rows are split over
+every device (a 1-D mesh whose one axis splits the batch; parameters replicated). The
+multiple-choice rule is scoring.py's score_choices, which the training loop's HellaSwag runs too.
 
 Perplexity follows Hugging Face's perplexity guide: windows of `block_size` tokens start every
 `stride` tokens; each window scores only the tokens the previous window did not reach, so every
@@ -19,18 +20,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from gpt2_jax.data.hellaswag import MultipleChoice, load_hellaswag
 from gpt2_jax.model.config import ModelConfig
-from gpt2_jax.model.gpt2 import GPT2
-from gpt2_jax.model.loss import chunked_token_losses, resolve_loss_chunk
+from gpt2_jax.model.scoring import ChoiceScores, Rows, pack_rows, row_losses, score_choices
+
+__all__ = ["ChoiceScores", "MultipleChoice", "load_hellaswag", "perplexity", "score_multiple_choice",
+           "sliding_windows"]
 
 BATCH_AXIS = "batch"
 
@@ -38,29 +40,14 @@ BATCH_AXIS = "batch"
 # ----------------------------------------------------------------------------- scoring rows
 
 
-def _row_losses(config: ModelConfig, params, inputs, positions, targets, weights) -> jax.Array:
-    """[B, T] int inputs / positions (-1 = padding) / targets, float weights -> [B] summed loss.
-
-    The head runs a chunk of positions at a time when `config.loss_chunk` resolves to one
-    (gpt2_jax/model/loss.py); the losses are the same."""
-    chunk = resolve_loss_chunk(config)
-    if chunk:
-        nll = chunked_token_losses(config, params, inputs, targets, positions, chunk=chunk)  # [B, T]
-        return jnp.sum(nll * weights, axis=-1)
-    logits = GPT2(config).apply({"params": params}, inputs, positions).astype(jnp.float32)  # [B, T, V]
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
-    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit  # [B, T], no [B, T, V] log-softmax kept
-    return jnp.sum(nll * weights, axis=-1)
-
-
 @functools.lru_cache(maxsize=8)
 def _sharded_row_losses(config: ModelConfig):
-    """(jitted _row_losses, replicated sharding, row sharding) on a 1-D mesh over all devices."""
+    """(jitted row_losses, replicated sharding, row sharding) on a 1-D mesh over all devices."""
     mesh = Mesh(np.array(jax.devices()), (BATCH_AXIS,))
     replicated = NamedSharding(mesh, PartitionSpec())
     rows = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
     fn = jax.jit(
-        functools.partial(_row_losses, config),
+        functools.partial(row_losses, config),
         in_shardings=(replicated, rows, rows, rows, rows),
         out_shardings=rows,
     )
@@ -78,30 +65,17 @@ class _Scorer:
         self.rows_per_step = -(-batch_size // n_devices) * n_devices  # a multiple of the devices
         self.params = jax.device_put(params, replicated)
 
-    def __call__(self, inputs, positions, targets, weights) -> np.ndarray:
-        """Arrays [R, T] -> [R] float64 summed weighted losses."""
-        R = inputs.shape[0]
+    def __call__(self, rows: Rows) -> np.ndarray:
+        """Rows [R, T] -> [R] float64 summed weighted losses."""
+        R = rows.inputs.shape[0]
         n = self.rows_per_step
         pad = -R % n  # padding rows carry zero weight
-        arrays = [np.pad(a, ((0, pad), (0, 0))) for a in (inputs, positions, targets, weights)]
+        arrays = [np.pad(a, ((0, pad), (0, 0))) for a in rows]
         out = []
         for start in range(0, R + pad, n):
             batch = [jax.device_put(a[start : start + n], self.rows) for a in arrays]
             out.append(np.asarray(self.fn(self.params, *batch), np.float64))
         return np.concatenate(out)[:R]
-
-
-def _pack(rows: list[tuple[list[int], list[int], list[float]]], length: int):
-    """(inputs, targets, weights) lists -> right-padded arrays [R, length]; positions -1 on padding."""
-    R = len(rows)
-    inputs = np.zeros((R, length), np.int32)
-    targets = np.zeros((R, length), np.int32)
-    weights = np.zeros((R, length), np.float32)
-    positions = np.full((R, length), -1, np.int32)
-    for r, (x, y, w) in enumerate(rows):
-        inputs[r, : len(x)], targets[r, : len(y)], weights[r, : len(w)] = x, y, w
-        positions[r, : len(x)] = np.arange(len(x))
-    return inputs, positions, targets, weights
 
 
 # ----------------------------------------------------------------------------- perplexity
@@ -152,80 +126,17 @@ def perplexity(
         scored = np.arange(w.start + 1, w.end) >= w.first_target  # y[i] is token w.start + 1 + i
         rows.append((x, y, scored.astype(np.float32)))
     length = max(len(x) for x, _, _ in rows)
-    total = _Scorer(config, params, batch_size)(*_pack(rows, length)).sum()
+    total = _Scorer(config, params, batch_size)(pack_rows(rows, length)).sum()
     return float(math.exp(total / (tokens.size - 1)))
 
 
 # ----------------------------------------------------------------------------- multiple choice
 
 
-@dataclasses.dataclass(frozen=True)
-class MultipleChoice:
-    """A context, candidate endings (token ids) and the index of the right ending."""
-
-    context: list[int]
-    endings: list[list[int]]
-    label: int
-
-
-def _bucket(n: int, cap: int) -> int:
-    return min(cap, max(16, 1 << (n - 1).bit_length()))
-
-
 def score_multiple_choice(
     config: ModelConfig, params, examples: Sequence[MultipleChoice], *, batch_size: int = 8
-) -> tuple[float, list[int]]:
-    """(accuracy, predicted ending per example). An ending's score is the mean loss of its tokens
-    given the context; the lowest wins. Contexts too long for block_size lose their oldest tokens."""
-    if not examples:
-        raise ValueError("no examples to score")
-    rows, owners = [], []
-    for i, ex in enumerate(examples):
-        if not ex.context or not ex.endings or not all(ex.endings):
-            raise ValueError(f"example {i} needs a non-empty context and non-empty endings")
-        if not 0 <= ex.label < len(ex.endings):
-            raise ValueError(f"example {i}: label={ex.label} is not an index into its {len(ex.endings)} endings")
-        for ending in ex.endings:
-            if len(ending) >= config.block_size:
-                raise ValueError(
-                    f"example {i} has an ending of {len(ending)} tokens; block_size is {config.block_size}"
-                )
-            seq = (list(ex.context) + list(ending))[-config.block_size :]
-            n = len(ending)
-            rows.append((seq[:-1], seq[1:], [0.0] * (len(seq) - 1 - n) + [1.0 / n] * n))  # weights average
-            owners.append(i)
-    length = _bucket(max(len(x) for x, _, _ in rows), config.block_size)
-    mean_loss = _Scorer(config, params, batch_size)(*_pack(rows, length))
-    predictions, r = [], 0
-    for ex in examples:
-        scores = mean_loss[r : r + len(ex.endings)]
-        predictions.append(int(np.argmin(scores)))
-        r += len(ex.endings)
-    correct = sum(p == ex.label for p, ex in zip(predictions, examples))
-    return correct / len(examples), predictions
-
-
-def load_hellaswag(path: str, limit: int = 0) -> list[MultipleChoice]:
-    """HellaSwag jsonl (`ctx`, `endings`, `label` per line), tokenised with GPT-2's BPE.
-
-    Endings are encoded with a leading space, as they continue the context's last word.
-    """
-    from gpt2_jax.data.tokenizer import get_tokenizer
-
-    enc = get_tokenizer()
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                ctx, endings, label = d["ctx"], d["endings"], int(d["label"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{line_no}: not a HellaSwag record with ctx, endings, label ({e})") from None
-            examples.append(
-                MultipleChoice(enc.encode(ctx), [enc.encode(" " + e) for e in endings], label)
-            )
-            if limit and len(examples) >= limit:
-                break
-    return examples
+) -> ChoiceScores:
+    """Accuracy (lowest summed loss of an ending wins) and normalised accuracy (lowest mean loss per
+    token wins), with each example's predictions: gpt2_jax/model/scoring.py's rule, which the
+    training loop's HellaSwag applies too."""
+    return score_choices(examples, config.block_size, _Scorer(config, params, batch_size))

@@ -55,6 +55,7 @@ def main(argv: list[str]) -> None:
 
     compilation_cache.enable()  # a second call loads the scoring program instead of compiling it
     if FLAGS.text is not None:
+        from gpt2_jax.data import token_bytes
         from gpt2_jax.data.tokenizer import get_tokenizer
 
         with open(FLAGS.text, encoding="utf-8") as f:
@@ -64,17 +65,20 @@ def main(argv: list[str]) -> None:
         config, params = load_model(ckpt=FLAGS.ckpt, hf=FLAGS.hf, dtype=FLAGS.dtype)
         stride = FLAGS.stride if FLAGS.stride is not None else max(1, config.block_size // 2)
         ppl = evaluate.perplexity(config, params, tokens, stride=stride, batch_size=FLAGS.batch_size)
-        result = {"perplexity": ppl, "loss": math.log(ppl), "tokens": len(tokens),
+        # Every token after the first is predicted: those are the bytes the loss is spread over.
+        bpb = token_bytes.bits_per_byte(math.log(ppl), len(tokens) - 1, token_bytes.count_bytes(tokens[1:]))
+        result = {"perplexity": ppl, "loss": math.log(ppl), "bpb": bpb, "tokens": len(tokens),
                   "context": config.block_size, "stride": stride}
         text = (f"perplexity {ppl:.4f} (mean loss {math.log(ppl):.4f} nats over {len(tokens) - 1} "
-                f"predicted tokens; context {config.block_size}, stride {stride})")
+                f"predicted tokens, {bpb:.4f} bits per byte; context {config.block_size}, stride {stride})")
     else:
         examples = evaluate.load_hellaswag(FLAGS.hellaswag, FLAGS.limit)
         config, params = load_model(ckpt=FLAGS.ckpt, hf=FLAGS.hf, dtype=FLAGS.dtype)
-        accuracy, predictions = evaluate.score_multiple_choice(config, params, examples, batch_size=FLAGS.batch_size)
-        correct = sum(p == ex.label for p, ex in zip(predictions, examples))
-        result = {"accuracy": accuracy, "correct": correct, "examples": len(examples), "predictions": predictions}
-        text = f"accuracy {accuracy:.4f} ({correct}/{len(examples)} examples)"
+        scores = evaluate.score_multiple_choice(config, params, examples, batch_size=FLAGS.batch_size)
+        result = {"accuracy": scores.accuracy, "accuracy_norm": scores.accuracy_norm, "examples": len(examples),
+                  "predictions": scores.predictions, "predictions_norm": scores.predictions_norm}
+        text = (f"accuracy {scores.accuracy:.4f}, normalised {scores.accuracy_norm:.4f} ({len(examples)} examples; "
+                "normalised: the lowest mean loss per ending token wins)")
     print(json.dumps(result) if FLAGS.json else text)
 
 

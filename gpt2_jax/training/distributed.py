@@ -83,3 +83,12 @@ def any_process(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def sum_over_processes(n: int) -> int:
+    """n summed over the processes (an eval's byte count: well below 2**31)."""
+    if jax.process_count() == 1:
+        return n
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.int32(n))))

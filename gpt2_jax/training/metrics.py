@@ -65,13 +65,14 @@ def _summary_writer(logdir: str):
 
 
 class Logger:
-    """metrics.jsonl + TensorBoard, written by process 0 only.
+    """metrics.jsonl + TensorBoard (+ W&B where config.train.wandb_project is set), written by process 0 only.
 
     In a gs:// workdir tensorboardX writes its event file to Cloud Storage itself (through
     google-cloud-storage, uploading the file whole every two minutes and at the end)."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, wandb_run: Any = None):
         self.enabled = jax.process_index() == 0
+        self.wandb_run = wandb_run  # training/wandb_log.py's WandbRun, or None
         self.metrics = metrics_file.Writer(os.path.join(workdir, "metrics.jsonl")) if self.enabled else None
         self.tb = None
         if self.enabled:
@@ -88,6 +89,8 @@ class Logger:
             for key, value in record.items():
                 if key not in ("step", "time") and isinstance(value, (int, float)):
                     self.tb.add_scalar(key, value, record["step"])
+        if self.wandb_run is not None:
+            self.wandb_run.log(record)
 
     def flush(self) -> None:
         """Puts metrics.jsonl in the workdir up to date (a gs:// one is uploaded in batches)."""
@@ -148,12 +151,19 @@ class Throughput:
     def step(self) -> None:
         self.steps += 1
 
+    def leave_out(self, seconds: float) -> None:
+        """A step not to count (a profiled one): its time goes too."""
+        self.start += seconds
+
     def figures(self) -> dict[str, float]:
-        """{"tokens_per_s", "mfu" (when the peak is known)} since the last restart, then restarts."""
+        """{"tokens_per_s", "mfu" (when the peak is known)} since the last restart, then restarts; {}
+        when every step since was left out."""
         elapsed = time.perf_counter() - self.start
-        out = {"tokens_per_s": self.steps * self.tokens_per_step / elapsed}
-        if self.peak is not None:
-            out["mfu"] = self.steps * self.flops_per_step / elapsed / (self.peak * jax.device_count())
+        out = {}
+        if self.steps:
+            out["tokens_per_s"] = self.steps * self.tokens_per_step / elapsed
+            if self.peak is not None:
+                out["mfu"] = self.steps * self.flops_per_step / elapsed / (self.peak * jax.device_count())
         self.restart()
         return out
 

@@ -20,14 +20,16 @@ import numpy as np
 
 from gpt2_jax import data as data_lib
 from gpt2_jax import storage
+from gpt2_jax.data import token_bytes
 from gpt2_jax.model import loss as loss_lib
 from gpt2_jax.model import platform
 from gpt2_jax.model.attention import resolve_attention
 from gpt2_jax.model.config import count_params
 from gpt2_jax.training import checkpoint as ckpt_lib
 from gpt2_jax.training import distributed
+from gpt2_jax.training import hellaswag as hellaswag_lib
 from gpt2_jax.training import init_from as init_from_lib
-from gpt2_jax.training import metrics, metrics_file
+from gpt2_jax.training import metrics, metrics_file, profiling, wandb_log
 from gpt2_jax.training import resume as resume_lib
 from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import step as step_lib
@@ -122,6 +124,8 @@ def _has_results(workdir: str) -> bool:
 
 def _train(config: Any, workdir: str) -> dict:
     t = config.train
+    for check in (profiling.check_config, hellaswag_lib.check_config, wandb_log.check_config):
+        check(t)  # docs/training.md "Watching a run": a bad key or a missing wandb stops the run here
     # config.model alone, or the architecture of config.model.init_from (None once the workdir has a checkpoint).
     model_config, pretrained = init_from_lib.resolve(config.model, workdir, cache_dir=config.data.cache_dir)
     mesh = sharding_lib.make_mesh(config.mesh)
@@ -189,9 +193,12 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
         tokens_at_start = start_step * tokens_per_step
     tokens_seen = lambda step: tokens_at_start + (step - start_step) * tokens_per_step  # noqa: E731
     throughput = _throughput(run, t, tokens_per_step)
-    logger = metrics.Logger(workdir)
+    wandb_run = wandb_log.WandbRun(t.wandb_project, config, workdir) if t.wandb_project and is_main else None
+    logger = metrics.Logger(workdir, wandb_run)
     if is_main:
         _say_what_runs(run, state, start_step, num_steps, tokens_per_step, train_iter.steps_per_epoch)
+    say = (lambda line: print(line, flush=True)) if is_main else (lambda line: None)
+    profile = profiling.ProfileWindow(t, workdir, say)
 
     def save(step: int) -> None:
         logger.flush()  # the records up to this checkpoint, which a resumed run keeps
@@ -203,13 +210,21 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
     checkpointer.check_space(first_save, state)
     signals, progress = Signals(), _progress_bar(checkpointer, start_step, num_steps) if is_main else None
     signals.install()
+    if progress is not None:
+        profile.say = progress.write
     step, last_loss, last_val = start_step, None, None
     try:
         while step < num_steps:
-            state, m = train_step(state, _global_batch(next(train_iter), run.batch_sharding, t.global_batch_size))
+            batch = _global_batch(next(train_iter), run.batch_sharding, t.global_batch_size)
+            traced, step_start = profile.begin(step + 1), time.perf_counter()
+            state, m = train_step(state, batch)
             step += 1
-            throughput.step()
             m = jax.device_get(m)
+            if traced:  # the traced step (and starting, stopping the tracer) is no measure of throughput
+                profile.end(step)
+                throughput.leave_out(time.perf_counter() - step_start)
+            else:
+                throughput.step()
             checkpointer.poll()
             last_loss = float(m["loss"])
             _check_finite(last_loss, step, t, checkpointer)
@@ -223,10 +238,11 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
                     record["skipped"] = float(m["skipped"])
                 logger.write(record)
             if evaluate is not None and every(step, t.eval_every, num_steps):
-                last_val = evaluate(state.params)
-                logger.write({"step": step, "val_loss": last_val, "time": time.time(), "tokens": tokens_seen(step)})
+                scores = evaluate(state.params)
+                last_val = scores["val_loss"]
+                logger.write({"step": step, **scores, "time": time.time(), "tokens": tokens_seen(step)})
                 if progress is not None:
-                    progress.write(f"step {step}: val_loss {last_val:.4f}")
+                    progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
                 throughput.restart()  # don't count eval in tokens/s
             if distributed.any_process(signals.received is not None):
                 save(step)
@@ -242,6 +258,7 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
             if step not in checkpointer.all_steps():
                 save(step)
     finally:
+        profile.stop(step)  # a run that ended inside the window keeps the trace so far
         signals.uninstall()
         if progress is not None:
             progress.close()
@@ -249,6 +266,8 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
 
     summary.update(step=step, loss=last_loss, val_loss=last_val, params=count_params(state.params))
     summary["loss_curve"] = metrics.plot_loss_curve(workdir)  # also after a signal: the curve so far
+    if wandb_run is not None:
+        wandb_run.finish(summary["loss_curve"])
     # Sampling (train.py) runs on process 0's devices alone: only where it can see every parameter.
     if "stopped_by_signal" not in summary and prompt is not None and jax.process_count() == 1:
         summary["sample_from"] = (run.model_config, state.params, prompt)
@@ -281,24 +300,37 @@ def _start_state(run: run_lib.Run, checkpointer, train_iter, t, schedule, params
 
 
 def _evaluator(run: run_lib.Run, val_tokens, t):
-    """params -> the mean validation loss over eval_steps global batches (the same windows every
-    time), or None when evaluation is off."""
+    """params -> {val_loss: the mean loss over eval_steps global batches (the same windows every
+    time), val_bpb (data/token_bytes.py), and the HellaSwag accuracies where config.train.hellaswag
+    is set}, or None when evaluation is off."""
     if not (t.eval_every > 0 and t.eval_steps > 0):
         return None
     eval_step, eval_batch = step_lib.make_eval_step(run), step_lib.eval_batch_size(t)
+    hellaswag = hellaswag_lib.HellaSwagEval(run, t.hellaswag, t.hellaswag_examples) if t.hellaswag else None
+    val_bytes: list[int] = []  # the bytes the scored targets decode to: counted once (every eval reads the same)
 
-    def evaluate(params) -> float:
+    def evaluate(params) -> dict[str, float]:
         it = data_lib.make_batch_iterator(
             val_tokens, block_size=run.model_config.block_size, global_batch_size=eval_batch,
             seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count(),
             name="validation split",
         )
         steps = min(t.eval_steps * t.grad_accum_steps, it.steps_per_epoch)  # eval_steps global batches
-        total = 0.0
+        total, local_bytes = 0.0, 0
         for _ in range(steps):
-            total += float(eval_step(params, _global_batch(next(it), run.batch_sharding, eval_batch))["loss"])
+            local = next(it)
+            if not val_bytes:
+                local_bytes += token_bytes.count_bytes(local["targets"])
+            total += float(eval_step(params, _global_batch(local, run.batch_sharding, eval_batch))["loss"])
         it.close()
-        return total / steps
+        if not val_bytes:
+            val_bytes.append(distributed.sum_over_processes(local_bytes))
+        val_loss = total / steps
+        scores = {"val_loss": val_loss, "val_bpb": token_bytes.bits_per_byte(
+            val_loss, steps * eval_batch * run.model_config.block_size, val_bytes[0])}
+        if hellaswag is not None:
+            scores.update(hellaswag(params))
+        return scores
 
     return evaluate
 
