@@ -69,7 +69,28 @@ _SLOW_FIRST = ("test_multihost.py", "test_checkpoint.py", "test_gcs.py", "test_r
                "test_bench.py", "test_finetune.py", "test_model.py", "test_sampling.py", "test_train_step.py")
 
 
+# Markers (pyproject.toml): `slow` = a file of subprocess runs (train.py, generate.py, benches, several
+# processes) or a test measured at more than ~3 s on the 2-core host; `parity` = held to Hugging Face's
+# PyTorch GPT-2. `pytest -m "not slow"` is the everyday loop; the README's command runs everything.
+_SLOW_FILES = {"test_multihost.py", "test_checkpoint.py", "test_gcs.py", "test_speedrun.py", "test_bench.py",
+               "test_generate_cli.py", "test_recipe.py", "test_finetune.py", "test_watch.py", "test_train_cli.py",
+               "test_prepare.py", "test_tpu_compile.py", "test_document_mask.py", "test_cli.py", "test_hf.py",
+               "test_train_step.py", "test_sharding.py", "test_attention.py", "test_loss.py", "test_sampling.py",
+               "test_speculative.py"}
+_SLOW_TESTS = ("test_live_parity_124m", "test_gradient_accumulation_equals_one_full_batch",
+               "test_splash_train_step_equals_blockwise_step_on_meshes", "test_every_implementation_equals_dense",
+               "test_scan_and_every_remat_policy", "test_bfloat16_training_tracks", "test_one_step_on_a_mesh_equals",
+               "test_tiny_model_overfits_one_batch", "test_cli_perplexity_and_hellaswag_json",
+               "test_chunked_loss_and_gradients_in_bfloat16", "test_chunked_loss_on_an_fsdp_and_tensor_mesh",
+               "test_bfloat16_compute_keeps_fp32_params")
+
+
 def pytest_collection_modifyitems(config, items):  # noqa: ARG001
+    for item in items:
+        if item.path.name in _SLOW_FILES or item.name.startswith(_SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
+        if item.path.name == "test_hf.py" or "hugging_face" in item.name:
+            item.add_marker(pytest.mark.parity)
     rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file is kept
 
