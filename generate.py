@@ -137,8 +137,8 @@ def main(argv) -> None:
         raise ValueError(f"--{e}") from None
 
     from gpt2_jax import compilation_cache
-    from gpt2_jax.data.tokenizer import EOT_ID, get_tokenizer
     from gpt2_jax.checkpoints import load_model
+    from gpt2_jax.data.tokenizer import EOT_ID, get_tokenizer
     from gpt2_jax.inference.sampling import PromptTooLongError, generate_with_stats, stream
 
     compilation_cache.enable(traced_programs=True)  # a second call loads prefill and decode, traced and compiled
@@ -160,7 +160,9 @@ def main(argv) -> None:
                 check_draft(config, draft[0])
             except (ValueError, OSError) as e:
                 message = str(e).replace(f"--ckpt {FLAGS.draft_ckpt}", f"--draft_ckpt {FLAGS.draft_ckpt}", 1)
-                raise ValueError(message if message.startswith("--draft_ckpt") else f"--draft_ckpt {FLAGS.draft_ckpt}: {e}") from None
+                if not message.startswith("--draft_ckpt"):
+                    message = f"--draft_ckpt {FLAGS.draft_ckpt}: {e}"
+                raise ValueError(message) from None
             sampling["draft"] = draft
         if config.vocab_size < enc.n_vocab:
             raise ValueError(

@@ -77,9 +77,9 @@ def part_train(args) -> list[dict]:
     from gpt2_jax.model.attention import resolve_attention
     from gpt2_jax.model.config import model_config_from
     from gpt2_jax.training import sharding
+    from gpt2_jax.training.metrics import peak_flops_per_device
     from gpt2_jax.training.run import build_run, create_train_state
     from gpt2_jax.training.step import make_train_step
-    from gpt2_jax.training.metrics import peak_flops_per_device
 
     s = shapes(args.smoke)
     platform = jax.default_backend()

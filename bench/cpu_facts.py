@@ -13,9 +13,8 @@ _VECTOR_PREFIXES = ("avx512f", "avx512_bf16", "amx")
 def cpu_facts() -> dict:
     """{"cpu": /proc/cpuinfo's model name, "vector_extensions": the flags above it has}."""
     lines: list[str] = []
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            lines = f.readlines()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        lines = f.readlines()
     cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     return {"cpu": cpu, "vector_extensions": sorted({x for x in flags if x.startswith(_VECTOR_PREFIXES) or x in _VECTOR})}

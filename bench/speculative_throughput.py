@@ -528,7 +528,7 @@ def main(argv) -> None:
         source = "hand-written copier (copier_model: a 3-token induction head in a 2-layer GPT-2, 512 wide)"
     prompt_sets = load_prompts(FLAGS.prompts, FLAGS.sets, FLAGS.smoke)
     context = config.block_size
-    for set_name, rows in prompt_sets.items():
+    for _set_name, rows in prompt_sets.items():
         for name, ids in rows:
             if len(ids) + N > context:
                 raise ValueError(f"prompt {name!r} ({len(ids)} tokens) + {N} new tokens exceed the model's "

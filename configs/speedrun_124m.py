@@ -43,10 +43,11 @@ def get_config():
     t.warmup_steps = 50
     t.num_steps = 6_000  # 3.1B tokens
     t.global_batch_size = 512  # 524,288 tokens a step
-    # Replicated state (data parallel) and an untied head take more memory than configs/gpt2_124m.py:
-    # the TPU compiler fits about 6 sequences per chip on a v5e-8, 15 on a v6e-8 or a v4-8, 47 on a
-    # v5p-8 (BENCHMARKS.md; whole logits: the chunked loss, now the default, leaves more room). 16 micro-batches fit all of them (4 sequences per chip on 8 chips, 8 on
-    # the 4 chips of a v4-8 / v5p-8); =4 on a v5p-8, =8 on a v6e-8 run fewer passes.
+    # Replicated state (data parallel) and an untied head take more memory than configs/gpt2_124m.py: the TPU
+    # compiler fits about 6 sequences per chip on a v5e-8, 15 on a v6e-8 or a v4-8, 47 on a v5p-8
+    # (BENCHMARKS.md; whole logits: the chunked loss, now the default, leaves more room). 16 micro-batches fit
+    # all of them (4 sequences per chip on 8 chips, 8 on the 4 chips of a v4-8 / v5p-8); =4 on a v5p-8, =8 on a
+    # v6e-8 run fewer passes.
     t.grad_accum_steps = 16
     t.eval_every = 250
     t.eval_steps = 20  # 20 x 512 x 1024 = 10.5M validation tokens

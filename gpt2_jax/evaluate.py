@@ -4,7 +4,7 @@ The public name of gpt2_jax/inference/evaluate.py (scoring, loaded on first use)
 line, gpt2_jax/inference/evaluate_cli.py.
 """
 
-__all__ = ["perplexity", "score_multiple_choice"]
+__all__ = ["perplexity", "score_multiple_choice"]  # noqa: F822 - loaded on first use (__getattr__)
 
 
 def __getattr__(name: str):

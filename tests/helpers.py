@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt2_jax.training import checkpoint as ckpt_lib
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.gpt2 import abstract_params
+from gpt2_jax.training import checkpoint as ckpt_lib
 
 
 def subprocess_env(devices: int, *, optimized: bool = False, **extra: str) -> dict[str, str]:

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gpt2_jax.model import GPT2, init_params
 from gpt2_jax.model.attention import attend, causal_self_attention, resolve_attention
 from gpt2_jax.model.blockwise import causal_attention
 from gpt2_jax.model.config import ModelConfig
-from gpt2_jax.model import GPT2, init_params
 
 
 def _inputs(B, T, K, G, H, seed=0):

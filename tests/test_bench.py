@@ -27,7 +27,7 @@ def test_accelerator_benchmark_smoke_runs_every_part():
     losses = [r["loss"] for r in train.values()]
     assert max(losses) - min(losses) < 0.05, losses  # the same model and batch: the same first-step loss
     for r in train.values():
-        assert r["tokens_per_s"] > 0 and 0 < r["mfu"]
+        assert r["tokens_per_s"] > 0 and r["mfu"] > 0
     assert [r["part"] for r in rows].count("torch") == 1
     decode = {(r["side"], r["batch"]) for r in rows if r["part"] == "decode"}
     assert decode == {(side, b) for side in ("gpt2_jax", "huggingface") for b in (1, 2)}

@@ -18,18 +18,17 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers import final_params, losses, subprocess_env
 
 from gpt2_jax.model.config import model_config_from
 from gpt2_jax.training import checkpoint as ckpt_lib
-from gpt2_jax.training import metrics_file
+from gpt2_jax.training import metrics_file, save_failures
 from gpt2_jax.training import optim as optim_lib
 from gpt2_jax.training import resume as resume_lib
 from gpt2_jax.training import run as run_lib
-from gpt2_jax.training import save_failures
 from gpt2_jax.training import sharding as sharding_lib
 from gpt2_jax.training import step as step_lib
 from gpt2_jax.training import trainer as trainer_lib
-from helpers import final_params, losses, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 30  # steps before the interruption; runs go to 2N (enough that a kill lands mid-run)

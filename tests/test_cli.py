@@ -9,9 +9,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import subprocess_env
 
 from gpt2_jax import cli, compilation_cache
-from helpers import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN, GENERATE = os.path.join(ROOT, "train.py"), os.path.join(ROOT, "generate.py")

@@ -12,12 +12,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_params, subprocess_env
 
 from gpt2_jax import GPT2, ModelConfig
-from gpt2_jax.inference.evaluate import MultipleChoice, load_hellaswag, perplexity, score_multiple_choice, sliding_windows
-from gpt2_jax.model.hf import save_hf_gpt2
+from gpt2_jax.inference.evaluate import (
+    MultipleChoice,
+    load_hellaswag,
+    perplexity,
+    score_multiple_choice,
+    sliding_windows,
+)
 from gpt2_jax.inference.sampling import generate
-from helpers import random_params, subprocess_env
+from gpt2_jax.model.hf import save_hf_gpt2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 97
@@ -158,8 +164,8 @@ def run_cli(*args, timeout=120):
 
 
 def test_cli_perplexity_and_hellaswag_json(hf_folder, tmp_path):
-    from gpt2_jax.model.hf import load_hf_gpt2
     from gpt2_jax.data.tokenizer import get_tokenizer
+    from gpt2_jax.model.hf import load_hf_gpt2
 
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 8)

@@ -20,6 +20,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers import final_params, losses, require, subprocess_env
 
 from gpt2_jax import data as data_lib
 from gpt2_jax.inference.export import export_checkpoint
@@ -31,7 +32,6 @@ from gpt2_jax.training import preflight
 from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding as sharding_lib
 from gpt2_jax.training import trainer as trainer_lib
-from helpers import final_params, losses, require, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = dict(n_layer=2, n_head=3, n_embd=48, n_inner=80, n_positions=64, vocab_size=50257, layer_norm_epsilon=1e-6)

@@ -25,7 +25,6 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from helpers import final_params, losses, require, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

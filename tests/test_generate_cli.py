@@ -13,13 +13,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import make_checkpoint, random_params, require, subprocess_env
 
 from gpt2_jax import ModelConfig
-from gpt2_jax.inference.export import export_checkpoint
-from gpt2_jax.model.hf import load_hf_gpt2, save_hf_gpt2
-from gpt2_jax.inference.sampling import generate
 from gpt2_jax.data.tokenizer import EOT_ID, get_tokenizer
-from helpers import make_checkpoint, random_params, require, subprocess_env
+from gpt2_jax.inference.export import export_checkpoint
+from gpt2_jax.inference.sampling import generate
+from gpt2_jax.model.hf import load_hf_gpt2, save_hf_gpt2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "The quick brown fox jumps over the lazy dog"

@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import require
 
 from gpt2_jax import GPT2, ModelConfig
 from gpt2_jax.model.config import count_params
-from gpt2_jax.model.hf import load_hf_gpt2, save_hf_gpt2
 from gpt2_jax.model.gpt2 import init_params
-from helpers import require
+from gpt2_jax.model.hf import load_hf_gpt2, save_hf_gpt2
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf_tiny")
 

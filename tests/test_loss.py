@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_params
 
 from gpt2_jax.model import scoring
 from gpt2_jax.model.config import ModelConfig
@@ -16,7 +17,6 @@ from gpt2_jax.model.gpt2 import GPT2Hidden, abstract_params
 from gpt2_jax.model.loss import ACCELERATOR_CHUNK, CPU_CHUNK, resolve_loss_chunk
 from gpt2_jax.training import sharding
 from gpt2_jax.training import step as step_lib
-from helpers import random_params
 
 B, T = 4, 16
 # vocab 97 padded to 104: the 7 padded columns must stay out of every softmax.

@@ -12,12 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_params
 
 from gpt2_jax import GPT2, ModelConfig
 from gpt2_jax.model.config import PRESETS, count_params
-from gpt2_jax.model.layers import apply_rotary, gelu
 from gpt2_jax.model.gpt2 import abstract_params, init_params
-from helpers import random_params
+from gpt2_jax.model.layers import apply_rotary, gelu
 
 HF_COUNTS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
 

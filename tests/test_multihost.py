@@ -17,11 +17,11 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers import final_params, losses, subprocess_env
 
 from gpt2_jax.training import preflight
 from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding as sharding_lib
-from helpers import final_params, losses, subprocess_env
 from gpt2_jax.training.distributed import HEARTBEAT_TIMEOUT_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

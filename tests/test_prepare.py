@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from helpers import require, subprocess_env
 
 from gpt2_jax.data import prepare as prepare_lib

@@ -10,9 +10,9 @@ import tomllib
 
 import jax
 import numpy as np
+from helpers import make_checkpoint, random_params
 
 from gpt2_jax import ModelConfig
-from helpers import make_checkpoint, random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()

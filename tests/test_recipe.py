@@ -17,19 +17,17 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from helpers import final_params, losses
 
 from gpt2_jax import GPT2, ModelConfig
 from gpt2_jax.model.config import count_params, model_config_from
 from gpt2_jax.model.gpt2 import abstract_params
 from gpt2_jax.model.hf import config_to_hf
 from gpt2_jax.model.layers import MLP, layer_norm
-from gpt2_jax.training import optim
-from gpt2_jax.training import preflight
+from gpt2_jax.training import optim, preflight, sharding
 from gpt2_jax.training import run as run_lib
-from gpt2_jax.training import sharding
 from gpt2_jax.training import step as step_lib
 from gpt2_jax.training import trainer as trainer_lib
-from helpers import final_params, losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 97
@@ -42,7 +40,7 @@ def tiny(**kw) -> ModelConfig:
                                  pad_vocab_to_multiple=8), **kw})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def params_for(cfg: ModelConfig, seed: int = 0):
     """Random weights N(0, 0.1), norm gains 1 + N(0, 0.1), biases N(0, 0.1): no switch hides behind a 0."""
     rng = np.random.default_rng(seed)
@@ -51,7 +49,7 @@ def params_for(cfg: ModelConfig, seed: int = 0):
         nn.meta.unbox(abstract_params(cfg)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def forward(cfg: ModelConfig):
     return jax.jit(lambda params, tokens: GPT2(cfg).apply({"params": params}, tokens))
 
@@ -246,7 +244,7 @@ def test_muon_orthogonalises_each_layer_and_each_of_k_and_v_as_its_own_matrix(sp
             width = max(1.0, n / m) ** 0.5  # Muon's sqrt(fan_out / fan_in) for wide outputs
             for matrix in mats:  # orthogonal up to Newton-Schulz's tolerance (~0.7..1.2)
                 lo, hi = _spread(matrix / (lr * width))
-                assert 0.6 < lo and hi < 1.25, (name, matrix.shape, lo, hi)
+                assert lo > 0.6 and hi < 1.25, (name, matrix.shape, lo, hi)
     # Another gradient for layer 1 and for v leaves layer 0's k update as it was.
     moved = dict(grads, blocks=jax.tree.map(lambda g: g, grads["blocks"]))
     kv = moved["blocks"]["attn"]["kv"]["kernel"]

@@ -13,8 +13,8 @@ import pytest
 from gpt2_jax import GPT2, ModelConfig
 from gpt2_jax.inference import decode, sampling
 from gpt2_jax.inference import prompts as prompts_lib
-from gpt2_jax.model.gpt2 import abstract_params
 from gpt2_jax.inference.sampling import PromptTooLongError, SamplingParams, filter_logits, generate, next_token, stream
+from gpt2_jax.model.gpt2 import abstract_params
 
 V = 97
 
@@ -23,7 +23,7 @@ def tiny(**kw) -> ModelConfig:
     return ModelConfig(**{**dict(n_layer=2, n_head=4, n_embd=32, block_size=48, vocab_size=V), **kw})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def params_for(cfg: ModelConfig, seed: int = 0, scale: float = 1.0):
     """GPT-2's init (weights N(0, 0.02), biases 0, LayerNorm scales 1), weights times `scale`,
     drawn with numpy: compiling the model's own initialiser costs seconds per config on a CPU."""

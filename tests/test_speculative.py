@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_sampling import params_for, prompt, sharp_params, tiny
 
 from gpt2_jax import GPT2
 from gpt2_jax.inference import speculative
 from gpt2_jax.inference.sampling import SamplingParams, filter_logits, generate, generate_with_stats
-from test_sampling import params_for, prompt, sharp_params, tiny
 
 K = 3
 
@@ -30,7 +30,7 @@ PROMPTS = (prompt(13, 44), prompt(6, 7), prompt(7, 2))  # the first leaves room 
 GREEDY = dict(max_new_tokens=12, temperature=0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def plain_greedy(eos_id=None) -> list[list[int]]:
     return generate(CFG, sharp_params(CFG), PROMPTS, eos_id=eos_id, **GREEDY)
 

@@ -41,7 +41,7 @@ def test_pattern_matches_tiktoken_gpt2():
     # Importing the pattern constant touches no network; calling openai_public.gpt2() would.
     from tiktoken_ext import openai_public
 
-    assert tok.GPT2_PAT_STR == openai_public.r50k_pat_str
+    assert openai_public.r50k_pat_str == tok.GPT2_PAT_STR
 
 
 @pytest.mark.parametrize(

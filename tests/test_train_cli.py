@@ -9,11 +9,11 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import subprocess_env
 
 from gpt2_jax import data as data_lib
 from gpt2_jax.training import metrics as metrics_lib
 from gpt2_jax.training import trainer as trainer_lib
-from helpers import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

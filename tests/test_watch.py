@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from helpers import final_params, random_params, subprocess_env
 
 from gpt2_jax.data import make_batch_iterator
 from gpt2_jax.data.hellaswag import load_hellaswag
@@ -22,13 +23,11 @@ from gpt2_jax.inference.evaluate import score_multiple_choice
 from gpt2_jax.model.config import model_config_from
 from gpt2_jax.model.scoring import choice_rows
 from gpt2_jax.training import hellaswag as hellaswag_lib
-from gpt2_jax.training import profiling
+from gpt2_jax.training import profiling, wandb_log
 from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding as sharding_lib
 from gpt2_jax.training import step as step_lib
 from gpt2_jax.training import trainer as trainer_lib
-from gpt2_jax.training import wandb_log
-from helpers import final_params, random_params, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6

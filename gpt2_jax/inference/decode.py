@@ -89,7 +89,7 @@ class DecodeWeights:
     layers: tuple  # n_layer trees of one block's weights
 
     @classmethod
-    def from_params(cls, config: ModelConfig, params, matvec: bool = False) -> "DecodeWeights":
+    def from_params(cls, config: ModelConfig, params, matvec: bool = False) -> DecodeWeights:
         """matvec=True stores every block kernel as `kernel_t` [*out, *in] (a copy), for steps
         that feed one token row: XLA:CPU streams a matrix-vector product x . W^T from that layout
         faster than x . W from [*in, *out] (measured 1.3x on the 124M blocks' matrices,

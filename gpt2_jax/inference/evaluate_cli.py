@@ -50,8 +50,8 @@ def main(argv: list[str]) -> None:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
 
     from gpt2_jax import compilation_cache
-    from gpt2_jax.inference import evaluate
     from gpt2_jax.checkpoints import load_model
+    from gpt2_jax.inference import evaluate
 
     compilation_cache.enable()  # a second call loads the scoring program instead of compiling it
     if FLAGS.text is not None:

@@ -12,8 +12,8 @@ Hugging Face folder is copied once into ~/.cache/gpt2_jax/gcs first. --out is a 
 
 The exported folder loads with `transformers.GPT2LMHeadModel.from_pretrained(folder)` and with
 `gpt2_jax.hf.load_hf_gpt2`; its tokenizer files (vocab.json, merges.txt, tokenizer_config.json)
-with `transformers.AutoTokenizer.from_pretrained(folder)`. Models HF GPT-2 cannot represent (rotary positions, grouped-query
-attention, a sliding window) are refused with the reason, and nothing is written.
+with `transformers.AutoTokenizer.from_pretrained(folder)`. Models HF GPT-2 cannot represent (rotary
+positions, grouped-query attention, a sliding window) are refused with the reason, and nothing is written.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import os
 from gpt2_jax import storage
 from gpt2_jax.checkpoints import DTYPES, check_source, load_model  # noqa: F401 - also importable from here
 from gpt2_jax.model.config import ModelConfig
-
 
 
 def check_out(out: str, *, overwrite: bool = False) -> None:
@@ -81,7 +80,8 @@ def main(argv: list[str]) -> None:
     FLAGS = flags.FLAGS
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # keep library chatter (orbax, jax) off the terminal
-    config = export_checkpoint(FLAGS.ckpt, FLAGS.out, FLAGS.dtype, overwrite=FLAGS.force)  # ValueError / OSError: cli.run's error line
+    # ValueError / OSError: cli.run's error line
+    config = export_checkpoint(FLAGS.ckpt, FLAGS.out, FLAGS.dtype, overwrite=FLAGS.force)
     tokenizer = "" if has_tokenizer(config) else (
         f"; no tokenizer files: vocab_size={config.vocab_size} is smaller than GPT-2's tokenizer")
     print(

@@ -73,7 +73,7 @@ class SamplingOptions:
     draft: tuple[ModelConfig, Any] | None = None  # (config, params) of a draft model; None = prompt lookup
 
     @classmethod
-    def of(cls, options: "SamplingOptions | None", overrides: dict) -> "SamplingOptions":
+    def of(cls, options: SamplingOptions | None, overrides: dict) -> SamplingOptions:
         if options is None:
             return cls(**overrides)
         if not isinstance(options, cls):
@@ -190,7 +190,9 @@ class _Run:
             self.run_s += time.perf_counter() - start
         args = (self.weights, self.sp, self.state, jnp.int32(limit))
         if self._decode is None:
-            self._decode, t = compilation_cache.executable(self._decode_fn, self._decode_static, *args, donate_argnums=(2,))
+            self._decode, t = compilation_cache.executable(
+                self._decode_fn, self._decode_static, *args, donate_argnums=(2,)
+            )
             self.compile_s += t
         start = time.perf_counter()
         self.state = jax.block_until_ready(self._decode(*args))

@@ -46,8 +46,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from gpt2_jax.inference.options import validate_speculate
 from gpt2_jax.inference.decode import DecodeWeights, SamplingState, decode_logits
+from gpt2_jax.inference.options import validate_speculate
 from gpt2_jax.inference.prompts import context_length
 from gpt2_jax.inference.token_choice import SamplingParams, categorical, nucleus_mask, top_k_candidates
 from gpt2_jax.model.config import ModelConfig
@@ -67,7 +67,7 @@ class Speculation:
     draft_params: Any = None
 
     @classmethod
-    def create(cls, config: ModelConfig, k: int, draft: tuple[ModelConfig, Any] | None) -> "Speculation":
+    def create(cls, config: ModelConfig, k: int, draft: tuple[ModelConfig, Any] | None) -> Speculation:
         validate_speculate(k, has_draft=draft is not None)
         if draft is None:
             return cls(k)
@@ -174,7 +174,7 @@ class SpeculationStats:
     new_tokens: int  # tokens written (eos included)
 
     @classmethod
-    def of(cls, state: SpecState) -> "SpeculationStats":
+    def of(cls, state: SpecState) -> SpeculationStats:
         total = lambda x: int(jax.device_get(x).sum())  # noqa: E731
         return cls(total(state.passes), total(state.proposed), total(state.accepted), total(state.count))
 

@@ -27,7 +27,7 @@ class SamplingParams:
     use_top_p: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
-    def create(cls, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> "SamplingParams":
+    def create(cls, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> SamplingParams:
         validate_sampling(temperature=temperature, top_k=top_k, top_p=top_p)
         greedy = temperature == 0
         return cls(

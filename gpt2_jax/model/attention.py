@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from gpt2_jax.model.blockwise import causal_attention
 from gpt2_jax.model import platform
+from gpt2_jax.model.blockwise import causal_attention
 from gpt2_jax.model.config import ModelConfig
 
 IMPLEMENTATIONS = ("auto", "blockwise", "dense", "splash", "cudnn")
@@ -88,7 +88,7 @@ def resolve_attention(config: ModelConfig, backend: str | None = None) -> tuple[
     return choice, why
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _announce(impl: str, why: str, fell_back: bool) -> None:
     """One log line per distinct choice (at trace time); a warning when a GPU misses cuDNN."""
     (logging.warning if fell_back else logging.info)("attention: %s (%s)", impl, why)

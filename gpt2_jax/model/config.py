@@ -119,13 +119,13 @@ class ModelConfig:
 
     # ----------------------------------------------------------------- construction
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"preset={name!r} is not a known preset; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides}).validate()
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -135,11 +135,11 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes).validate()
 
     # ----------------------------------------------------------------- validation
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         """Returns self, or raises ValueError naming the key, its value and the rule it broke."""
 
         def need(ok: bool, msg: str) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.layers import ACT_EMBED, ACTIVATION_AXES, Block, layer_norm, param_init
@@ -132,7 +132,7 @@ def _residual_stream(cfg: ModelConfig, tokens: jax.Array, positions: jax.Array |
     """The embeddings and the blocks, created in the calling module: (the last residual stream
     [B, T, E], wte). GPT2 and GPT2Hidden both call it, so both have one parameter tree."""
     B, T = tokens.shape
-    if not decode and T > cfg.block_size:
+    if not decode and cfg.block_size < T:
         raise ValueError(f"Cannot forward sequence of length {T}, block size is only {cfg.block_size}")
     if segment_ids is not None:
         if decode:
@@ -168,10 +168,10 @@ def _residual_stream(cfg: ModelConfig, tokens: jax.Array, positions: jax.Array |
 class GPT2(nn.Module):
     """tokens [B, T] int32 -> logits [B, T, vocab_size].
 
-    `positions` [B, T] gives each token its position; -1 marks padding, which no token attends
-    to. Left out, token t is at position t, and attention skips the masked half of the scores
-    (gpt2_jax/model/attention.py): the layout of training and of evaluating whole rows. With `decode=True` the blocks read and extend a KV cache in the
-    "cache" collection (see `init_cache`); pass `mutable=["cache"]` to `apply`.
+    `positions` [B, T] gives each token its position; -1 marks padding, which no token attends to. Left out,
+    token t is at position t, and attention skips the masked half of the scores (gpt2_jax/model/attention.py):
+    the layout of training and of evaluating whole rows. With `decode=True` the blocks read and extend a KV
+    cache in the "cache" collection (see `init_cache`); pass `mutable=["cache"]` to `apply`.
 
     `segment_ids` [B, T] int32 packs documents in a row: token i attends to token j <= i only when
     both have the same id (and within the sliding window); `positions` then restart at each

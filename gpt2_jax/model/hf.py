@@ -54,7 +54,8 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     if config.position_embedding != "learned":
         reasons.append(f"position_embedding={config.position_embedding!r} (HF GPT-2 has learned positions only)")
     if config.kv_heads != config.n_head:
-        reasons.append(f"n_kv_head={config.n_kv_head} != n_head={config.n_head} (HF GPT-2 has multi-head attention only)")
+        reasons.append(f"n_kv_head={config.n_kv_head} != n_head={config.n_head} "
+                       "(HF GPT-2 has multi-head attention only)")
     if config.sliding_window is not None:
         reasons.append(f"sliding_window={config.sliding_window} (HF GPT-2 attends over the full context)")
     if config.norm != "layernorm":
@@ -125,7 +126,7 @@ class _Tensors:
         self.where: dict[str, tuple[str, str]] = {}  # name without "transformer." -> (file, key)
         for path in files:
             with safe_open(path, framework="numpy") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 - a safetensors file handle, not a dict
                     self.where[key.removeprefix("transformer.")] = (path, key)
 
     def __contains__(self, name: str) -> bool:

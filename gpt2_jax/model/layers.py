@@ -3,23 +3,22 @@
 Einsum letters: B batch, T query length, S key length, E n_embd, N query heads, K kv heads,
 G = N // K query heads per kv head, H head_dim, F mlp width.
 
-Positions: `positions=None` means token t sits at position t with no padding (training,
-evaluation of full rows); attention then runs by the implementation `config.attention` picks
-(gpt2_jax/model/attention.py: blockwise, splash, cuDNN or dense). Otherwise every token carries its position, -1 marks padding, and the
-mask is derived from positions alone (key visible iff 0 <= k_pos <= q_pos and, with a window,
-q_pos - k_pos < window), so left-padded prompts and a ring-buffer KV cache share one rule.
-
-Packed documents: with `segment_ids` [B, T] the rows are whole again (token t at index t, no padding,
-no cache) and `positions` only place tokens for rotary and learned embeddings (they restart at each
-document); a key is visible iff its index is at most the query's, its segment id is the query's
-and, with a window, it is fewer than `window` tokens back. Decoding takes no segment ids.
+Positions: `positions=None` means token t sits at position t with no padding (training, evaluation of full
+rows); attention then runs by the implementation `config.attention` picks (gpt2_jax/model/attention.py:
+blockwise, splash, cuDNN or dense). Otherwise every token carries its position, -1 marks padding, and the mask
+is derived from positions alone (key visible iff 0 <= k_pos <= q_pos and, with a window, q_pos - k_pos <
+window), so left-padded prompts and a ring-buffer KV cache share one rule.  Packed documents: with
+`segment_ids` [B, T] the rows are whole again (token t at index t, no padding, no cache) and `positions` only
+place tokens for rotary and learned embeddings (they restart at each document); a key is visible iff its index
+is at most the query's, its segment id is the query's and, with a window, it is fewer than `window` tokens
+back. Decoding takes no segment ids.
 """
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
 from gpt2_jax.model.attention import attend, causal_self_attention

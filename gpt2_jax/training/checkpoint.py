@@ -20,6 +20,7 @@ steps are written normally. A gs:// workdir works the same (gpt2_jax/storage.py)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -36,6 +37,8 @@ from gpt2_jax import storage
 from gpt2_jax.checkpoints import (  # noqa: F401 - the reader's names, also importable from here
     _COMMITTED,
     ITEMS,
+    _sizes_path,
+    _steps,
     find_checkpoint_step_dir,
     incomplete_steps,
     newest_meta,
@@ -47,8 +50,6 @@ from gpt2_jax.checkpoints import (  # noqa: F401 - the reader's names, also impo
     saved_model,
     set_aside,
     verify_step,
-    _sizes_path,
-    _steps,
 )
 from gpt2_jax.training import save_failures
 
@@ -210,10 +211,8 @@ class Checkpointer:
                 self.wait()
                 self.manager.close()
                 return
-            try:
+            with contextlib.suppress(Exception):  # the failure that ended the run has been raised already
                 self.manager.close()
-            except Exception:  # noqa: BLE001 - the failure that ended the run has been raised already
-                pass
         finally:
             if not self._failed:
                 self._quiet.uninstall()
@@ -231,8 +230,9 @@ class Checkpointer:
         steps = self.all_steps()
         if not steps:
             return None
-        result, problems = restore_newest_usable(self.directory, steps, lambda step: self._restore(step, abstract_state),
-                                                 move_aside=jax.process_index() == 0)
+        result, problems = restore_newest_usable(
+            self.directory, steps, lambda step: self._restore(step, abstract_state), move_aside=jax.process_index() == 0
+        )
         if result is None:
             raise ValueError(f"no usable checkpoint in {self.directory}: " + "; ".join(problems))
         if problems:  # process 0 has moved the skipped steps aside: every process forgets them

@@ -45,8 +45,8 @@ def keep_through(path: str, step: int) -> str | None:
     storage.write_bytes(path, b"".join(line + b"\n" for line in kept))
     later = sum(1 for r in records if r is not None and r["step"] > step)
     torn = len(lines) - len(kept) - later
-    parts = ([f"{later} record(s) past step {step} (logged after the checkpoint this run starts from)"] if later else []) \
-        + ([f"{torn} unreadable line(s) (a write cut short)"] if torn else [])
+    parts = [f"{later} record(s) past step {step} (logged after the checkpoint this run starts from)"] if later else []
+    parts += [f"{torn} unreadable line(s) (a write cut short)"] if torn else []
     return f"{os.path.basename(path)}: dropped " + " and ".join(parts)
 
 

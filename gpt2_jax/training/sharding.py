@@ -60,7 +60,7 @@ _RULES: dict[str, MeshAxes] = dict(LOGICAL_AXIS_RULES)
 # --------------------------------------------------------------------------- mesh
 def num_slices(mesh_cfg: Any) -> int:
     """config.mesh.slices (1 where a mesh config has no such key), checked."""
-    slices = mesh_cfg["slices"] if "slices" in mesh_cfg else 1
+    slices = mesh_cfg.get("slices", 1)
     if not isinstance(slices, int) or isinstance(slices, bool) or slices < 1:
         raise ValueError(f"config.mesh.slices={slices!r} must be a positive integer (TPU slices joined by the "
                          "data-centre network; 1 = one slice)")

@@ -94,9 +94,9 @@ def _batch_checker(model_config: ModelConfig, mesh: Mesh, batch_size: int | None
             if v.dtype != jnp.int32:
                 raise ValueError(f"batch[{k!r}] must be int32 token ids, got {v.dtype}")
         B, T = shapes["inputs"]
-        if T > model_config.block_size:
+        if model_config.block_size < T:
             raise ValueError(f"batch length T={T} exceeds block_size={model_config.block_size}")
-        if batch_size is not None and B != batch_size:
+        if batch_size is not None and batch_size != B:
             raise ValueError(f"batch size B={B} differs from config.train.global_batch_size={batch_size}")
         if B % accum or (B // accum) % ways:
             raise ValueError(

@@ -26,15 +26,13 @@ from gpt2_jax.model import platform
 from gpt2_jax.model.attention import resolve_attention
 from gpt2_jax.model.config import count_params
 from gpt2_jax.training import checkpoint as ckpt_lib
-from gpt2_jax.training import distributed
+from gpt2_jax.training import distributed, metrics, metrics_file, profiling, wandb_log, workdir_lock
 from gpt2_jax.training import hellaswag as hellaswag_lib
 from gpt2_jax.training import init_from as init_from_lib
-from gpt2_jax.training import metrics, metrics_file, profiling, wandb_log
 from gpt2_jax.training import resume as resume_lib
 from gpt2_jax.training import run as run_lib
-from gpt2_jax.training import step as step_lib
 from gpt2_jax.training import sharding as sharding_lib
-from gpt2_jax.training import workdir_lock
+from gpt2_jax.training import step as step_lib
 from gpt2_jax.training.metrics import done_line, peak_flops_per_device  # noqa: F401 - train.py's names
 from gpt2_jax.training.signals import Signals
 
@@ -247,7 +245,8 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
             if distributed.any_process(signals.received is not None):
                 save(step)
                 checkpointer.wait()
-                summary["stopped_by_signal"] = int(signals.received or signal.SIGTERM)  # another process may have had it
+                # The signal may have come to another process.
+                summary["stopped_by_signal"] = int(signals.received or signal.SIGTERM)
                 if is_main:
                     print(f"stopped by signal {summary['stopped_by_signal']} at step {step}; checkpoint written",
                           flush=True)
@@ -353,7 +352,7 @@ def _say_what_runs(run: run_lib.Run, state, start_step: int, num_steps: int, tok
         f"steps {start_step}->{num_steps}, {tokens_per_step:,} tokens/step, {steps_per_epoch} steps/epoch",
         flush=True,
     )
-    print("attention: %s (%s)" % resolve_attention(run.model_config, where), flush=True)
+    print("attention: {} ({})".format(*resolve_attention(run.model_config, where)), flush=True)
     chunk, why = loss_lib.loss_choice(run.model_config, where)
     print(f"loss: {loss_lib.describe(chunk)} ({why})", flush=True)
 

@@ -20,6 +20,7 @@ told apart by that precondition.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -123,10 +124,8 @@ class WorkdirLock:
     def release(self) -> None:
         self._stop.set()
         if _read(self.path) == self.content:  # never remove a lock another run has taken over since
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 storage.remove(self.path)
-            except FileNotFoundError:
-                pass
 
 
 def _create(path: str, content: str) -> bool:
