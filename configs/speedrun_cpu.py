@@ -33,7 +33,7 @@ def get_config(recipe: str = "baseline") -> ml_collections.ConfigDict:
     m.scan_layers = False  # on a CPU the unrolled step runs faster; 4 layers compile fast
     t.global_batch_size = 8
     # 8 x 64 x 300 = 154k tokens, a tenth of a pass over the training split (1.45M tokens). At this
-    # width the tied head's 6 x 50304 x 128 FLOPs are 90% of a token's cost, so the step is ~0.4 s.
+    # width the tied head's 6 x 50304 x 128 FLOPs are 90% of a token's cost.
     t.num_steps = 300
     t.warmup_steps = 20
     t.seed = 0

@@ -255,7 +255,7 @@ def restore_params(path: str, *, dtype: str | None = None) -> tuple[ModelConfig,
             # on a TPU is read back with 'auto' (same numerics).
             config = ModelConfig.from_dict({**meta["model"], "attention": "auto"})
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            # Shapes and dtypes as saved: tracing the model's init for them took ~0.5 s of generate.py's start.
+            # Shapes and dtypes as saved: tracing the model's init for them was a visible part of generate.py's start.
             saved = ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(s) / "params")
             shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                                             saved.tree)

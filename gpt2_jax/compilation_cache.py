@@ -6,7 +6,7 @@ loads the executable from disk instead. The cache folder sits beside the corpus 
 (`~/.cache/gpt2_jax/jax_cache` by default). `GPT2_JAX_COMPILATION_CACHE` overrides it: a folder,
 or `off` to disable. A `JAX_COMPILATION_CACHE_DIR` the user set wins over both.
 
-JAX still traces and lowers a program to find it in that cache: ~1 s for each of generate.py's
+JAX still traces and lowers a program to find it in that cache: about a second for each of generate.py's
 prefill and decode programs in a fresh process. `enable(traced_programs=True)` also keeps those
 programs traced and lowered (`jax.export`) in `<folder>/programs`, keyed by the function, its
 static arguments, the argument types, the jax version and settings and the source of this

@@ -110,8 +110,8 @@ def _ranks_from_encoder(encoder_json: bytes) -> dict[bytes, int]:
     """token bytes -> rank, read straight from ``encoder.json``, whose ids are the merge ranks.
 
     Both files are pinned by sha256, and tests/test_tokenizer.py checks that this equals
-    ``_mergeable_ranks`` (the ranks the merge list gives), which takes 10x longer: ~0.4 s of every
-    start-up of generate.py.
+    ``_mergeable_ranks`` (the ranks the merge list gives), which takes ten times longer, a visible
+    part of every start-up of generate.py.
     """
     to_byte = {ord(c): b for b, c in _byte_to_unicode().items()}  # str.translate: each char -> its byte
     return {

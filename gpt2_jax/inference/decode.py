@@ -5,8 +5,8 @@ The prefill runs the first P-1 prompt columns through the model, filling the cac
 are never used, so XLA drops the vocabulary projection). Each decode step then feeds each row's
 newest token - first the prompt's last one - at position = the row's length so far. Each row stops
 on its own (eos, or its context room); finished rows emit padding until every row is done. The
-step runs the model's blocks one by one over unstacked weights (`DecodeWeights`: ~1.8x faster on
-a CPU than GPT2's scan over stacked weights).
+step runs the model's blocks one by one over unstacked weights (`DecodeWeights`: faster on a CPU
+than GPT2's scan over stacked weights; BENCHMARKS.md, "Where a decode token's time went").
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from gpt2_jax.model.gpt2 import GPT2, embed_inputs, output_head, output_logits, 
 from gpt2_jax.model.layers import Block, Linear, layer_norm
 
 # Fewest new tokens for which one-row decoding stores its kernels [out, in]: transposing the block
-# weights costs about as much as 30 steps save (124M on a 2-core CPU: ~130 ms once, ~4 ms a step).
+# weights once costs about what 30 one-row steps save (measured on the 124M model; BENCHMARKS.md).
 MATVEC_MIN_TOKENS = 32
 
 
@@ -80,9 +80,9 @@ class DecodeWeights:
 
     GPT2 scans one block over weights stacked along a layer axis. A decode step is bound by
     reading the weights, and each scan iteration first copies its layer's slice out of the
-    stack: on a CPU the 124M model's step takes ~46 ms that way and ~25 ms with the layers
-    apart (Hugging Face: ~24 ms). Unstacking once per call costs one copy of the block weights,
-    done by one jitted program (as separate slicing ops, one dispatch each, it took ~170 ms).
+    stack: on a CPU that copy nearly doubles the 124M model's step (BENCHMARKS.md). Unstacking
+    once per call costs one copy of the block weights, done by one jitted program (separate
+    slicing ops, one dispatch each, were several times slower).
     """
 
     top: dict  # wte, wpe (learned positions only), ln_f, lm_head (untied heads only)
@@ -124,8 +124,8 @@ def decode_logits(config: ModelConfig, weights: DecodeWeights, caches: tuple, to
 
 # DecodeWeights of the params of recent calls (at most _MAX_DECODE_WEIGHTS), kept while those
 # same param arrays live: each entry holds weak references to them, and is dropped when the first
-# of them is freed. Calling generate again with the same params skips the copy (124M on a 2-core
-# CPU: ~30 ms, ~130 ms with the [out, in] layout), at the cost of keeping one copy of the block
+# of them is freed. Calling generate again with the same params skips the copy (several decode
+# steps' worth, more with the [out, in] layout), at the cost of keeping one copy of the block
 # weights alive between calls.
 _DECODE_WEIGHTS: dict[tuple, tuple[list, DecodeWeights]] = {}
 _MAX_DECODE_WEIGHTS = 2  # a target model and its draft

@@ -44,8 +44,8 @@ def top_k_candidates(logits: jax.Array, bucket: int, top_k, top_p) -> tuple[jax.
     """The top_k most likely tokens, then the top-p nucleus of those (renormalised).
 
     logits [B, V] -> (candidate logits [B, C], -inf where filtered out; their token ids [B, C]),
-    C = bucket >= top_k. lax.top_k is a partial sort (a full sort of 50k logits costs ~15 ms
-    per row on a CPU) and breaks ties by token id, like argmax.
+    C = bucket >= top_k. lax.top_k is a partial sort (a full sort of 50k logits per row costs
+    more than a small model's decode step on a CPU) and breaks ties by token id, like argmax.
     """
     values, ids = jax.lax.top_k(logits, bucket)  # [B, C], descending
     rank = jnp.arange(bucket)[None, :]
@@ -74,7 +74,7 @@ def nucleus_mask(logits: jax.Array, top_p) -> jax.Array:
 
     lo = jnp.zeros(bits.shape[:1], jnp.int32)
     hi = jnp.max(bits, axis=-1) + 1
-    lo, _ = jax.lax.fori_loop(0, 31, halve, (lo, hi), unroll=True)  # unrolled: ~3x faster on CPU
+    lo, _ = jax.lax.fori_loop(0, 31, halve, (lo, hi), unroll=True)  # unrolled: several times faster on CPU
     return bits >= lo[:, None]
 
 
@@ -98,8 +98,8 @@ def categorical(keys: jax.Array, logits: jax.Array) -> jax.Array:
     """One sample per row of softmax(logits). keys [B], logits [B, V] float32 -> [B] int32.
 
     Inverse-CDF sampling: one uniform number per row. jax.random.categorical draws V Gumbel
-    numbers per row instead, which costs ~4 ms per row per step for GPT-2's 50k vocabulary on
-    a CPU - more than the rest of a small model's step.
+    numbers per row instead, which for GPT-2's 50k vocabulary on a CPU costs more than the rest
+    of a small model's step.
     """
     probs = jax.nn.softmax(logits, axis=-1)
     cdf = jnp.cumsum(probs, axis=-1)  # [B, V]

@@ -52,7 +52,7 @@ def peak_flops_per_device(override: float = 0.0, mesh: Any = None) -> float | No
 
 def _summary_writer(logdir: str):
     """tensorboardX's SummaryWriter. tensorboardX imports torch, where it is installed, only to accept
-    torch tensors (1-2 s of start-up); we log Python floats, so torch stays hidden while it loads."""
+    torch tensors (seconds of start-up); we log Python floats, so torch stays hidden while it loads."""
     hide = "torch" not in sys.modules
     if hide:
         sys.modules["torch"] = None  # `import torch` raises ImportError while this is in place
