@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers
 
-OPTIMIZERS = ("adamw", "muon")
-LR_SCHEDULES = ("cosine", "wsd")
+from gpt2_jax.training.run_config import LR_SCHEDULES, OPTIMIZERS, TrainConfig  # noqa: F401 - also here
+
 GROUPS = ("hidden", "embed", "head", "scalar")
 # config.train key of each group's peak learning rate (None there = learning_rate).
 GROUP_LR_KEYS = {"hidden": "learning_rate", "embed": "embed_learning_rate", "head": "head_learning_rate",
@@ -55,22 +55,12 @@ def make_schedule(train_cfg: Any, num_steps: int | None = None) -> optax.Schedul
     constant min_lr after. `num_steps` defaults to train_cfg.num_steps (the trainer passes the real
     count when training by epochs).
     """
+    train_cfg = TrainConfig.of(train_cfg)  # checked there (run_config.py)
     total = train_cfg.num_steps if num_steps is None else num_steps
     peak, floor, warmup = float(train_cfg.learning_rate), float(train_cfg.min_lr), train_cfg.warmup_steps
     kind, fraction = train_cfg.lr_schedule, train_cfg.decay_fraction
     if not isinstance(total, int) or total <= 0:
         raise ValueError(f"num_steps={total!r} must be a positive integer")
-    # warmup_steps > num_steps is allowed: a short (smoke-test) run then ends inside the warmup.
-    if not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"config.train.warmup_steps={warmup!r} must be a non-negative integer")
-    if not peak > 0:
-        raise ValueError(f"config.train.learning_rate={peak} must be > 0")
-    if not 0.0 <= floor <= peak:
-        raise ValueError(f"config.train.min_lr={floor} must be in [0, learning_rate={peak}]")
-    if kind not in LR_SCHEDULES:
-        raise ValueError(f"config.train.lr_schedule={kind!r} must be one of {LR_SCHEDULES}")
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"config.train.decay_fraction={fraction} must be in (0, 1]")
     decay_steps = max(total - warmup, 1)
     cooldown = max(round(fraction * total), 1)
 
@@ -202,9 +192,7 @@ def group_schedules(train_cfg: Any, schedule: optax.Schedule, groups: tuple[str,
     for group in groups:
         key = GROUP_LR_KEYS[group] if group != "hidden" or train_cfg.optimizer != "muon" else "muon_learning_rate"
         peak = train_cfg[key]
-        peak = base if peak is None else float(peak)
-        if peak < 0:
-            raise ValueError(f"config.train.{key}={peak} must be >= 0 (None = learning_rate)")
+        peak = base if peak is None else float(peak)  # >= 0: TrainConfig.validate
         out[group] = schedule if peak == base else (lambda s, r=peak / base: schedule(s) * r)
     return out
 
@@ -238,20 +226,14 @@ def _adamw(train_cfg: Any, schedules: dict[str, optax.Schedule]) -> optax.Gradie
 
 def make_optimizer(train_cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
     """Global-norm clipping (grad_clip; 0 disables), then AdamW or Muon + AdamW (see the module doc)."""
-    clip = train_cfg.grad_clip
-    if clip < 0:
-        raise ValueError(f"config.train.grad_clip={clip} must be >= 0 (0 disables clipping)")
-    kind = train_cfg.optimizer
-    if kind not in OPTIMIZERS:
-        raise ValueError(f"config.train.optimizer={kind!r} must be one of {OPTIMIZERS}")
+    train_cfg = TrainConfig.of(train_cfg)  # checked there (run_config.py)
+    clip, kind = train_cfg.grad_clip, train_cfg.optimizer
     # identity() keeps the state's structure the same whatever grad_clip is, so checkpoints restore.
     clipping = optax.clip_by_global_norm(clip) if clip > 0 else optax.identity()
     if kind == "adamw":
         return optax.chain(clipping, _adamw(train_cfg, group_schedules(train_cfg, schedule, GROUPS)))
 
     momentum = train_cfg.muon_momentum
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"config.train.muon_momentum={momentum} must be in [0, 1)")
     dims = lambda tree: muon_dimension_numbers(tree, train_cfg.muon_split_heads)  # noqa: E731
     muon = optax.chain(
         optax.contrib.scale_by_muon(beta=momentum, weight_dimension_numbers=dims),

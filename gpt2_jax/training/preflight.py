@@ -50,6 +50,7 @@ from gpt2_jax.model.config import ModelConfig, count_params
 from gpt2_jax.training import compiled as compiled_lib
 from gpt2_jax.training import init_from, sharding
 from gpt2_jax.training import run as run_lib
+from gpt2_jax.training.run_config import TrainConfig
 
 REPLICATED_STATE_WARN_BYTES = 1 << 30  # 1 GiB: below this, replicating the state costs little
 
@@ -70,7 +71,7 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
     """
     # init_from's architecture where it is set
     model_config = init_from.model_config_for(config.model, cache_dir=config.data.cache_dir)
-    t = config.train
+    t = TrainConfig.of(config.train)  # every config.train check (run_config.py)
     mesh_cfg = ml_collections.ConfigDict(config.mesh.to_dict())
     if slices is not None:
         mesh_cfg.slices = slices
@@ -95,9 +96,7 @@ def report(config: Any, num_devices: int | None = None, *, device_memory_gb: flo
         )
     mesh_sizes = {axis: int(mesh.shape[axis]) for axis in sharding.MESH_AXES}
 
-    accum = t.grad_accum_steps
-    if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
-        raise ValueError(f"config.train.grad_accum_steps={accum!r} must be a positive integer")
+    accum = t.grad_accum_steps  # a positive integer: TrainConfig.validate
     batch_warnings = _batch_warnings(t, mesh_sizes)
     warnings = list(batch_warnings)
     # State sizes do not depend on the batch: a batch that does not divide is a warning above, so

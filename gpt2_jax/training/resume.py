@@ -21,17 +21,15 @@ import dataclasses
 import os
 from typing import Any
 
-import ml_collections
-
 from gpt2_jax.data.batches import rebatch_state
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.training.optim import make_schedule
+from gpt2_jax.training.run_config import RESUME_SCHEDULES, TrainConfig  # noqa: F401 - also importable from here
 
 # The config.train keys make_schedule reads, besides the schedule's length (num_steps).
 SCHEDULE_KEYS = ("learning_rate", "min_lr", "warmup_steps", "lr_schedule", "decay_fraction")
 # What checkpoints written before a key existed followed.
 _SCHEDULE_DEFAULTS = {"lr_schedule": "cosine"}
-RESUME_SCHEDULES = ("keep", "replan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +72,8 @@ def saved_schedule(meta: dict) -> dict | None:
 
 def plan_schedule(saved_meta: dict | None, train_cfg: Any, num_steps: int) -> SchedulePlan:
     """The schedule this run follows: the config's for a new run, else as the module docstring says."""
+    train_cfg = TrainConfig.of(train_cfg)  # checked there (run_config.py)
     mode = train_cfg.resume_schedule
-    if mode not in RESUME_SCHEDULES:
-        raise ValueError(f"config.train.resume_schedule={mode!r} must be one of {RESUME_SCHEDULES}")
     wanted = _schedule_of(train_cfg, num_steps)
     saved = saved_schedule(saved_meta) if saved_meta else None
     if saved is None or saved == wanted:
@@ -143,11 +140,9 @@ def check_steps(start_step: int, num_steps: int, train_cfg: Any, directory: str)
     return None
 
 
-def _with(train_cfg: Any, schedule: dict) -> ml_collections.ConfigDict:
-    """A copy of config.train with the schedule's keys (and num_steps) set from `schedule`."""
-    out = ml_collections.ConfigDict(train_cfg.to_dict())
-    out.update(schedule)
-    return out
+def _with(train_cfg: Any, schedule: dict) -> TrainConfig:
+    """config.train with the schedule's keys (and num_steps) set from `schedule`."""
+    return TrainConfig.of(train_cfg).replace(**schedule)
 
 
 def _describe(s: dict) -> str:

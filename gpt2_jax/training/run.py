@@ -28,6 +28,7 @@ from gpt2_jax.model.attention import resolve_attention
 from gpt2_jax.model.config import model_config_from
 from gpt2_jax.training import sharding
 from gpt2_jax.training.optim import make_optimizer, make_schedule
+from gpt2_jax.training.run_config import TrainConfig
 
 
 @flax.struct.dataclass
@@ -81,6 +82,7 @@ def _state_around(tx: optax.GradientTransformation) -> Callable:
 def build_run(model_config: ModelConfig, train_cfg: Any, mesh: Mesh, num_steps: int, *,
               document_mask: bool = False) -> Run:
     """Validates, then builds the schedule, optimizer and state layout once; allocates nothing."""
+    train_cfg = TrainConfig.of(train_cfg)  # config.train typed and checked once (run_config.py)
     check_document_mask(document_mask, model_config)
     sharding.validate_mesh_for(model_config, train_cfg, mesh)
     # An attention choice the mesh's platform cannot run fails here, by key.

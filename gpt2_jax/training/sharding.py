@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gpt2_jax.model.config import ModelConfig
 from gpt2_jax.model.layers import ACTIVATION_AXES, BATCH, LENGTH
+from gpt2_jax.training.run_config import MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -60,11 +61,7 @@ _RULES: dict[str, MeshAxes] = dict(LOGICAL_AXIS_RULES)
 # --------------------------------------------------------------------------- mesh
 def num_slices(mesh_cfg: Any) -> int:
     """config.mesh.slices (1 where a mesh config has no such key), checked."""
-    slices = mesh_cfg.get("slices", 1)
-    if not isinstance(slices, int) or isinstance(slices, bool) or slices < 1:
-        raise ValueError(f"config.mesh.slices={slices!r} must be a positive integer (TPU slices joined by the "
-                         "data-centre network; 1 = one slice)")
-    return slices
+    return MeshConfig.of(mesh_cfg).slices
 
 
 def mesh_shape(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
@@ -75,7 +72,8 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
     (K x data): only data parallelism crosses the slower network between slices, as in MaxText's
     dcn_data_parallelism. Needs no devices, so preflight can lay out meshes larger than this machine.
     """
-    slices = num_slices(mesh_cfg)
+    mesh_cfg = MeshConfig.of(mesh_cfg)  # each key checked there (run_config.py)
+    slices = mesh_cfg.slices
     if num_devices % slices:
         raise ValueError(f"config.mesh.slices={slices} does not divide the device count {num_devices}")
     n = num_devices // slices
@@ -83,12 +81,7 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
     shown = " x ".join(f"{axis}={size}" for axis, size in sizes.items())
     where = f" in each of {slices} slices" if slices > 1 else ""
 
-    for axis, size in sizes.items():
-        if not isinstance(size, int) or isinstance(size, bool) or size == 0 or size < -1:
-            raise ValueError(f"config.mesh.{axis}={size!r} must be a positive integer or -1 (all remaining devices)")
     fill = [axis for axis, size in sizes.items() if size == -1]
-    if len(fill) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1, got {shown} ({', '.join(fill)} are -1)")
     known = math.prod(size for size in sizes.values() if size != -1)
     if known > n:
         raise ValueError(f"config.mesh: {shown} needs {known} devices, but only {n} are available{where}")
@@ -259,7 +252,6 @@ def validate_mesh_for(model_config: ModelConfig, train_cfg: Any, mesh: Mesh) -> 
         if not ok:
             raise ValueError(msg)
 
-    need(isinstance(accum, int) and accum >= 1, f"config.train.grad_accum_steps={accum!r} must be a positive integer")
     need(gbs % batch_ways == 0,
          f"config.train.global_batch_size={gbs} is not divisible by mesh data x fsdp = {data} x {fsdp} = {batch_ways}")
     need(gbs % accum == 0,

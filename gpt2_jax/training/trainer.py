@@ -34,6 +34,7 @@ from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding as sharding_lib
 from gpt2_jax.training import step as step_lib
 from gpt2_jax.training.metrics import done_line, peak_flops_per_device  # noqa: F401 - train.py's names
+from gpt2_jax.training.run_config import DataConfig, TrainConfig
 from gpt2_jax.training.signals import Signals
 
 
@@ -48,15 +49,13 @@ def every(step: int, n: int, last: int) -> bool:
 
 def _prepare_data(config: Any):
     """(train tokens, val tokens) for config.data, prepared by process 0 first, then the others."""
-    d = config.data
+    d = DataConfig.of(config.data)  # typed and checked (run_config.py)
     cache_dir = os.path.expanduser(d.cache_dir)
 
     def prepare():
         corpus = data_lib.prepare_corpus(d.source, cache_dir)
         if d.val_source:
             return corpus.tokens, data_lib.prepare_corpus(d.val_source, cache_dir).tokens
-        if not 0.0 < d.val_fraction < 1.0:
-            raise ValueError(f"config.data.val_fraction={d.val_fraction} must be in (0, 1) when no val_source is set")
         return corpus.split(d.val_fraction)
 
     if jax.process_count() == 1:
@@ -121,9 +120,7 @@ def _has_results(workdir: str) -> bool:
 
 
 def _train(config: Any, workdir: str) -> dict:
-    t = config.train
-    for check in (profiling.check_config, hellaswag_lib.check_config, wandb_log.check_config):
-        check(t)  # docs/training.md "Watching a run": a bad key or a missing wandb stops the run here
+    t = TrainConfig.of(config.train)  # typed and checked once (run_config.py), before anything is read
     # config.model alone, or the architecture of config.model.init_from (None once the workdir has a checkpoint).
     model_config, pretrained = init_from_lib.resolve(config.model, workdir, cache_dir=config.data.cache_dir)
     mesh = sharding_lib.make_mesh(config.mesh)
