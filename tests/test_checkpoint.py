@@ -29,6 +29,7 @@ from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding as sharding_lib
 from gpt2_jax.training import step as step_lib
 from gpt2_jax.training import trainer as trainer_lib
+from gpt2_jax.training.run_config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 30  # steps before the interruption; runs go to 2N (enough that a kill lands mid-run)
@@ -469,7 +470,8 @@ def test_schedule_on_resume_is_kept_or_replanned_on_purpose():
     t = tiny_config(num_steps=30, warmup_steps=5).train
     saved = {"step": 30, "schedule": {"num_steps": 30, "learning_rate": 3e-3, "min_lr": 3e-4, "warmup_steps": 5}}
     assert resume_lib.plan_schedule(saved, t, 30).note is None  # the same run resumed: nothing to say
-    assert resume_lib.plan_schedule(None, t, 40) == resume_lib.SchedulePlan(t, 40, None)  # a new run
+    # A new run: the config's own schedule (config.train, typed: training/run_config.py).
+    assert resume_lib.plan_schedule(None, t, 40) == resume_lib.SchedulePlan(TrainConfig.of(t), 40, None)
     t.num_steps = 40
     kept = resume_lib.plan_schedule(saved, t, 40)
     # (a checkpoint from before lr_schedule existed followed a cosine, and from now on says so)
@@ -478,7 +480,7 @@ def test_schedule_on_resume_is_kept_or_replanned_on_purpose():
     t.resume_schedule = "replan"
     replanned = resume_lib.plan_schedule(saved, t, 40)
     want = float(optim_lib.make_schedule(t, 40)(30))  # ~1.1e-3: the jump the user asked for
-    assert replanned.num_steps == 40 and replanned.train_cfg is t
+    assert replanned.num_steps == 40 and replanned.train_cfg == TrainConfig.of(t)
     assert f"lr at step 31 is {want:.3g}, the checkpoint's plan had 0.0003" in replanned.note
     # Checkpoints from before the schedule was saved: their config says what it was.
     old = {"step": 30, "config": {"train": {"num_steps": 30, "num_epochs": 0, **saved["schedule"]}}}

@@ -61,7 +61,7 @@ class ModelConfig:
     # How attention over whole rows runs (gpt2_jax/model/attention.py): 'auto' picks splash on
     # TPU, cuDNN on GPU (bf16/fp16), blockwise on CPU. Numerics equal the dense rule in every case.
     attention: str = "auto"
-    # The modern-recipe switches (configs/base.py says what each does). Defaults are GPT-2's, and
+    # The modern-recipe switches (each says what it does below). Defaults are GPT-2's, and
     # only the defaults can be exported to Hugging Face GPT-2 (model/hf.py says which cannot).
     norm: str = "layernorm"  # 'layernorm' (GPT-2) | 'rmsnorm' (scale only, no mean, no bias)
     qk_norm: bool = False  # RMS-normalise each head's q and k over head_dim, with a learned gain
