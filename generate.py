@@ -48,8 +48,6 @@ flags.DEFINE_string("preset", None, "With --preflight: a GPT-2 size (gpt2, gpt2-
                     "instead of --ckpt / --hf; no weights are read.")
 
 
-
-
 def read_prompt() -> str:
     if FLAGS.prompt is not None and FLAGS.prompt_file is not None:
         raise ValueError("give --prompt or --prompt_file, not both")

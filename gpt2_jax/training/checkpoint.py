@@ -1,12 +1,7 @@
 """Checkpoints with orbax: async saves, keep-N, restore onto any mesh, skip bad checkpoints.
 
-Layout of `WORKDIR/checkpoints/<step>/` (one orbax CheckpointManager step):
-  params/       the model parameters (restorable alone, e.g. by generate.py)
-  train_state/  step, optimizer state and RNG
-  data/         the data iterator's position (JSON)
-  meta/         the model config, the full training config and the step (JSON)
-and `WORKDIR/checkpoints/<step>.sizes.json`, written once a save is finalised: the size of every
-file, so a truncated file is noticed before orbax reads garbage.
+The layout of `WORKDIR/checkpoints/` and every read of it are gpt2_jax/checkpoints.py's; this module
+writes it (and records each finished step's file sizes in `<step>.sizes.json`).
 
 Orbax writes each step into a temporary folder and renames it when complete, so a process killed
 mid-save leaves a temporary folder, never a step that looks whole. (On Cloud Storage, which has no

@@ -28,7 +28,7 @@ from gpt2_jax.model.attention import resolve_attention
 from gpt2_jax.model.config import model_config_from
 from gpt2_jax.training import sharding
 from gpt2_jax.training.optim import make_optimizer, make_schedule
-from gpt2_jax.training.run_config import TrainConfig
+from gpt2_jax.training.run_config import TrainConfig, check_document_mask_flag
 
 
 @flax.struct.dataclass
@@ -104,8 +104,7 @@ def build_run(model_config: ModelConfig, train_cfg: Any, mesh: Mesh, num_steps: 
 def check_document_mask(document_mask: Any, model_config: ModelConfig) -> None:
     """Raises ValueError naming config.data.document_mask when it is not a bool, or when the vocabulary
     has no `<|endoftext|>` to find documents by."""
-    if not isinstance(document_mask, bool):
-        raise ValueError(f"config.data.document_mask={document_mask!r} must be True or False")
+    check_document_mask_flag(document_mask)
     if document_mask and model_config.vocab_size <= EOT_ID:
         raise ValueError(f"config.data.document_mask=True finds documents by <|endoftext|> ({EOT_ID}), "
                          f"which is outside vocab_size={model_config.vocab_size}")

@@ -56,6 +56,11 @@ def _need(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def check_document_mask_flag(value: Any) -> None:
+    """config.data.document_mask must be a bool (DataConfig, and build_run's own argument)."""
+    _need(isinstance(value, bool), f"config.data.document_mask={value!r} must be True or False")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -184,8 +189,7 @@ class DataConfig(_Block):
     document_mask: bool = False
 
     def validate(self) -> DataConfig:
-        _need(isinstance(self.document_mask, bool),
-              f"config.data.document_mask={self.document_mask!r} must be True or False")
+        check_document_mask_flag(self.document_mask)
         _need(bool(self.val_source) or 0.0 < self.val_fraction < 1.0,
               f"config.data.val_fraction={self.val_fraction} must be in (0, 1) when no val_source is set")
         return self
