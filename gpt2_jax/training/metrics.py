@@ -17,7 +17,10 @@ import jax
 from absl import logging
 
 from gpt2_jax import storage
+from gpt2_jax.model import loss as loss_lib
 from gpt2_jax.model import platform
+from gpt2_jax.model.attention import resolve_attention
+from gpt2_jax.model.config import count_params
 from gpt2_jax.training import metrics_file
 
 # Dense bf16 peaks (FLOP/s per device) for the MFU figure.
@@ -30,7 +33,6 @@ _PEAK_FLOPS = {
 # so MFU on a CPU cannot exceed 1 (a jitted fp32 GEMM reaches ~0.25-0.45 of it on 2-CPU machines).
 # A matmul timed at start-up is no reference: on a busy machine it measured low and MFU read 1.3-1.5.
 CPU_REFERENCE_FLOPS_PER_CPU = 64 * 5e9
-
 
 
 def peak_flops_per_device(override: float = 0.0, mesh: Any = None) -> float | None:
@@ -166,6 +168,79 @@ class Throughput:
                 out["mfu"] = self.steps * self.flops_per_step / elapsed / (self.peak * jax.device_count())
         self.restart()
         return out
+
+
+def throughput_of(run: Any, t: Any, tokens_per_step: int) -> Throughput:
+    """The run's Throughput; says once (process 0) when MFU cannot be given."""
+    config = run.model_config
+    peak = peak_flops_per_device(t.peak_flops_per_device, run.mesh)
+    if peak is None and jax.process_index() == 0:
+        print(f"no MFU: the peak FLOP/s of a {jax.devices()[0].device_kind} is not known; "
+              "set config.train.peak_flops_per_device", flush=True)
+    return Throughput(tokens_per_step, config.train_flops_per_token(config.block_size) * tokens_per_step, peak)
+
+
+class Reporter:
+    """What the loop shows as it goes: train and eval records (`Logger`), throughput, and on process 0 a
+    progress bar (tqdm) with the lines written above it (the checkpointer's too). The other processes'
+    reporters keep time and print nothing."""
+
+    def __init__(self, logger: Logger, throughput: Throughput, checkpointer: Any, start_step: int, num_steps: int):
+        self.logger, self.throughput, self.bar = logger, throughput, None
+        if jax.process_index() == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0)
+            checkpointer.say = lambda line: self.bar.write(line, file=sys.stderr)
+
+    def say(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+
+    def step(self, loss: float, left_out: float | None) -> None:
+        """A step done; `left_out`: the seconds of a step not to count in throughput (a traced one), or None."""
+        if left_out is None:
+            self.throughput.step()
+        else:
+            self.throughput.leave_out(left_out)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    def train(self, step: int, m: dict, tokens: int) -> None:
+        """The train record of `step` from its metrics `m` (host values), with throughput since the last."""
+        record = {"step": step, "loss": float(m["loss"]), "time": time.time(), "tokens": tokens,
+                  "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]), **self.throughput.figures()}
+        if "skipped" in m:
+            record["skipped"] = float(m["skipped"])
+        self.logger.write(record)
+
+    def eval(self, step: int, scores: dict[str, float], tokens: int) -> float:
+        """The eval record of `step`; returns its val_loss. The evaluation's time is not training's."""
+        self.logger.write({"step": step, **scores, "time": time.time(), "tokens": tokens})
+        self.say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        self.throughput.restart()
+        return scores["val_loss"]
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.logger.close()
+
+
+def say_what_runs(run: Any, params: Any, start_step: int, num_steps: int, tokens_per_step: int,
+                  steps_per_epoch: int) -> None:
+    """The lines a run starts with: model size, mesh, steps, and the attention and loss it runs."""
+    mesh, where = run.mesh, platform.of_mesh(run.mesh).name
+    print(
+        f"model: {count_params(params):,} parameters | mesh {dict(mesh.shape)} on {jax.device_count()} "
+        f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es) | "
+        f"steps {start_step}->{num_steps}, {tokens_per_step:,} tokens/step, {steps_per_epoch} steps/epoch",
+        flush=True,
+    )
+    print("attention: {} ({})".format(*resolve_attention(run.model_config, where)), flush=True)
+    chunk, why = loss_lib.loss_choice(run.model_config, where)
+    print(f"loss: {loss_lib.describe(chunk)} ({why})", flush=True)
 
 
 def done_line(summary: dict) -> str:

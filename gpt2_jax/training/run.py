@@ -19,6 +19,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
@@ -56,6 +57,11 @@ class Run:
     @property
     def batch_sharding(self) -> NamedSharding:
         return sharding.batch_sharding(self.mesh)
+
+    def global_batch(self, local: dict[str, np.ndarray], global_batch_size: int) -> dict[str, jax.Array]:
+        """Assembles each process's rows of a batch into global arrays sharded over the batch axes."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, (global_batch_size,) + v.shape[1:])
+                for k, v in local.items()}
 
     def init_fn(self) -> Callable[[jax.Array], TrainState]:
         """seed key -> a fresh TrainState: parameters and dropout root from split(key)."""

@@ -2,7 +2,9 @@
 
 `train(config, workdir)` is all that train.py calls. Everything here runs the same on one CPU,
 on the 8 devices of one host and on every host of a pod (each process runs this same code).
-What a run reports (records, throughput, plots, the last line) is metrics.py's.
+What a run reports (records, throughput, plots, the last line) is metrics.py's; its evaluation is
+validation.py's. The loop itself is a few `every(step, n)` blocks: log, evaluate, stop on a signal,
+checkpoint.
 """
 
 from __future__ import annotations
@@ -11,23 +13,17 @@ import json
 import math
 import os
 import signal
-import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 
 from gpt2_jax import data as data_lib
 from gpt2_jax import storage
-from gpt2_jax.data import token_bytes
-from gpt2_jax.model import loss as loss_lib
-from gpt2_jax.model import platform
-from gpt2_jax.model.attention import resolve_attention
 from gpt2_jax.model.config import count_params
 from gpt2_jax.training import checkpoint as ckpt_lib
-from gpt2_jax.training import distributed, metrics, metrics_file, profiling, wandb_log, workdir_lock
-from gpt2_jax.training import hellaswag as hellaswag_lib
+from gpt2_jax.training import distributed, metrics, metrics_file, profiling, validation, wandb_log, workdir_lock
 from gpt2_jax.training import init_from as init_from_lib
 from gpt2_jax.training import resume as resume_lib
 from gpt2_jax.training import run as run_lib
@@ -65,14 +61,6 @@ def _prepare_data(config: Any):
     result = prepare() if jax.process_index() == 0 else None
     multihost_utils.sync_global_devices("gpt2_jax: corpus prepared")
     return result if result is not None else prepare()
-
-
-def _global_batch(local: dict[str, np.ndarray], sharding, global_batch_size: int) -> dict[str, jax.Array]:
-    """Assembles each process's rows into one global array sharded over the batch axes."""
-    return {
-        k: jax.make_array_from_process_local_data(sharding, v, (global_batch_size,) + v.shape[1:])
-        for k, v in local.items()
-    }
 
 
 def train(config: Any, workdir: str) -> dict:
@@ -172,81 +160,48 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
     """Runs steps up to `num_steps` (the schedule's length is run.num_steps: they differ when a resumed
     run keeps its checkpoint's schedule); `prompt` starts the sample at the end (None: no sample);
     `params` are pretrained weights (config.model.init_from) for a fresh state."""
-    t, is_main = config.train, jax.process_index() == 0
+    t = config.train
     state, tokens_at_start, start_step, finished = _start_state(run, checkpointer, train_iter, t, schedule, params,
                                                               workdir, num_steps)
     summary: dict[str, Any] = {"start_step": start_step, "step": start_step, "loss": None, "val_loss": None,
                                "workdir": workdir}
     if finished:
         return summary
-    train_step = step_lib.make_train_step(run)
-    evaluate = _evaluator(run, val_tokens, t)
+    train_step, evaluate = step_lib.make_train_step(run), validation.make_evaluator(run, val_tokens, t)
+    tokens_per_step = t.global_batch_size * run.model_config.block_size
+    tokens_seen = _token_count(start_step, tokens_at_start, tokens_per_step)
     meta = {"model": run.model_config.to_dict(), "config": json.loads(config.to_json()),
             "schedule": schedule.to_meta()}
-    tokens_per_step = t.global_batch_size * run.model_config.block_size
-    if tokens_at_start is None:  # absent in older checkpoints
-        tokens_at_start = start_step * tokens_per_step
-    tokens_seen = lambda step: tokens_at_start + (step - start_step) * tokens_per_step  # noqa: E731
-    throughput = _throughput(run, t, tokens_per_step)
-    wandb_run = wandb_log.WandbRun(t.wandb_project, config, workdir) if t.wandb_project and is_main else None
+    throughput = metrics.throughput_of(run, t, tokens_per_step)
+    wandb_run = wandb_log.WandbRun(t.wandb_project, config, workdir) if t.wandb_project and _is_main() else None
     logger = metrics.Logger(workdir, wandb_run)
-    if is_main:
-        _say_what_runs(run, state, start_step, num_steps, tokens_per_step, train_iter.steps_per_epoch)
-    say = (lambda line: print(line, flush=True)) if is_main else (lambda line: None)
-    profile = profiling.ProfileWindow(t, workdir, say)
+    if _is_main():
+        metrics.say_what_runs(run, state.params, start_step, num_steps, tokens_per_step, train_iter.steps_per_epoch)
 
     def save(step: int) -> None:
         logger.flush()  # the records up to this checkpoint, which a resumed run keeps
         checkpointer.save(step, state, train_iter.get_state(), {**meta, "tokens": tokens_seen(step)})
 
-    # A disk too full for a checkpoint is said now, not when the first save fails (maybe hours from now).
-    first_save = min(num_steps, (start_step // t.checkpoint_every + 1) * t.checkpoint_every) \
-        if t.checkpoint_every > 0 else num_steps
-    checkpointer.check_space(first_save, state)
-    signals, progress = Signals(), _progress_bar(checkpointer, start_step, num_steps) if is_main else None
+    checkpointer.check_space(_first_save(start_step, num_steps, t), state)  # a full disk is said now
+    report = metrics.Reporter(logger, throughput, checkpointer, start_step, num_steps)
+    profile, signals = profiling.ProfileWindow(t, workdir, report.say), Signals()
     signals.install()
-    if progress is not None:
-        profile.say = progress.write
     step, last_loss, last_val = start_step, None, None
     try:
         while step < num_steps:
-            batch = _global_batch(next(train_iter), run.batch_sharding, t.global_batch_size)
-            traced, step_start = profile.begin(step + 1), time.perf_counter()
-            state, m = train_step(state, batch)
+            batch = run.global_batch(next(train_iter), t.global_batch_size)
+            state, m, left_out = _run_step(train_step, state, batch, step + 1, profile)
             step += 1
-            m = jax.device_get(m)
-            if traced:  # the traced step (and starting, stopping the tracer) is no measure of throughput
-                profile.end(step)
-                throughput.leave_out(time.perf_counter() - step_start)
-            else:
-                throughput.step()
             checkpointer.poll()
             last_loss = float(m["loss"])
             _check_finite(last_loss, step, t, checkpointer)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{last_loss:.3f}", refresh=False)
+            report.step(last_loss, left_out)
             if every(step, t.log_every, num_steps):
-                record = {"step": step, "loss": last_loss, "time": time.time(), "tokens": tokens_seen(step),
-                          "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]), **throughput.figures()}
-                if "skipped" in m:
-                    record["skipped"] = float(m["skipped"])
-                logger.write(record)
+                report.train(step, m, tokens_seen(step))
             if evaluate is not None and every(step, t.eval_every, num_steps):
-                scores = evaluate(state.params)
-                last_val = scores["val_loss"]
-                logger.write({"step": step, **scores, "time": time.time(), "tokens": tokens_seen(step)})
-                if progress is not None:
-                    progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-                throughput.restart()  # don't count eval in tokens/s
+                last_val = report.eval(step, evaluate(state.params), tokens_seen(step))
             if distributed.any_process(signals.received is not None):
-                save(step)
-                checkpointer.wait()
-                # The signal may have come to another process.
-                summary["stopped_by_signal"] = int(signals.received or signal.SIGTERM)
-                if is_main:
-                    print(f"stopped by signal {summary['stopped_by_signal']} at step {step}; checkpoint written",
-                          flush=True)
+                summary["stopped_by_signal"] = _stop_by_signal(signals, step, save, checkpointer)
                 break
             if t.checkpoint_every > 0 and step % t.checkpoint_every == 0 and step < num_steps:
                 save(step)
@@ -256,9 +211,7 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
     finally:
         profile.stop(step)  # a run that ended inside the window keeps the trace so far
         signals.uninstall()
-        if progress is not None:
-            progress.close()
-        logger.close()
+        report.close()
 
     summary.update(step=step, loss=last_loss, val_loss=last_val, params=count_params(state.params))
     summary["loss_curve"] = metrics.plot_loss_curve(workdir)  # also after a signal: the curve so far
@@ -268,6 +221,46 @@ def _train_loop(config, workdir, run: run_lib.Run, checkpointer, train_iter, val
     if "stopped_by_signal" not in summary and prompt is not None and jax.process_count() == 1:
         summary["sample_from"] = (run.model_config, state.params, prompt)
     return summary
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def _token_count(start_step: int, tokens_at_start: int | None, tokens_per_step: int) -> Callable[[int], int]:
+    """step -> the tokens trained on up to it (a checkpoint's count where it has one: older ones do not)."""
+    if tokens_at_start is None:
+        tokens_at_start = start_step * tokens_per_step
+    return lambda step: tokens_at_start + (step - start_step) * tokens_per_step
+
+
+def _first_save(start_step: int, num_steps: int, t) -> int:
+    """The step of this call's first checkpoint."""
+    if t.checkpoint_every <= 0:
+        return num_steps
+    return min(num_steps, (start_step // t.checkpoint_every + 1) * t.checkpoint_every)
+
+
+def _run_step(train_step, state, batch, step: int, profile: profiling.ProfileWindow):
+    """Runs `step` and fetches its metrics: (state, metrics, seconds to leave out of throughput when the
+    step was traced, else None: the traced step and the tracer's start and stop measure no throughput)."""
+    traced, start = profile.begin(step), time.perf_counter()
+    state, m = train_step(state, batch)
+    m = jax.device_get(m)
+    if not traced:
+        return state, m, None
+    profile.end(step)
+    return state, m, time.perf_counter() - start
+
+
+def _stop_by_signal(signals: Signals, step: int, save: Callable[[int], None], checkpointer) -> int:
+    """Checkpoints `step` and waits for it; returns the signal (it may have come to another process)."""
+    save(step)
+    checkpointer.wait()
+    received = int(signals.received or signal.SIGTERM)
+    if _is_main():
+        print(f"stopped by signal {received} at step {step}; checkpoint written", flush=True)
+    return received
 
 
 def _start_state(run: run_lib.Run, checkpointer, train_iter, t, schedule, params, workdir, num_steps: int):
@@ -293,73 +286,6 @@ def _start_state(run: run_lib.Run, checkpointer, train_iter, t, schedule, params
         for note in filter(None, notes):
             print(note, flush=True)
     return state, tokens_at_start, start_step, nothing_to_do is not None
-
-
-def _evaluator(run: run_lib.Run, val_tokens, t):
-    """params -> {val_loss: the mean loss over eval_steps global batches (the same windows every
-    time), val_bpb (data/token_bytes.py), and the HellaSwag accuracies where config.train.hellaswag
-    is set}, or None when evaluation is off."""
-    if not (t.eval_every > 0 and t.eval_steps > 0):
-        return None
-    eval_step, eval_batch = step_lib.make_eval_step(run), step_lib.eval_batch_size(t)
-    hellaswag = hellaswag_lib.HellaSwagEval(run, t.hellaswag, t.hellaswag_examples) if t.hellaswag else None
-    val_bytes: list[int] = []  # the bytes the scored targets decode to: counted once (every eval reads the same)
-
-    def evaluate(params) -> dict[str, float]:
-        it = data_lib.make_batch_iterator(
-            val_tokens, block_size=run.model_config.block_size, global_batch_size=eval_batch,
-            seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-            name="validation split",
-        )
-        steps = min(t.eval_steps * t.grad_accum_steps, it.steps_per_epoch)  # eval_steps global batches
-        total, local_bytes = 0.0, 0
-        for _ in range(steps):
-            local = next(it)
-            if not val_bytes:
-                local_bytes += token_bytes.count_bytes(local["targets"])
-            total += float(eval_step(params, _global_batch(local, run.batch_sharding, eval_batch))["loss"])
-        it.close()
-        if not val_bytes:
-            val_bytes.append(distributed.sum_over_processes(local_bytes))
-        val_loss = total / steps
-        scores = {"val_loss": val_loss, "val_bpb": token_bytes.bits_per_byte(
-            val_loss, steps * eval_batch * run.model_config.block_size, val_bytes[0])}
-        if hellaswag is not None:
-            scores.update(hellaswag(params))
-        return scores
-
-    return evaluate
-
-
-def _throughput(run: run_lib.Run, t, tokens_per_step: int) -> metrics.Throughput:
-    config = run.model_config
-    peak = peak_flops_per_device(t.peak_flops_per_device, run.mesh)
-    if peak is None and jax.process_index() == 0:
-        print(f"no MFU: the peak FLOP/s of a {jax.devices()[0].device_kind} is not known; "
-              "set config.train.peak_flops_per_device", flush=True)
-    return metrics.Throughput(tokens_per_step, config.train_flops_per_token(config.block_size) * tokens_per_step, peak)
-
-
-def _say_what_runs(run: run_lib.Run, state, start_step: int, num_steps: int, tokens_per_step: int,
-                   steps_per_epoch: int) -> None:
-    mesh, where = run.mesh, platform.of_mesh(run.mesh).name
-    print(
-        f"model: {count_params(state.params):,} parameters | mesh {dict(mesh.shape)} on {jax.device_count()} "
-        f"{jax.devices()[0].platform} device(s), {jax.process_count()} process(es) | "
-        f"steps {start_step}->{num_steps}, {tokens_per_step:,} tokens/step, {steps_per_epoch} steps/epoch",
-        flush=True,
-    )
-    print("attention: {} ({})".format(*resolve_attention(run.model_config, where)), flush=True)
-    chunk, why = loss_lib.loss_choice(run.model_config, where)
-    print(f"loss: {loss_lib.describe(chunk)} ({why})", flush=True)
-
-
-def _progress_bar(checkpointer, start_step: int, num_steps: int):
-    from tqdm import tqdm
-
-    progress = tqdm(total=num_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0)
-    checkpointer.say = lambda line: progress.write(line, file=sys.stderr)
-    return progress
 
 
 def _check_finite(loss: float, step: int, t, checkpointer) -> None:
