@@ -94,7 +94,14 @@ def test_causality(switches):
         assert not np.allclose(out[:, t + 1], base[:, t + 1])
 
 
-@pytest.mark.parametrize("switches", SWITCHES, ids=SWITCH_IDS)
+# Six variants that hold every pair of switch values (positions x kv heads x window): the decode
+# loop's test (tests/test_sampling.py) takes each variant through the sampler as well.
+_PAIRWISE = [("learned", None, None), ("learned", 2, 5), ("learned", 1, None),
+             ("rotary", None, 5), ("rotary", 2, None), ("rotary", 1, 5)]
+
+
+@pytest.mark.parametrize("switches", [dict(position_embedding=pe, n_kv_head=kv, sliding_window=w)
+                                      for pe, kv, w in _PAIRWISE], ids=[f"{pe}-kv{kv}-w{w}" for pe, kv, w in _PAIRWISE])
 def test_cached_decoding_equals_full_forward(switches):
     cfg = tiny(**switches)
     model = GPT2(cfg)
@@ -119,7 +126,7 @@ def test_cached_decoding_equals_full_forward(switches):
         logits, mut = step(cache, tokens[:, :prefill], pos)
         outs = [logits]
         for t in range(prefill, T):
-            logits, mut = step(mut["cache"], tokens[:, t : t + 1], jnp.full((B, 1), t))
+            logits, mut = step(mut["cache"], tokens[:, t : t + 1], jnp.full((B, 1), t, jnp.int32))  # not weak: no recompile
             outs.append(logits)
         np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5, rtol=1e-5)
 
