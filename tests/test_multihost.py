@@ -22,12 +22,12 @@ from helpers import final_params, losses, subprocess_env
 from gpt2_jax.training import preflight
 from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding as sharding_lib
-from gpt2_jax.training.distributed import HEARTBEAT_TIMEOUT_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 4  # steps before the interruption; every run's schedule is for 2N steps
 RUN_TIMEOUT_S = 240  # one training run, start-up included
-DEATH_NOTICED_WITHIN_S = 60  # a survivor must exit this soon after its peer is killed
+HEARTBEAT_S = 8  # the killed run's --heartbeat_timeout_s (train.py's default is 30)
+DEATH_NOTICED_WITHIN_S = HEARTBEAT_S + 30  # a survivor must exit this soon after its peer is killed
 
 
 def free_port() -> int:
@@ -61,7 +61,7 @@ class Processes:
     killed on exit, whatever happened.
     """
 
-    def __init__(self, workdir, cache, count: int, logdir):
+    def __init__(self, workdir, cache, count: int, logdir, *extra: str):
         self.logs = [os.path.join(logdir, f"{os.path.basename(str(workdir))}.{i}.{time.time_ns()}.log")
                      for i in range(count)]
         if count == 1:
@@ -69,7 +69,7 @@ class Processes:
         else:
             address = f"127.0.0.1:{free_port()}"
             cmds = [train_cmd(workdir, cache, "--coordinator_address", address, f"--num_processes={count}",
-                              f"--process_id={i}") for i in range(count)]
+                              f"--process_id={i}", *extra) for i in range(count)]
             devices = 8 // count
         self.procs = []
         try:
@@ -146,7 +146,7 @@ def killed(tmp_path_factory, cache, logdir, single):  # noqa: ARG001 - single fi
     """
     workdir = tmp_path_factory.mktemp("killed")
     step_n = os.path.join(workdir, "checkpoints", str(N))  # orbax renames a step folder into place when complete
-    with Processes(workdir, cache, 2, logdir) as procs:
+    with Processes(workdir, cache, 2, logdir, f"--heartbeat_timeout_s={HEARTBEAT_S}") as procs:
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while not os.path.isdir(step_n):
             assert all(p.poll() is None for p in procs.procs), "a process ended early\n" + procs.tails()
@@ -178,7 +178,7 @@ def test_two_processes_train_like_one_with_the_same_devices(killed, single):
 def test_killing_one_process_stops_the_other_in_bounded_time(killed):
     _, _, code, took, output = killed
     assert code is not None and code != 0, output[-3000:]
-    assert took < DEATH_NOTICED_WITHIN_S, f"survivor took {took:.1f} s (heartbeat timeout {HEARTBEAT_TIMEOUT_S} s)"
+    assert took < DEATH_NOTICED_WITHIN_S, f"survivor took {took:.1f} s (heartbeat timeout {HEARTBEAT_S} s)"
 
 
 def test_two_process_run_resumes_exactly_from_its_checkpoint(killed, single, cache, logdir):
