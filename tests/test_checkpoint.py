@@ -32,7 +32,7 @@ from gpt2_jax.training import trainer as trainer_lib
 from gpt2_jax.training.run_config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N = 30  # steps before the interruption; runs go to 2N (enough that a kill lands mid-run)
+N = 15  # steps before the interruption; runs go to 2N, as test_gcs.py's do (their programs are shared)
 
 
 def tiny_config(**train):
@@ -57,7 +57,7 @@ def train_cmd(workdir, cache, *extra):
 
 
 def env():
-    return subprocess_env(1, optimized=True)  # 2 x 30 steps per run, each run's programs compiled once
+    return subprocess_env(1, optimized=True)  # 30 steps per run, its programs compiled once (run at -O2)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from helpers import final_params, losses, require, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "gpt2-jax-test"
-N = 10  # steps between checkpoints
+N = 10  # steps between checkpoints; STEPS as tests/test_checkpoint.py's runs: their programs are shared
 STEPS = 3 * N
 
 

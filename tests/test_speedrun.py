@@ -50,7 +50,7 @@ def test_the_script_end_to_end_at_a_tiny_size(tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "bench", "speedrun.py"), "--smoke", "--json", "--workdir", str(tmp_path),
          "--plot", str(tmp_path / "curves.png"), "--source", os.path.join(ROOT, "README.md")],
-        capture_output=True, text=True, timeout=600, env=subprocess_env(1, optimized=True))
+        capture_output=True, text=True, timeout=600, env=subprocess_env(1))
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     assert out["source"].endswith("README.md") and os.path.getsize(tmp_path / "curves.png") > 0
