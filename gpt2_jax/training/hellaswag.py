@@ -13,7 +13,6 @@ an eval batch (step.eval_batch_size rows of block_size), since that is what the 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import jax
@@ -24,20 +23,6 @@ from gpt2_jax.model.scoring import Rows, choice_rows, row_length, row_losses, sc
 from gpt2_jax.training import sharding
 from gpt2_jax.training import step as step_lib
 from gpt2_jax.training.run import Run
-
-
-def check_config(t: Any) -> None:
-    """ValueError naming the key for a bad hellaswag / hellaswag_examples."""
-    n = t.hellaswag_examples
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"config.train.hellaswag_examples={n!r} must be an integer >= 0 (0 = every example)")
-    if not t.hellaswag:
-        return
-    if not os.path.isfile(t.hellaswag):
-        raise ValueError(f"config.train.hellaswag={t.hellaswag!r}: no such file (HellaSwag's validation jsonl)")
-    if t.eval_every <= 0 or t.eval_steps <= 0:
-        raise ValueError(f"config.train.hellaswag is scored at each eval, but eval_every={t.eval_every}, "
-                         f"eval_steps={t.eval_steps} runs none: set both > 0")
 
 
 class HellaSwagEval:

@@ -17,17 +17,6 @@ from typing import Any
 import jax
 
 
-def check_config(t: Any) -> None:
-    """ValueError naming the key for a bad profile_start / profile_steps."""
-    for key in ("profile_start", "profile_steps"):
-        value = t[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"config.train.{key}={value!r} must be an integer >= 0 (0 = no profile)")
-    if t.profile_steps > 0 and t.profile_start < 1:
-        raise ValueError(f"config.train.profile_start={t.profile_start} must be >= 1 (the first step to trace; "
-                         f"steps count from 1) when profile_steps={t.profile_steps}")
-
-
 def profile_dir(workdir: str) -> str:
     """Where this process writes its trace."""
     folder = os.path.join(workdir, "profile")

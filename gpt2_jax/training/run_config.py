@@ -14,7 +14,11 @@ key (`t["learning_rate"]`).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 from typing import Any
+
+from gpt2_jax.training import wandb_log
 
 OPTIMIZERS = ("adamw", "muon")
 LR_SCHEDULES = ("cosine", "wsd")
@@ -139,10 +143,27 @@ class TrainConfig(_Block):
               f"config.train.grad_accum_steps={self.grad_accum_steps!r} must be a positive integer")
         _need(self.resume_schedule in RESUME_SCHEDULES,
               f"config.train.resume_schedule={self.resume_schedule!r} must be one of {RESUME_SCHEDULES}")
-        from gpt2_jax.training import hellaswag, profiling, wandb_log
-
-        for check in (profiling.check_config, hellaswag.check_config, wandb_log.check_config):
-            check(self)
+        # Watching a run: the profiler's window (profiling.py), HellaSwag at each eval, W&B.
+        for key in ("profile_start", "profile_steps"):
+            _need(_is_int(self[key]) and self[key] >= 0,
+                  f"config.train.{key}={self[key]!r} must be an integer >= 0 (0 = no profile)")
+        _need(self.profile_steps == 0 or self.profile_start >= 1,
+              f"config.train.profile_start={self.profile_start} must be >= 1 (the first step to trace; steps "
+              f"count from 1) when profile_steps={self.profile_steps}")
+        n = self.hellaswag_examples
+        _need(_is_int(n) and n >= 0,
+              f"config.train.hellaswag_examples={n!r} must be an integer >= 0 (0 = every example)")
+        if self.hellaswag:
+            _need(os.path.isfile(self.hellaswag),
+                  f"config.train.hellaswag={self.hellaswag!r}: no such file (HellaSwag's validation jsonl)")
+            _need(self.eval_every > 0 and self.eval_steps > 0,
+                  f"config.train.hellaswag is scored at each eval, but eval_every={self.eval_every}, "
+                  f"eval_steps={self.eval_steps} runs none: set both > 0")
+        project = self.wandb_project
+        _need(isinstance(project, str), f"config.train.wandb_project={project!r} must be a W&B project name ('' = off)")
+        _need(not project or importlib.util.find_spec("wandb") is not None,
+              f"config.train.wandb_project={project!r} needs wandb, which is not installed: {wandb_log.INSTALL}, "
+              "or set config.train.wandb_project=''")
         return self
 
 

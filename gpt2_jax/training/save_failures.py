@@ -21,6 +21,7 @@ from typing import Any
 import jax
 
 from gpt2_jax import storage
+from gpt2_jax.checkpoints import incomplete_steps
 
 MB = 1 << 20
 
@@ -71,8 +72,6 @@ def _cause(error: BaseException) -> str:
 
 def _partial(directory: str) -> list[str]:
     """Temporary step folders; on Cloud Storage, step folders that orbax has not marked complete."""
-    from gpt2_jax.training.checkpoint import incomplete_steps
-
     return incomplete_steps(directory)
 
 

@@ -9,23 +9,12 @@ later). A resumed run goes on in the same W&B run: its id is kept in WORKDIR/wan
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import uuid
 from typing import Any
 
 INSTALL = 'pip install -e ".[wandb]"'
-
-
-def check_config(t: Any) -> None:
-    """ValueError naming the key for a bad wandb_project, or wandb not installed where it is set."""
-    project = t.wandb_project
-    if not isinstance(project, str):
-        raise ValueError(f"config.train.wandb_project={project!r} must be a W&B project name ('' = off)")
-    if project and importlib.util.find_spec("wandb") is None:
-        raise ValueError(f"config.train.wandb_project={project!r} needs wandb, which is not installed: {INSTALL}, "
-                         "or set config.train.wandb_project=''")
 
 
 def _run_id(workdir: str) -> str | None:
