@@ -66,10 +66,8 @@ def cache(corpus_cache):  # conftest: the built-in corpus, tokenised once per se
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, cache):
-    workdir = tmp_path_factory.mktemp("straight")
-    subprocess.run(train_cmd(workdir, cache), check=True, env=env(), timeout=300, capture_output=True)
-    return workdir
+def straight(tiny_straight_run):  # conftest: train_cmd's run, uninterrupted, shared with tests/test_gcs.py
+    return tiny_straight_run
 
 
 def run_until(cmd, stop_when, sig, timeout=240):

@@ -125,7 +125,7 @@ def finish(proc) -> str:
     return out
 
 
-def test_train_kill_resume_generate_and_export_in_a_bucket(emulator, corpus_cache, tmp_path):
+def test_train_kill_resume_generate_and_export_in_a_bucket(emulator, corpus_cache, tiny_straight_run, tmp_path):
     # The corpus as token shards in the bucket: the same tokens as the built-in corpus the local run reads.
     prepared = next(os.path.join(corpus_cache, n) for n in os.listdir(corpus_cache) if n.startswith("shakespeare-"))
     for name in os.listdir(prepared):
@@ -147,11 +147,9 @@ def test_train_kill_resume_generate_and_export_in_a_bucket(emulator, corpus_cach
             first.kill()
         first.communicate()
     assert fs().exists(f"{BUCKET}/run/train.lock")  # left by the killed run
-    # The uninterrupted reference, on local disk, beside the resumed run (both find their programs compiled).
-    straight = tmp_path / "straight"
-    local = run(train_cmd(straight, corpus_cache), emulator)
+    # The uninterrupted reference: conftest's run of the same command on local disk (shared with test_checkpoint.py).
+    straight = tiny_straight_run
     resumed = finish(run(train_cmd(workdir, cache, source), emulator))
-    finish(local)
     assert f"took over the lock of train.py pid {first.pid} on host {socket.gethostname()}: that process has " \
            "ended" in resumed
     start = int(re.search(r"resumed from step (\d+)", resumed).group(1))
