@@ -65,27 +65,21 @@ def corpus_cache() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_straight_run(corpus_cache) -> str:
-    """The workdir of one uninterrupted train.py run that the checkpoint and bucket tests compare their
-    interrupted runs with: configs/tiny.py, 16-token context, 30 steps, no evaluation, the built-in
-    corpus, LLVM at -O2. Made once per session, by whichever worker asks first; the others wait."""
+    """The workdir of one uninterrupted run of helpers.tiny_train_cmd (the built-in corpus, LLVM at -O2),
+    which the checkpoint and bucket tests compare their interrupted runs with. Made once per session,
+    by whichever worker asks first; the others wait."""
     import subprocess
-    import sys
 
-    from helpers import subprocess_env
+    from helpers import TINY_RUN_STEPS, subprocess_env, tiny_train_cmd
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    workdir = os.path.join(os.environ[_CORPUS_ENV], "tiny_straight_30")
+    workdir = os.path.join(os.environ[_CORPUS_ENV], "tiny_straight")
     with open(os.path.join(os.environ[_CORPUS_ENV], ".straight.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not os.path.exists(os.path.join(workdir, "done")):
                 shutil.rmtree(workdir, ignore_errors=True)
-                subprocess.run(
-                    [sys.executable, os.path.join(root, "train.py"), "--config", os.path.join(root, "configs", "tiny.py"),
-                     "--workdir", workdir, "--config.train.num_steps=30", "--config.train.checkpoint_every=15",
-                     "--config.train.eval_every=0", "--config.model.block_size=16",
-                     f"--config.data.cache_dir={corpus_cache}"],
-                    check=True, env=subprocess_env(1, optimized=True), timeout=300, capture_output=True)
+                subprocess.run(tiny_train_cmd(workdir, corpus_cache, TINY_RUN_STEPS // 2), check=True,
+                               env=subprocess_env(1, optimized=True), timeout=300, capture_output=True)
                 open(os.path.join(workdir, "done"), "w").close()
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import flax.linen as nn
 import jax
@@ -24,6 +25,22 @@ def subprocess_env(devices: int, *, optimized: bool = False, **extra: str) -> di
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(drop)]
     return dict(os.environ, XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", *flags]),
                 **extra)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_RUN_STEPS = 30  # the checkpoint and bucket tests' runs, and conftest's uninterrupted one
+
+
+def tiny_train_cmd(workdir, cache, checkpoint_every: int, *extra: str) -> list[str]:
+    """train.py on configs/tiny.py with a 16-token context, TINY_RUN_STEPS steps and no evaluation:
+    the one command of the runs that conftest's `tiny_straight_run` is the uninterrupted reference of
+    (checkpoint_every and the corpus's location do not change the losses or the programs)."""
+    return [
+        sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
+        "--workdir", str(workdir), f"--config.train.num_steps={TINY_RUN_STEPS}",
+        f"--config.train.checkpoint_every={checkpoint_every}", "--config.train.eval_every=0",
+        "--config.model.block_size=16", f"--config.data.cache_dir={cache}", *extra,
+    ]
 
 
 def require(module: str):

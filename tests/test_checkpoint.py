@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import final_params, losses, subprocess_env
+from helpers import TINY_RUN_STEPS, final_params, losses, subprocess_env, tiny_train_cmd
 
 from gpt2_jax.model.config import model_config_from
 from gpt2_jax.training import checkpoint as ckpt_lib
@@ -32,7 +32,7 @@ from gpt2_jax.training import trainer as trainer_lib
 from gpt2_jax.training.run_config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N = 15  # steps before the interruption; runs go to 2N, as test_gcs.py's do (their programs are shared)
+N = TINY_RUN_STEPS // 2  # steps before the interruption; runs go to 2N (enough that a kill lands mid-run)
 
 
 def tiny_config(**train):
@@ -49,11 +49,7 @@ def tiny_config(**train):
 
 
 def train_cmd(workdir, cache, *extra):
-    return [
-        sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
-        "--workdir", str(workdir), f"--config.train.num_steps={2 * N}", f"--config.train.checkpoint_every={N}",
-        "--config.train.eval_every=0", "--config.model.block_size=16", f"--config.data.cache_dir={cache}", *extra,
-    ]
+    return tiny_train_cmd(workdir, cache, N, *extra)
 
 
 def env():
@@ -66,7 +62,7 @@ def cache(corpus_cache):  # conftest: the built-in corpus, tokenised once per se
 
 
 @pytest.fixture(scope="module")
-def straight(tiny_straight_run):  # conftest: train_cmd's run, uninterrupted, shared with tests/test_gcs.py
+def straight(tiny_straight_run):  # conftest: train_cmd's run uninterrupted, shared with tests/test_gcs.py
     return tiny_straight_run
 
 

@@ -25,12 +25,12 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import final_params, losses, require, subprocess_env
+from helpers import TINY_RUN_STEPS, final_params, losses, require, subprocess_env, tiny_train_cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "gpt2-jax-test"
-N = 10  # steps between checkpoints; STEPS as tests/test_checkpoint.py's runs: their programs are shared
-STEPS = 3 * N
+STEPS = TINY_RUN_STEPS  # helpers.tiny_train_cmd's runs, as tests/test_checkpoint.py's: their programs are shared
+N = STEPS // 3  # steps between checkpoints
 
 
 EMULATOR = """
@@ -101,13 +101,8 @@ def fs():
     return fsspec.filesystem("gcs", finalize_on_close=True)
 
 
-def train_cmd(workdir, cache, source="builtin:shakespeare"):
-    return [
-        sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
-        "--workdir", str(workdir), f"--config.train.num_steps={STEPS}", f"--config.train.checkpoint_every={N}",
-        "--config.train.eval_every=0", "--config.model.block_size=16", f"--config.data.cache_dir={cache}",
-        f"--config.data.source={source}",
-    ]
+def train_cmd(workdir, cache, source):
+    return tiny_train_cmd(workdir, cache, N, f"--config.data.source={source}")
 
 
 def env(point):
