@@ -26,8 +26,9 @@ flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for a 
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.DEFINE_bool("tpu_pod", False, "Call jax.distributed.initialize() with no arguments (Cloud TPU pod slice).")
-flags.DEFINE_integer("heartbeat_timeout_s", 30, "Multi-process: a process silent this many seconds is declared "
-                     "dead, and the others exit (non-zero) instead of waiting for it.")
+flags.DEFINE_integer("heartbeat_timeout_s", None, "Multi-process: a process silent this many seconds is declared "
+                     "dead, and the others exit (non-zero) instead of waiting for it (default: "
+                     "gpt2_jax/training/distributed.py's HEARTBEAT_TIMEOUT_S, 30).")
 flags.DEFINE_bool("preflight", False, "Print the mesh, per-device memory, FLOPs per step and warnings; do not train.")
 flags.DEFINE_integer("preflight_devices", None, "With --preflight: plan for this many devices (more than "
                      "exist here: sizes from abstract shapes, no compilation).")
@@ -79,8 +80,8 @@ def main(argv):
     if FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.tpu_pod:
         from gpt2_jax.training.distributed import initialize
 
-        initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                   heartbeat_timeout_s=FLAGS.heartbeat_timeout_s)
+        timeouts = {} if FLAGS.heartbeat_timeout_s is None else {"heartbeat_timeout_s": FLAGS.heartbeat_timeout_s}
+        initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, **timeouts)
     if FLAGS.preflight:
         from gpt2_jax.training.preflight import format_report, report
 
