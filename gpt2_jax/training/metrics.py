@@ -109,10 +109,7 @@ def plot_loss_curve(workdir: str) -> str | None:
     path = os.path.join(workdir, "metrics.jsonl")
     if jax.process_index() != 0 or not storage.exists(path):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no backend or global figure state to load
 
     train, val = {}, {}
     for line in storage.read_text(path).splitlines():
@@ -122,7 +119,8 @@ def plot_loss_curve(workdir: str) -> str | None:
                 train[r["step"]] = r["loss"]
             if "val_loss" in r:
                 val[r["step"]] = r["val_loss"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(sorted(train), [train[s] for s in sorted(train)], label="train")
     if val:
         ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", label="val")
@@ -134,7 +132,6 @@ def plot_loss_curve(workdir: str) -> str | None:
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
     storage.write_bytes(out, png.getvalue())
     return out
 
