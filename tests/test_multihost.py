@@ -2,10 +2,13 @@
 
 Two processes with 4 CPU devices each form one 8-device mesh, exactly as two hosts of a pod would:
 they must train like one process with 8 devices, write checkpoints either layout restores, resume
-exactly, and stop within a bounded time when the other dies. Each subprocess pays ~10 s of jax
-start-up and compilation, so the runs are few and short and shared through module fixtures.
+exactly, and stop within a bounded time when the other dies. Each process pays ~10 s of CPU for jax's
+start-up and compilation, so the story is three runs, shared through module fixtures: one process
+trains 3N steps straight (the reference); two processes resume its step-N checkpoint and one of them
+is killed once their step-2N checkpoint is complete; one process resumes that two-process checkpoint.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -15,6 +18,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import final_params, losses, subprocess_env
@@ -24,7 +28,7 @@ from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding as sharding_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N = 4  # steps before the interruption; every run's schedule is for 2N steps
+N = 4  # steps between checkpoints; every run's schedule is for 3N steps
 RUN_TIMEOUT_S = 240  # one training run, start-up included
 HEARTBEAT_S = 8  # the killed run's --heartbeat_timeout_s (train.py's default is 30)
 DEATH_NOTICED_WITHIN_S = HEARTBEAT_S + 30  # a survivor must exit this soon after its peer is killed
@@ -44,7 +48,7 @@ def free_port() -> int:
 def train_cmd(workdir, cache, *extra):
     return [
         sys.executable, "-u", os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
-        "--workdir", str(workdir), f"--config.train.num_steps={2 * N}", f"--config.train.checkpoint_every={N}",
+        "--workdir", str(workdir), f"--config.train.num_steps={3 * N}", f"--config.train.checkpoint_every={N}",
         "--config.train.eval_every=0", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
         f"--config.data.cache_dir={cache}", *extra,
     ]
@@ -112,11 +116,23 @@ def run(workdir, cache, count: int, logdir) -> Processes:
 
 
 def assert_close_to(workdir, reference, steps):
+    """The losses at `steps`, and the parameters of the checkpoint at the last of them, equal the reference's."""
     want, got = losses(reference), losses(workdir)
     for s in steps:
         assert abs(got[s] - want[s]) <= 1e-5, (s, got[s], want[s])
+    at = os.path.join("checkpoints", str(steps[-1]))
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5),
-                           final_params(workdir), final_params(reference))
+                           final_params(os.path.join(workdir, at)), final_params(os.path.join(reference, at)))
+
+
+def stopped_at(workdir, step: int, into) -> None:
+    """`workdir` as a run stopped right after its step-`step` checkpoint leaves it: that checkpoint and
+    the records up to it (the later ones, and the later checkpoints, are left out)."""
+    checkpoints = os.path.join(into, "checkpoints")
+    shutil.copytree(os.path.join(workdir, "checkpoints", str(step)), os.path.join(checkpoints, str(step)))
+    shutil.copy(os.path.join(workdir, "checkpoints", f"{step}.sizes.json"), checkpoints)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f, open(os.path.join(into, "metrics.jsonl"), "w") as out:
+        out.writelines(line for line in f if json.loads(line)["step"] <= step)
 
 
 @pytest.fixture(scope="module")
@@ -131,26 +147,28 @@ def logdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, cache, logdir):
-    """The reference: one process, 8 devices, 2N steps straight."""
+    """The reference: one process, 8 devices, 3N steps straight (checkpoints at N, 2N and 3N)."""
     workdir = tmp_path_factory.mktemp("single")
     run(workdir, cache, 1, logdir)
     return workdir
 
 
 @pytest.fixture(scope="module")
-def killed(tmp_path_factory, cache, logdir, single):  # noqa: ARG001 - single first: it prepares the corpus
-    """Two processes; process 1 is SIGKILLed once the step-N checkpoint is complete.
+def killed(tmp_path_factory, cache, logdir, single):
+    """Two processes resume the reference's step-N checkpoint; process 1 is SIGKILLed once their
+    step-2N checkpoint is complete.
 
     Returns (workdir, snapshot of it taken after the kill, survivor's exit code, seconds from the
     kill to the survivor's exit, the survivor's output).
     """
-    workdir = tmp_path_factory.mktemp("killed")
-    step_n = os.path.join(workdir, "checkpoints", str(N))  # orbax renames a step folder into place when complete
+    workdir = tmp_path_factory.mktemp("killed") / "run"
+    stopped_at(single, N, workdir)  # a one-process run stopped after its step-N checkpoint
+    step_2n = os.path.join(workdir, "checkpoints", str(2 * N))  # orbax renames a step folder into place when complete
     with Processes(workdir, cache, 2, logdir, f"--heartbeat_timeout_s={HEARTBEAT_S}") as procs:
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not os.path.isdir(step_n):
+        while not os.path.isdir(step_2n):
             assert all(p.poll() is None for p in procs.procs), "a process ended early\n" + procs.tails()
-            assert time.monotonic() < deadline, "no step-N checkpoint in time\n" + procs.tails()
+            assert time.monotonic() < deadline, "no step-2N checkpoint in time\n" + procs.tails()
             time.sleep(0.05)
         procs.procs[1].send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
@@ -160,7 +178,7 @@ def killed(tmp_path_factory, cache, logdir, single):  # noqa: ARG001 - single fi
             code = None
         took = time.monotonic() - killed_at
         output = procs.output(0)
-    assert not os.path.isdir(os.path.join(workdir, "checkpoints", str(2 * N))), "the run ended before the kill"
+    assert not os.path.isdir(os.path.join(workdir, "checkpoints", str(3 * N))), "the run ended before the kill"
     snapshot = tmp_path_factory.mktemp("killed_snapshot") / "run"
     shutil.copytree(workdir, snapshot)
     return workdir, snapshot, code, took, output
@@ -168,10 +186,9 @@ def killed(tmp_path_factory, cache, logdir, single):  # noqa: ARG001 - single fi
 
 # --------------------------------------------------------------------------- training
 def test_two_processes_train_like_one_with_the_same_devices(killed, single):
-    workdir = killed[0]
-    got, want = losses(workdir), losses(single)
-    assert set(range(1, N + 1)) <= set(got)
-    for s in range(1, N + 1):
+    got, want = losses(killed[0]), losses(single)
+    assert set(range(N + 1, 2 * N + 1)) <= set(got)
+    for s in range(N + 1, 2 * N + 1):  # steps the two processes ran; the records up to N are the reference's
         assert abs(got[s] - want[s]) <= 1e-5, (s, got[s], want[s])
 
 
@@ -181,20 +198,19 @@ def test_killing_one_process_stops_the_other_in_bounded_time(killed):
     assert took < DEATH_NOTICED_WITHIN_S, f"survivor took {took:.1f} s (heartbeat timeout {HEARTBEAT_S} s)"
 
 
-def test_two_process_run_resumes_exactly_from_its_checkpoint(killed, single, cache, logdir):
-    workdir = killed[0]
-    procs = run(workdir, cache, 2, logdir)
-    assert f"resumed from step {N}" in procs.output(0)
-    # Losses of the resumed steps and the final params (restored here, into one device) match the
+def test_two_process_run_resumes_exactly_from_a_checkpoint(killed, single):
+    workdir, _, _, _, output = killed
+    assert f"resumed from step {N}" in output
+    # Losses of the resumed steps and the step-2N params (restored here, into one device) match the
     # uninterrupted single-process run.
     assert_close_to(workdir, single, range(N + 1, 2 * N + 1))
 
 
 def test_one_process_resumes_a_two_process_checkpoint(killed, single, cache, logdir):
-    workdir = killed[1]  # the killed run as it was: checkpoint N written by two processes
+    workdir = killed[1]  # the killed run as it was: checkpoint 2N written by two processes
     procs = run(workdir, cache, 1, logdir)
-    assert f"resumed from step {N}" in procs.output(0)
-    assert_close_to(workdir, single, range(N + 1, 2 * N + 1))
+    assert f"resumed from step {2 * N}" in procs.output(0)
+    assert_close_to(workdir, single, range(2 * N + 1, 3 * N + 1))
 
 
 def test_distributed_flags_are_checked_before_jax_is_touched():
@@ -234,7 +250,12 @@ def test_preflight_matches_the_real_sharded_state_of_gpt2_on_fsdp8():
     figures = preflight.report(config)
     assert figures["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and figures["compiled"]
 
-    state = run_lib.create_train_state(run_lib.run_from_config(config, sharding_lib.make_mesh(config.mesh)))
+    # The state as training lays it out (create_train_state). Its values do not matter here, so it is built
+    # around zeros rather than from a random init, which takes ~10 s of CPU for 124M parameters.
+    run = run_lib.run_from_config(config, sharding_lib.make_mesh(config.mesh))
+    zeros = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), run.abstract_state.params),
+                    out_shardings=run.state_shardings.params)()
+    state = run_lib.create_train_state(run, zeros)
     for key, tree in (("params_bytes", state.params), ("opt_state_bytes", state.opt_state), ("state_bytes", state)):
         measured = sharding_lib.bytes_per_device(tree)
         assert len(measured) == 8 and set(measured.values()) == {figures[key]}, (key, measured, figures[key])

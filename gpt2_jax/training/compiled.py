@@ -5,8 +5,9 @@ mesh's devices may be a TPU slice this host does not have (gpt2_jax/topology.py)
 Used by preflight (training/preflight.py); one program's figures come from gpt2_jax/compile_report.py.
 XLA's cost analysis counts a loop body once, and the step loops over layers (scan_layers) and
 micro-batches: FLOPs (and bytes accessed) come from 1- and 2-layer copies of the step with layers
-unrolled and one micro-batch, F(L) = F(1) + (L - 1) (F(2) - F(1)) (the layers are identical), times
-the number of micro-batches (which counts the optimizer update once per micro-batch: well under 1%).
+unrolled and one micro-batch, F(L) = F(1) + (L - 1) (F(2) - F(1)) (the layers are identical; a model
+of one or two layers is its own copy, compiled alone), times the number of micro-batches (which
+counts the optimizer update once per micro-batch: well under 1%).
 The chunked loss (config.model.loss_chunk) is a loop too: these copies use whole logits, the same
 matmuls; so bytes accessed is that of the whole-logits step (the chunked step's cannot be read off).
 """
@@ -77,19 +78,24 @@ def train_cost_per_step(run: run_lib.Run) -> tuple[float | None, float | None]:
     t, model_config = run.train_cfg, run.model_config
     accum = t.grad_accum_steps
     one_micro = with_train(t, global_batch_size=t.global_batch_size // accum, grad_accum_steps=1)
+    layer_counts = (1, 2) if model_config.n_layer > 2 else (model_config.n_layer,)
     costs = []
-    for layers in (1, 2):
+    for layers in layer_counts:
         # Whole logits: the chunked loss is a loop too, and runs the same matmuls (it recomputes nothing).
         small = run_lib.build_run(model_config.replace(scan_layers=False, n_layer=layers, loss_chunk=0), one_micro,
                                   run.mesh, run.num_steps, document_mask=run.document_mask)
         costs.append(compile_train_step(small))
-    extra = model_config.n_layer - 1
 
-    def total(f1: float | None, f2: float | None) -> float | None:
-        return None if f1 is None or f2 is None else accum * (f1 + extra * (f2 - f1))
+    def total(counts: list[float | None]) -> float | None:
+        if None in counts:
+            return None
+        if len(counts) == 1:  # F(n_layer) itself
+            return accum * counts[0]
+        f1, f2 = counts
+        return accum * (f1 + (model_config.n_layer - 1) * (f2 - f1))
 
-    flops = total(costs[0].flops, costs[1].flops)
-    return (None if flops is None else flops * run.mesh.size), total(costs[0].bytes_accessed, costs[1].bytes_accessed)
+    flops = total([c.flops for c in costs])
+    return (None if flops is None else flops * run.mesh.size), total([c.bytes_accessed for c in costs])
 
 
 @dataclasses.dataclass
