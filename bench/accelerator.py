@@ -19,6 +19,8 @@ downloaded): speed does not depend on their values.
 
 --smoke runs every part (splash interpreted, the cuDNN call's XLA version, PyTorch eager) at tiny
 shapes on a CPU, where the figures mean nothing; tests/test_bench.py runs it so the script cannot rot.
+There the parts share one child process: a CPU has no device memory to keep apart, and JAX's and
+PyTorch's start-up are paid once.
 """
 
 from __future__ import annotations
@@ -221,25 +223,27 @@ PARTS = {"train": part_train, "torch": part_torch, "decode": part_decode, "hf_de
 
 
 # --------------------------------------------------------------------------- the run
-def run_part(name: str, args, env: dict) -> list[dict]:
-    """One part in a child process under its deadline; its rows, or one row saying why there are none.
-    A JAX part also describes its devices into `env` (so this process need not start JAX itself)."""
-    cmd = [sys.executable, os.path.abspath(__file__), f"--part={name}", f"--batch_per_device={args.batch_per_device}",
-           f"--steps={args.steps}", f"--warmup={args.warmup}", f"--decode_repeats={args.decode_repeats}"]
+def run_parts(names: list[str], args, env: dict) -> list[dict]:
+    """Parts `names` in one child process under their summed deadline; their rows, or one row saying
+    why there are none. A JAX part also describes its devices into `env` (so this process need not
+    start JAX itself)."""
+    cmd = [sys.executable, os.path.abspath(__file__), f"--part={','.join(names)}",
+           f"--batch_per_device={args.batch_per_device}", f"--steps={args.steps}", f"--warmup={args.warmup}",
+           f"--decode_repeats={args.decode_repeats}"]
     if args.smoke:
         cmd.append("--smoke")
-    deadline = DEADLINES[name] * (2 if args.smoke else 1)  # smoke: a loaded CPU compiles slowly
+    deadline = sum(DEADLINES[name] for name in names) * (2 if args.smoke else 1)  # smoke: a loaded CPU compiles slowly
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=deadline)
     except subprocess.TimeoutExpired:
-        return [{"part": name, "ok": False, "error": f"did not finish within {deadline} s"}]
+        return [{"part": ",".join(names), "ok": False, "error": f"did not finish within {deadline} s"}]
     rows = [json.loads(line[len("ROW "):]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
     for line in proc.stdout.splitlines():
         if line.startswith("ENV "):
             env.update(json.loads(line[len("ENV "):]))
     if proc.returncode != 0 or not rows:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
-        rows.append({"part": name, "ok": False, "error": f"exit {proc.returncode}: {tail}"})
+        rows.append({"part": ",".join(names), "ok": False, "error": f"exit {proc.returncode}: {tail}"})
     return rows
 
 
@@ -296,7 +300,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) one; smoke 0")
     parser.add_argument("--decode_repeats", type=int, default=None, help="timed generate calls (default 3; smoke 1)")
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
-    parser.add_argument("--part", default="", help=argparse.SUPPRESS)  # a child process runs one part
+    parser.add_argument("--part", default="", help=argparse.SUPPRESS)  # a child process runs these parts
     args = parser.parse_args()
     args.batch_per_device = args.batch_per_device or (1 if args.smoke else 16)
     args.steps = args.steps or (1 if args.smoke else 20)
@@ -305,16 +309,20 @@ def main() -> None:
         args.warmup = 0
 
     if args.part:
-        for row in PARTS[args.part](args):
-            print("ROW " + json.dumps(row), flush=True)
-        if args.part in ("train", "decode"):  # JAX is up here already
+        names = args.part.split(",")
+        for name in names:
+            for row in PARTS[name](args):
+                print("ROW " + json.dumps(row), flush=True)
+        if {"train", "decode"} & set(names):  # JAX is up here already
             print("ENV " + json.dumps(environment()), flush=True)
         return
-    unknown = sorted(set(args.parts.split(",")) - set(PARTS))
+    names = args.parts.split(",")
+    unknown = sorted(set(names) - set(PARTS))
     if unknown:
         parser.error(f"--parts: unknown {unknown}; choose from {list(PARTS)}")
     env = {}
-    rows = [row for name in args.parts.split(",") for row in run_part(name, args, env)]
+    groups = [names] if args.smoke else [[name] for name in names]  # smoke: one child (see the docstring)
+    rows = [row for group in groups for row in run_parts(group, args, env)]
     env = env or environment()  # no JAX part ran (or none got that far)
     summary = summarize(rows)
     if args.json:

@@ -149,10 +149,13 @@ def step_times(overrides: dict, rounds: int) -> dict:
 
     sys.path.insert(0, ROOT)
     import configs.speedrun_cpu as speedrun_cpu
+    from gpt2_jax import compilation_cache
     from gpt2_jax.training import run as run_lib
     from gpt2_jax.training import sharding
     from gpt2_jax.training import step as step_lib
 
+    # train.py's cache (as it chooses it): the two runs just compiled these very programs.
+    compilation_cache.enable(default=os.path.join(speedrun_cpu.get_config().data.cache_dir, "jax_cache"))
     steps = {}
     for recipe in ("baseline", "modern"):
         c = speedrun_cpu.get_config(recipe)
