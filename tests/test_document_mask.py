@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_params
 
 from gpt2_jax.data.documents import document_layout
-from gpt2_jax.model import GPT2, attention, init_params
+from gpt2_jax.model import GPT2, attention
 from gpt2_jax.model.config import ModelConfig, model_config_from
 from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding
@@ -51,63 +52,86 @@ def small_query_blocks(monkeypatch):
 
 def test_document_layout_starts_each_document_at_its_eot():
     tokens = jnp.asarray([[7, 8, EOT, 1, 2, EOT, EOT, 3], [EOT, 4, 5, 6, 7, 8, 9, 1]], jnp.int32)
-    positions, segment_ids = document_layout(tokens)
+    positions, segment_ids = jax.jit(document_layout)(tokens)  # one program, not an eager op at a time
     np.testing.assert_array_equal(positions, [[0, 1, 0, 1, 2, 0, 0, 1], [0, 1, 2, 3, 4, 5, 6, 7]])
     np.testing.assert_array_equal(segment_ids, [[0, 0, 1, 1, 1, 2, 3, 3], [1, 1, 1, 1, 1, 1, 1, 1]])
     assert positions.dtype == segment_ids.dtype == jnp.int32
 
 
-_REFERENCES: dict = {}
+def case_params(case: str):
+    """The case's weights (GPT-2's init scale, numpy: no initialiser to compile); every
+    implementation takes the same ones."""
+    return random_params(tiny(**CASES[case]), std=0.02)
 
 
-def references(case: str):
-    """(params, each document's logits alone, the packed row's logits without segment ids), by the
-    dense rule; computed once per case."""
-    if case not in _REFERENCES:
-        cfg = tiny(attention="dense", **CASES[case])
-        params = init_params(cfg, jax.random.PRNGKey(0))
-        tokens, positions, _, slices = packed_row()
+_LOGITS: dict = {}
+
+
+def packed_logits(case: str):
+    """(each document's logits alone and the packed row's logits without segment ids, by the dense
+    rule; impl -> the packed row's logits with segment ids), all in one program, once per case.
+    Traced under `small_query_blocks`, as every test that reads it runs."""
+    if case not in _LOGITS:
+        tokens, positions, segment_ids, slices = packed_row()
 
         @jax.jit
-        def run(p):
-            alone = [GPT2(cfg).apply({"params": p}, tokens[:, s]) for s in slices]
-            return alone, GPT2(cfg).apply({"params": p}, tokens, positions)
+        def run(p, tokens, positions, segment_ids):
+            dense = GPT2(tiny(attention="dense", **CASES[case]))
+            alone = [dense.apply({"params": p}, tokens[:, s]) for s in slices]
+            packed = {impl: GPT2(tiny(attention=impl, **CASES[case])).apply(
+                {"params": p}, tokens, positions, segment_ids=segment_ids) for impl in IMPLEMENTATIONS}
+            return alone, dense.apply({"params": p}, tokens, positions), packed
 
-        _REFERENCES[case] = (params, *run(params))
-    return _REFERENCES[case]
+        _LOGITS[case] = run(case_params(case), tokens, positions, segment_ids)
+    return _LOGITS[case]
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", CASES)
 def test_packed_documents_give_the_logits_of_each_document_alone(case, impl, small_query_blocks):
-    cfg = tiny(attention=impl, **CASES[case])
-    params, alone, unmasked = references(case)
-    tokens, positions, segment_ids, slices = packed_row()
-    packed = jax.jit(lambda p: GPT2(cfg).apply({"params": p}, tokens, positions, segment_ids=segment_ids))(params)
+    alone, unmasked, packed = packed_logits(case)
+    packed, slices = packed[impl], packed_row()[3]
     for s, want in zip(slices, alone):
         np.testing.assert_allclose(packed[:, s], want, atol=1e-5, rtol=1e-5)
     # The mask matters: without segment ids B's tokens see A's and their logits change.
     assert not np.allclose(packed[:, slices[1]], unmasked[:, slices[1]], atol=1e-3)
 
 
-@pytest.mark.parametrize("impl", ["blockwise", "splash"])
+GRADIENT_IMPLEMENTATIONS = ("blockwise", "splash")
+_GRADIENTS: dict = {}
+
+
+def packed_gradients():
+    """Parameter gradients of a loss on B's logits: "alone" for B alone by the dense rule, and impl ->
+    those with B packed between A and C; one program, computed once (under `small_query_blocks`)."""
+    if not _GRADIENTS:
+        case = CASES["gqa-rotary-window4"]
+        tokens, positions, segment_ids, slices = packed_row()
+        weights = np.random.default_rng(3).standard_normal((1, LENGTHS[1], tiny().vocab_size), np.float32)
+
+        @jax.jit
+        def run(p, tokens, positions, segment_ids, weights):
+            b = slices[1]
+
+            def packed_loss(p, impl):
+                logits = GPT2(tiny(attention=impl, **case)).apply({"params": p}, tokens, positions,
+                                                                  segment_ids=segment_ids)
+                return jnp.sum(logits[:, b] * weights)
+
+            def alone_loss(p):
+                return jnp.sum(GPT2(tiny(attention="dense", **case)).apply({"params": p}, tokens[:, b]) * weights)
+
+            grads = {impl: jax.grad(packed_loss)(p, impl) for impl in GRADIENT_IMPLEMENTATIONS}
+            return {**grads, "alone": jax.grad(alone_loss)(p)}
+
+        _GRADIENTS.update(run(case_params("gqa-rotary-window4"), tokens, positions, segment_ids, weights))
+    return _GRADIENTS
+
+
+@pytest.mark.parametrize("impl", GRADIENT_IMPLEMENTATIONS)
 def test_packed_gradients_equal_the_document_alone(impl, small_query_blocks):
     """Parameter gradients of a loss on B's logits: B packed between A and C, and B alone."""
-    cfg = tiny(attention=impl, **CASES["gqa-rotary-window4"])
-    params = init_params(cfg, jax.random.PRNGKey(0))
-    tokens, positions, segment_ids, slices = packed_row()
-    b = slices[1]
-    weights = jax.random.normal(jax.random.PRNGKey(3), (1, LENGTHS[1], cfg.vocab_size))
-
-    def packed_loss(p):
-        logits = GPT2(cfg).apply({"params": p}, tokens, positions, segment_ids=segment_ids)
-        return jnp.sum(logits[:, b] * weights)
-
-    def alone_loss(p):
-        return jnp.sum(GPT2(cfg.replace(attention="dense")).apply({"params": p}, tokens[:, b]) * weights)
-
-    got = jax.jit(jax.grad(packed_loss))(params)
-    want = jax.jit(jax.grad(alone_loss))(params)
+    got, want = packed_gradients()[impl], packed_gradients()["alone"]
     for path, g, w in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got), jax.tree.leaves(want)):
         err = float(np.max(np.abs(np.asarray(g) - np.asarray(w))) / (np.max(np.abs(np.asarray(w))) + 1e-30))
         assert err <= 1e-5, f"{jax.tree_util.keystr(path[0])}: relative error {err:.2e}"
@@ -117,16 +141,18 @@ def test_dropout_keeps_the_documents_apart():
     """Dropout on the attention probabilities runs the dense rule, masked by index and segment: with
     A's tokens changed, B's logits stay the same under the same dropout key."""
     cfg = tiny(dropout=0.1, **CASES["gqa-rotary-window4"])
-    params = init_params(cfg, jax.random.PRNGKey(0))
+    params = case_params("gqa-rotary-window4")
     tokens, positions, segment_ids, slices = packed_row()
-    other = tokens.at[:, slices[0]].set((tokens[:, slices[0]] + 1) % 64)
+    other = np.array(tokens)
+    other[:, slices[0]] = (other[:, slices[0]] + 1) % 64
 
     @jax.jit
-    def logits(t):
-        return GPT2(cfg).apply({"params": params}, t, positions, segment_ids=segment_ids, deterministic=False,
+    def logits(p, t, positions, segment_ids):
+        return GPT2(cfg).apply({"params": p}, t, positions, segment_ids=segment_ids, deterministic=False,
                                rngs={"dropout": jax.random.PRNGKey(5)})
 
-    np.testing.assert_allclose(logits(tokens)[:, slices[1]], logits(other)[:, slices[1]], atol=1e-6)
+    got, want = (logits(params, t, positions, segment_ids)[:, slices[1]] for t in (other, tokens))
+    np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_segment_ids_are_refused_with_the_kv_cache():
@@ -170,37 +196,52 @@ def test_document_mask_must_be_a_bool_and_needs_the_eot_token():
         run_lib.run_from_config(cfg, mesh)
 
 
+def train_run():
+    """The train step test's run: blockwise, 2 micro-batches of 4 rows on data x fsdp = 2 x 2."""
+    cfg = training_config(attention="blockwise")
+    cfg.train.update(dict(global_batch_size=8, grad_accum_steps=2))
+    return run_lib.run_from_config(cfg, sharding.make_mesh(dict(data=2, fsdp=2, tensor=1), jax.devices()[:4]))
+
+
+_SHARED: dict = {}
+
+
+def shared():
+    """(the train run's fresh state on the host, a batch, its loss with and without the document mask
+    by the dense rule, unsharded): the eval and train step tests both check against these, once.
+    Random weights at GPT-2's init scale: only the optimizer's init is compiled, not the model's."""
+    if not _SHARED:
+        run, batch = train_run(), eot_batch(batch_size=8)
+        params = jax.tree.map(np.asarray, random_params(run.model_config, std=0.02))  # host arrays: sliced in place
+        state = run_lib.create_train_state(run, jax.device_put(params, run.state_shardings.params))
+        state = jax.device_get(state)
+        dense = run.model_config.replace(attention="dense")
+        loss = functools.partial(step_lib.loss_fn, model_config=dense)
+        losses = jax.jit(lambda p, b: (loss(p, b, document_mask=True), loss(p, b, document_mask=False)))(
+            state.params, batch)
+        _SHARED.update(state=state, batch=batch, masked=float(losses[0]), unmasked=float(losses[1]))
+    return _SHARED
+
+
 def test_eval_step_with_document_mask_sharded_over_fsdp_with_splash():
     """The eval step on 4 fsdp devices (splash per shard, interpreted) equals the unsharded dense loss
     computed from the same tokens' documents, and differs from the loss without the mask."""
     cfg = training_config(attention="splash")
     mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=1), jax.devices()[:4])
     run = run_lib.run_from_config(cfg, mesh)
-    params = run_lib.create_train_state(run).params
-    batch = eot_batch()
-    on_mesh = {k: jax.device_put(v, run.batch_sharding) for k, v in batch.items()}
+    params = jax.device_put(shared()["state"].params, run.state_shardings.params)
+    on_mesh = {k: jax.device_put(v, run.batch_sharding) for k, v in shared()["batch"].items()}
     got = float(step_lib.make_eval_step(run)(params, on_mesh)["loss"])
-
-    dense = model_config_from(cfg.model).replace(attention="dense")
-    plain = jax.tree.map(np.asarray, params)
-    loss = functools.partial(step_lib.loss_fn, model_config=dense)
-    want = float(jax.jit(lambda p, b: loss(p, b, document_mask=True))(plain, batch))
-    unmasked = float(jax.jit(lambda p, b: loss(p, b, document_mask=False))(plain, batch))
+    want, unmasked = shared()["masked"], shared()["unmasked"]
     assert abs(got - want) <= 1e-5 * abs(want)
     assert abs(got - unmasked) > 1e-4
 
 
 def test_train_step_loss_is_the_document_masked_loss():
     """The train step (2 micro-batches on data x fsdp = 2 x 2) reports the masked loss of its batch."""
-    cfg = training_config(attention="blockwise")
-    cfg.train.update(dict(global_batch_size=8, grad_accum_steps=2))
-    mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=1), jax.devices()[:4])
-    run = run_lib.run_from_config(cfg, mesh)
-    state = run_lib.create_train_state(run)
-    params = jax.tree.map(np.asarray, state.params)
-    batch = eot_batch(batch_size=8)
-    on_mesh = {k: jax.device_put(v, run.batch_sharding) for k, v in batch.items()}
+    run = train_run()
+    state = jax.device_put(shared()["state"], run.state_shardings)
+    on_mesh = {k: jax.device_put(v, run.batch_sharding) for k, v in shared()["batch"].items()}
     _, metrics = step_lib.make_train_step(run)(state, on_mesh)
-    loss = functools.partial(step_lib.loss_fn, model_config=run.model_config, document_mask=True)
-    want = float(jax.jit(loss)(params, batch))
+    want = shared()["masked"]
     assert abs(float(metrics["loss"]) - want) <= 1e-5 * abs(want)

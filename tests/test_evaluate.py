@@ -40,13 +40,18 @@ def _log_probs(cfg, params, inputs):
 
 
 def token_losses(cfg, params, tokens) -> np.ndarray:
-    """Loss of predicting tokens[1:] from everything before, by one plain forward."""
-    logp = np.asarray(_log_probs(cfg, params, jnp.asarray([tokens[:-1]], jnp.int32)))
-    return -logp[np.arange(len(tokens) - 1), tokens[1:]]
+    """Loss of predicting tokens[1:] from everything before, by one plain forward. The inputs are
+    padded to the full context: causal attention keeps the padding out of the real positions, and
+    every length runs one compiled forward."""
+    n = len(tokens) - 1
+    inputs = np.zeros((1, cfg.block_size), np.int32)
+    inputs[0, :n] = tokens[:-1]
+    logp = np.asarray(_log_probs(cfg, params, jnp.asarray(inputs)))[:n]
+    return -logp[np.arange(n), tokens[1:]]
 
 
 def test_perplexity_of_a_text_within_one_window_is_exp_mean_token_loss():
-    tokens = TEXT[:25]  # fits the 32-token context
+    tokens = TEXT[:32]  # fills the 32-token context: one window
     want = math.exp(token_losses(CFG, PARAMS, tokens).mean())
     assert perplexity(CFG, PARAMS, tokens) == pytest.approx(want, rel=1e-5)
 

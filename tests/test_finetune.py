@@ -239,16 +239,17 @@ def test_a_key_the_source_cannot_honour_is_one_line_naming_both_values(hf_folder
     assert not (tmp_path / "w").exists()  # refused before anything is written
 
 
-def test_a_pytorch_bin_folder_is_refused_by_train_py_with_how_to_convert_it(torch, hf_folder, tmp_path):
+def test_a_pytorch_bin_folder_is_refused_with_how_to_convert_it(torch, hf_folder, tmp_path):
+    """The trainer's refusal, in this process: train.py makes such a ValueError its one `error:` line
+    and exit 2 (gpt2_jax/cli.py; tests/test_cli.py runs it), and the run above starts train.py from a folder."""
     folder = tmp_path / "bin_only"
     folder.mkdir()
     shutil.copy(hf_folder / "config.json", folder)
     torch.save(hf_model(hf_folder).state_dict(), folder / "pytorch_model.bin")
-    cmd = [*train_py(tmp_path / "w"), f"--config.model.init_from={folder}"]
-    out = subprocess.run(cmd, env=subprocess_env(1), capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    line = out.stderr.strip()
-    assert "\n" not in line and line.startswith(f"error: config.model.init_from='{folder}': ")
+    with pytest.raises(ValueError) as err:
+        trainer_lib.train(finetune_config(**{"model.init_from": str(folder)}), str(tmp_path / "w"))
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(f"config.model.init_from='{folder}': ")
     assert "holds pytorch_model.bin but no model.safetensors" in line and ".save_pretrained(" in line
     assert not (tmp_path / "w").exists()
     # The command it gives pastes into a shell (its quotes are intact) and converts the folder, which then opens.

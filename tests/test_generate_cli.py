@@ -1,12 +1,16 @@
-"""generate.py and `python -m gpt2_jax.export` as a user runs them (subprocesses): greedy parity with
-Hugging Face generate, streaming == JSON, checkpoints (a corrupt newest one skipped, said once),
-export round trip with the tokenizer, the default compilation cache, one-line errors (exit 2).
+"""generate.py and `python -m gpt2_jax.export` as a user runs them (subprocesses): streaming == JSON,
+several samples, --truncate, checkpoints (a corrupt newest one skipped, said once), export round trip
+with the tokenizer, speculative decoding, the default compilation cache, one-line errors (exit 2); and
+the sampler's greedy parity with Hugging Face generate.
 
-The Hugging Face parity test needs torch + transformers (required where CI is set, like test_hf.py).
+Each generate.py process costs seconds (imports, loading, its programs), so one run serves several
+checks, and checks whose command line another test runs are made in this process.
+The Hugging Face tests need torch + transformers (required where CI is set, like test_hf.py).
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,6 +20,7 @@ import pytest
 from helpers import make_checkpoint, random_params, require, subprocess_env
 
 from gpt2_jax import ModelConfig
+from gpt2_jax.checkpoints import load_model
 from gpt2_jax.data.tokenizer import EOT_ID, get_tokenizer
 from gpt2_jax.inference.export import export_checkpoint
 from gpt2_jax.inference.sampling import generate
@@ -61,21 +66,26 @@ def tiny_hf(tmp_path_factory) -> str:
     return str(folder)
 
 
-def test_greedy_json_equals_hugging_face_generate(tmp_path):
+def test_greedy_equals_hugging_face_generate(tmp_path):
+    """The sampler on a folder transformers wrote (generate.py's --hf loader) against transformers'
+    own greedy generate. In this process: generate.py's greedy JSON is held to this sampler below
+    (a checkpoint, and the --truncate runs on an --hf folder)."""
     torch = require("torch")
     require("transformers")
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)).eval()  # vocab 50257
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=TINY.n_layer, n_head=TINY.n_head, n_embd=TINY.n_embd,
+                                    n_positions=TINY.block_size)).eval()  # vocab 50257: TINY's shape
     with torch.no_grad():  # weights far from the 0.02 init: peaked predictions, no near-ties
         for name, p in hf.named_parameters():
             is_ln_scale = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
             p.copy_(torch.randn_like(p) * 0.3 + (1.0 if is_ln_scale else 0.0))
     hf.save_pretrained(tmp_path)
-    N = 24
-    args = ["--hf", str(tmp_path), "--prompt", PROMPT, "--max_new_tokens", str(N), "--temperature", "0", "--json"]
-    [ours] = json_lines(run(args))
+    N = 16  # with the prompt's 9 tokens, within the 32-token context
+    config, params = load_model(hf=str(tmp_path))
+    assert config == TINY  # so the programs are those of the checkpoint test's sampler
+    [ours] = generate(config, params, [get_tokenizer().encode(PROMPT)], max_new_tokens=N, temperature=0)
 
     ids = torch.tensor([get_tokenizer().encode(PROMPT)])
     with torch.no_grad():  # the same rule on both sides: stop at <|endoftext|>
@@ -83,31 +93,43 @@ def test_greedy_json_equals_hugging_face_generate(tmp_path):
                           eos_token_id=EOT_ID, pad_token_id=EOT_ID)
     want = out[0, ids.shape[1]:].tolist()
     want = want[: want.index(EOT_ID)] if EOT_ID in want else want
-    assert ours["tokens"] == want
-    assert ours["prompt"] == PROMPT and ours["completion"] == get_tokenizer().decode(want)
-    assert ours["tokens_per_s"] > 0
+    assert ours == want and len(want) > N // 2
 
 
-def test_streamed_text_equals_the_json_completion(tiny_hf):
-    args = ["--hf", tiny_hf, "--max_new_tokens", "12", "--temperature", "0.8", "--top_k", "40", "--top_p", "0.95",
-            "--seed", "3"]
-    streamed = run(args, stdin=PROMPT)  # the prompt from standard input
+# One prompt well over the 32-token context, cut by --truncate left, sampled by generate.py twice:
+# three samples as JSON lines from a prompt file, with no compilation cache passed on (the default
+# folder, under a HOME of its own), and one sample streamed from standard input.
+LONG_PROMPT = " ".join(f"word{i}" for i in range(40))
+SAMPLING = ["--max_new_tokens", "12", "--temperature", "0.8", "--top_k", "40", "--top_p", "0.95", "--seed", "3",
+            "--truncate", "left"]
+
+
+@pytest.fixture(scope="module")
+def sampled(tiny_hf, tmp_path_factory) -> dict:
+    home = tmp_path_factory.mktemp("home")
+    (home / "p.txt").write_text(LONG_PROMPT)
+    records = json_lines(run(["--hf", tiny_hf, "--prompt_file", str(home / "p.txt"), "--num_samples", "3", "--json",
+                              *SAMPLING], home=home))
+    streamed = run(["--hf", tiny_hf, *SAMPLING], stdin=LONG_PROMPT)
+    return dict(home=home, records=records, streamed=streamed)
+
+
+def test_streamed_text_equals_the_json_completion(sampled):
+    # Row r's samples depend on the seed and r only (sampling.py), so the stream is the first JSON line.
+    streamed, [first, *_] = sampled["streamed"], sampled["records"]
     assert streamed.returncode == 0, streamed.stderr
-    [record] = json_lines(run(args + ["--prompt", PROMPT, "--json"]))
-    assert streamed.stdout == PROMPT + record["completion"] + "\n"
+    assert streamed.stdout == LONG_PROMPT + first["completion"] + "\n"
     assert "tokens/s" in streamed.stderr
-    assert record["tokens"] == generate(TINY, random_params(TINY, std=0.3), [get_tokenizer().encode(PROMPT)], max_new_tokens=12,
-                                        temperature=0.8, top_k=40, top_p=0.95, seed=3)[0]
+    assert first["tokens"] == generate(TINY, random_params(TINY, std=0.3), [get_tokenizer().encode(LONG_PROMPT)],
+                                       max_new_tokens=12, temperature=0.8, top_k=40, top_p=0.95, seed=3,
+                                       truncate="left")[0]
 
 
-def test_several_samples_are_json_lines_from_a_prompt_file(tiny_hf, tmp_path):
-    (tmp_path / "p.txt").write_text(PROMPT)
-    # No GPT2_JAX_COMPILATION_CACHE: the programs go to the default folder, under this HOME.
-    records = json_lines(run(["--hf", tiny_hf, "--prompt_file", str(tmp_path / "p.txt"), "--num_samples", "3",
-                              "--max_new_tokens", "8", "--json"], home=tmp_path))
-    assert len(records) == 3 and all(r["prompt"] == PROMPT for r in records)
+def test_several_samples_are_json_lines_from_a_prompt_file(sampled):
+    records = sampled["records"]
+    assert len(records) == 3 and all(r["prompt"] == LONG_PROMPT for r in records)
     assert len({tuple(r["tokens"]) for r in records}) == 3
-    assert len(os.listdir(tmp_path / ".cache" / "gpt2_jax" / "jax_cache")) >= 2  # prefill and decode at least
+    assert len(os.listdir(sampled["home"] / ".cache" / "gpt2_jax" / "jax_cache")) >= 2  # prefill and decode at least
 
 
 def test_a_checkpoint_generates_and_exports_to_an_equal_hf_folder(tmp_path):
@@ -122,11 +144,15 @@ def test_a_checkpoint_generates_and_exports_to_an_equal_hf_folder(tmp_path):
     [from_ckpt] = json_lines(out)
     want = generate(TINY, params, [get_tokenizer().encode(PROMPT)], max_new_tokens=10, temperature=0)[0]
     assert from_ckpt["tokens"] == want
+    assert from_ckpt["prompt"] == PROMPT and from_ckpt["completion"] == get_tokenizer().decode(want)
+    assert from_ckpt["tokens_per_s"] > 0
     # Said once: what was skipped, why, and the step used.
     assert [line for line in out.stderr.splitlines() if "step 4" in line] == [out.stderr.strip()]
     assert out.stderr.strip().endswith("were written): unusable, skipped; using step 3")
-    # A step folder named on purpose does not fall back.
-    assert_one_line_error(run(["--ckpt", str(step4)] + greedy), f"checkpoint {step4} is unusable: file ")
+    # A step folder named on purpose does not fall back (generate.py's loader; its errors reach the
+    # command line as one line, test_bad_checkpoint_folders_are_one_line_errors).
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {step4} is unusable: file ")):
+        load_model(ckpt=str(step4))
 
     out = run(["--ckpt", workdir, "--out", str(tmp_path / "hf")], module="gpt2_jax.export")
     assert out.returncode == 0, out.stderr
@@ -163,8 +189,9 @@ def test_a_checkpoint_generates_and_exports_to_an_equal_hf_folder(tmp_path):
 def test_export_refuses_a_rotary_model_and_writes_nothing(tmp_path):
     rotary = TINY.replace(position_embedding="rotary")
     workdir = make_checkpoint(tmp_path / "run", rotary, random_params(rotary, std=0.3))
-    out = run(["--ckpt", workdir, "--out", str(tmp_path / "hf")], module="gpt2_jax.export")
-    assert_one_line_error(out, "cannot be exported as a Hugging Face GPT-2: position_embedding='rotary'")
+    # export's own function (its command line, and how it reports a refusal, are run in the test above)
+    with pytest.raises(ValueError, match="cannot be exported as a Hugging Face GPT-2: position_embedding='rotary'"):
+        export_checkpoint(workdir, str(tmp_path / "hf"))
     assert not (tmp_path / "hf").exists()
 
 
@@ -200,12 +227,9 @@ def test_bad_arguments_are_one_line_errors(tiny_hf):
         assert out.returncode == 2
 
 
-def test_a_prompt_longer_than_the_context_is_refused_unless_truncated(tiny_hf):
-    long_prompt = " ".join(f"word{i}" for i in range(40))  # well over the 32-token context
-    n = len(get_tokenizer().encode(long_prompt))
-    out = run(["--hf", tiny_hf, "--prompt", long_prompt, "--max_new_tokens", "5"])
+def test_a_prompt_longer_than_the_context_is_refused_unless_truncated(tiny_hf, sampled):
+    n = len(get_tokenizer().encode(LONG_PROMPT))
+    out = run(["--hf", tiny_hf, "--prompt", LONG_PROMPT, "--max_new_tokens", "5"])
     assert_one_line_error(out, f"the prompt has {n} tokens but the model's context is 32 tokens")
     assert "--truncate left" in out.stderr
-    [record] = json_lines(run(["--hf", tiny_hf, "--prompt", long_prompt, "--max_new_tokens", "5", "--temperature", "0",
-                               "--truncate", "left", "--json"]))
-    assert len(record["tokens"]) == 5
+    assert all(len(r["tokens"]) == 12 for r in sampled["records"])  # --truncate left made room for all 12

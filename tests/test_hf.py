@@ -4,6 +4,7 @@ The live tests need torch + transformers (CI installs both; where CI=true they a
 The committed fixture (tests/fixtures/hf_tiny, made by make_golden.py) checks parity without torch.
 """
 
+import functools
 import json
 import os
 
@@ -11,11 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import require
+from helpers import random_params, require
 
 from gpt2_jax import GPT2, ModelConfig
 from gpt2_jax.model.config import count_params
-from gpt2_jax.model.gpt2 import init_params
 from gpt2_jax.model.hf import load_hf_gpt2, save_hf_gpt2
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf_tiny")
@@ -29,8 +29,13 @@ def torch():
     return t
 
 
+@functools.cache
+def _forward(config):  # one jitted forward per config: a config seen again is neither traced nor compiled again
+    return jax.jit(lambda p, t: GPT2(config).apply({"params": p}, t))
+
+
 def ours(config, params, tokens):
-    return np.asarray(jax.jit(lambda p, t: GPT2(config).apply({"params": p}, t))(params, jnp.asarray(tokens)))
+    return np.asarray(_forward(config)(params, jnp.asarray(tokens)))
 
 
 def hf_logits(torch, model, tokens):
@@ -96,8 +101,7 @@ def test_save_round_trips_through_transformers(torch, tmp_path, dtype, tol):
     from transformers import GPT2LMHeadModel
 
     config = ModelConfig(n_layer=2, n_head=4, n_embd=32, block_size=16, vocab_size=101, pad_vocab_to_multiple=8)
-    params = init_params(config, jax.random.PRNGKey(0))
-    params = jax.tree_util.tree_map(lambda x: x * 4.0, params)  # large weights: layout errors show
+    params = random_params(config, std=0.08)  # large weights (4x GPT-2's init): layout errors show
     save_hf_gpt2(config, params, str(tmp_path), dtype=dtype)
     hf = GPT2LMHeadModel.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     tokens = np.random.default_rng(2).integers(0, 101, (2, 16))
@@ -113,7 +117,7 @@ def test_save_round_trips_through_transformers(torch, tmp_path, dtype, tol):
 
 def test_save_then_load_is_exact_without_torch(tmp_path):
     config = ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=40)
-    params = init_params(config, jax.random.PRNGKey(3))
+    params = random_params(config, seed=3, std=0.02)
     save_hf_gpt2(config, params, str(tmp_path))
     with open(tmp_path / "config.json") as f:
         assert json.load(f)["model_type"] == "gpt2"
@@ -132,7 +136,7 @@ def test_save_then_load_is_exact_without_torch(tmp_path):
 )
 def test_export_refuses_what_hf_gpt2_cannot_represent(tmp_path, change, reason):
     config = ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=40, **change)
-    params = init_params(config, jax.random.PRNGKey(0))
+    params = random_params(config, std=0.02)
     with pytest.raises(ValueError, match=reason):
         save_hf_gpt2(config, params, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()

@@ -45,7 +45,7 @@ def params_for(cfg: ModelConfig, seed: int = 0):
     """Random weights N(0, 0.1), norm gains 1 + N(0, 0.1), biases N(0, 0.1): no switch hides behind a 0."""
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_map_with_path(
-        lambda p, s: jnp.asarray(rng.normal(1.0 if p[-1].key == "scale" else 0.0, 0.1, s.shape), jnp.float32),
+        lambda p, s: jnp.asarray(rng.normal(1.0 if p[-1].key == "scale" else 0.0, 0.1, s.shape).astype(np.float32)),
         nn.meta.unbox(abstract_params(cfg)))
 
 
@@ -118,8 +118,8 @@ def test_zero_init_proj_starts_every_block_as_the_identity_and_the_head_at_zero(
 
 def test_qk_norm_makes_attention_blind_to_the_scale_of_q_and_k():
     def rescaled(params):  # q x 7, k x 0.3 (k is kv[..., 0, :, :]): per-head RMS norms undo both
-        attn = params["blocks"]["attn"]
-        kv_scale = jnp.asarray([0.3, 1.0])[None, :, None, None]
+        attn = jax.tree.map(np.asarray, params["blocks"]["attn"])  # numpy: no op to compile per shape
+        kv_scale = np.asarray([0.3, 1.0], np.float32)[None, :, None, None]
         attn = {**attn, "q": {"kernel": attn["q"]["kernel"] * 7, "bias": attn["q"]["bias"] * 7},
                 "kv": {"kernel": attn["kv"]["kernel"] * kv_scale[:, None], "bias": attn["kv"]["bias"] * kv_scale}}
         return {**params, "blocks": {**params["blocks"], "attn": attn}}
@@ -130,24 +130,27 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_q_and_k():
         params = params_for(cfg)
         if qk_norm:
             assert params["blocks"]["attn"]["q_norm"]["scale"].shape == (2, 8)  # [layers, head_dim]
-        diff[qk_norm] = np.abs(np.asarray(forward(cfg)(rescaled(params), TOKENS) - forward(cfg)(params, TOKENS))).max()
+        diff[qk_norm] = np.abs(np.asarray(forward(cfg)(rescaled(params), TOKENS)) -
+                               np.asarray(forward(cfg)(params, TOKENS))).max()
     assert diff[True] < 1e-3 and diff[False] > 300 * diff[True], diff  # what is left is RMSNorm's epsilon
 
 
 def test_rmsnorm_and_relu2_compute_their_formulas():
+    # The layers jitted (one program each, not one per operation); the formulas in numpy.
     cfg = tiny(norm="rmsnorm", mlp_activation="relu2")
-    x = jnp.asarray(np.random.default_rng(2).normal(1.0, 2.0, (3, 32)), jnp.float32)
-    scale = jnp.linspace(0.5, 1.5, 32)
-    got = layer_norm(cfg, None).apply({"params": {"scale": scale}}, x)
-    want = x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + cfg.layer_norm_eps) * scale
+    x = np.random.default_rng(2).normal(1.0, 2.0, (3, 32)).astype(np.float32)
+    scale = np.linspace(0.5, 1.5, 32, dtype=np.float32)
+    got = jax.jit(lambda p, x: layer_norm(cfg, None).apply({"params": p}, x))({"scale": scale}, x)
+    want = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.layer_norm_eps) * scale
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert set(params_for(cfg)["ln_f"]) == {"scale"}  # no bias, no mean
 
     mlp = params_for(cfg)["blocks"]["mlp"]
-    layer0 = jax.tree.map(lambda a: a[0], mlp)
+    layer0 = jax.tree.map(lambda a: np.asarray(a[0]), mlp)
     h = x @ layer0["fc"]["kernel"] + layer0["fc"]["bias"]
-    want = jnp.maximum(h, 0) ** 2 @ layer0["proj"]["kernel"] + layer0["proj"]["bias"]
-    np.testing.assert_allclose(MLP(cfg).apply({"params": layer0}, x), want, rtol=1e-5, atol=1e-6)
+    want = np.maximum(h, 0) ** 2 @ layer0["proj"]["kernel"] + layer0["proj"]["bias"]
+    got = jax.jit(lambda p, x: MLP(cfg).apply({"params": p}, x))(layer0, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("switch", sorted(set(MODERN) - {"zero_init_proj"}))
@@ -181,11 +184,25 @@ def test_every_parameter_has_a_group_and_muon_takes_exactly_the_blocks_matrices(
         optim.muon_dimension_numbers({"wte": {"embedding": jnp.zeros((4, 4))}})
 
 
-def _one_update(train_overrides: dict, grads, params):
-    c = train_config(MODERN, **train_overrides).train
+@functools.cache
+def _jitted_update(train_overrides: tuple):
+    """(init, jitted update) of the optimizer of train_config(MODERN, **overrides): built once, so the
+    same overrides are neither traced nor compiled twice."""
+    c = train_config(MODERN, **dict(train_overrides)).train
     tx = optim.make_optimizer(c, optim.make_schedule(c))
-    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    return jax.jit(tx.init), jax.jit(tx.update)
+
+
+def _one_update(train_overrides: dict, grads, params):
+    init, update = _jitted_update(tuple(sorted(train_overrides.items())))
+    updates, _ = update(grads, init(params), params)
     return updates
+
+
+# AdamW's per-group rates, and Muon on top of them: the Muon test and the groups test share this
+# optimizer (one compiled update); each looks at the groups it is about.
+RATES = dict(embed_learning_rate=2e-3, head_learning_rate=3e-3, scalar_learning_rate=5e-4, grad_clip=0.0)
+MUON_LR = 0.05
 
 
 def _spread(matrix) -> tuple[float, float]:
@@ -225,15 +242,14 @@ def test_muon_orthogonalises_each_layer_and_each_of_k_and_v_as_its_own_matrix(sp
     params = params_for(tiny(**MODERN))
     rng = np.random.default_rng(3)
     views = PER_HEAD if split_heads else WHOLE
-    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(0, 0.01, p.shape), jnp.float32), params)
+    grads = jax.tree.map(lambda p: rng.normal(0, 0.01, p.shape).astype(np.float32), params)
     for module in ("attn", "mlp"):
         for name in grads["blocks"][module]:
             if name in views:
                 kernel = grads["blocks"][module][name]["kernel"]
-                grads["blocks"][module][name]["kernel"] = jnp.asarray(_conditioned_like(kernel, views[name], rng),
-                                                                      jnp.float32)
-    lr = 0.05
-    over = dict(optimizer="muon", muon_learning_rate=lr, muon_split_heads=split_heads, grad_clip=0.0)
+                grads["blocks"][module][name]["kernel"] = _conditioned_like(kernel, views[name], rng).astype(np.float32)
+    lr = MUON_LR
+    over = dict(RATES, optimizer="muon", muon_learning_rate=lr, muon_split_heads=split_heads)
     u = _one_update(over, grads, params)
     for module in ("attn", "mlp"):
         for name, view in views.items():
@@ -247,8 +263,10 @@ def test_muon_orthogonalises_each_layer_and_each_of_k_and_v_as_its_own_matrix(sp
                 assert lo > 0.6 and hi < 1.25, (name, matrix.shape, lo, hi)
     # Another gradient for layer 1 and for v leaves layer 0's k update as it was.
     moved = dict(grads, blocks=jax.tree.map(lambda g: g, grads["blocks"]))
-    kv = moved["blocks"]["attn"]["kv"]["kernel"]
-    moved["blocks"]["attn"]["kv"]["kernel"] = kv.at[1].multiply(-3.0).at[0, :, 1].multiply(0.5).at[0, :, 1, 0].set(0.1)
+    kv = moved["blocks"]["attn"]["kv"]["kernel"] = moved["blocks"]["attn"]["kv"]["kernel"].copy()
+    kv[1] *= -3.0
+    kv[0, :, 1] *= 0.5
+    kv[0, :, 1, 0] = 0.1
     before = np.asarray(u["blocks"]["attn"]["kv"]["kernel"])
     again = np.asarray(_one_update(over, moved, params)["blocks"]["attn"]["kv"]["kernel"])
     np.testing.assert_allclose(again[0, :, 0], before[0, :, 0], rtol=1e-5, atol=1e-7)
@@ -257,11 +275,11 @@ def test_muon_orthogonalises_each_layer_and_each_of_k_and_v_as_its_own_matrix(sp
 
 def test_adamw_groups_take_their_own_rates_and_muon_leaves_them_as_adamw_does():
     params = params_for(tiny(**MODERN))
-    grads = jax.tree.map(lambda p: p * 0.01 + 0.001, params)
+    grads = jax.tree.map(lambda p: np.asarray(p) * 0.01 + 0.001, params)
     base = _one_update(dict(grad_clip=0.0), grads, params)
-    rates = dict(embed_learning_rate=2e-3, head_learning_rate=3e-3, scalar_learning_rate=5e-4, grad_clip=0.0)
+    rates = RATES
     grouped = _one_update(rates, grads, params)
-    muon = _one_update(dict(rates, optimizer="muon"), grads, params)
+    muon = _one_update(dict(rates, optimizer="muon", muon_learning_rate=MUON_LR, muon_split_heads=False), grads, params)
     ratio = lambda a, b: float(np.median(np.asarray(a) / np.asarray(b)))  # noqa: E731
     assert ratio(grouped["wte"]["embedding"], base["wte"]["embedding"]) == pytest.approx(2.0, rel=1e-4)
     assert ratio(grouped["lm_head"]["embedding"], base["lm_head"]["embedding"]) == pytest.approx(3.0, rel=1e-4)
@@ -285,7 +303,7 @@ def test_default_adamw_is_optax_adamw_state_and_numerics():
     assert jax.tree.structure(s1) == jax.tree.structure(s2)  # old checkpoints restore
     update1, update2 = jax.jit(ours.update), jax.jit(theirs.update)  # compiled, as training applies them
     for seed in range(2):
-        g = jax.tree.map(lambda p: p * (seed + 1) * 0.1, params)
+        g = jax.tree.map(lambda p: np.asarray(p) * np.float32((seed + 1) * 0.1), params)
         u1, s1 = update1(g, s1, params)
         u2, s2 = update2(g, s2, params)
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), u1, u2)

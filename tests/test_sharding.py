@@ -193,17 +193,24 @@ def test_sharding_context_applies_activation_rules():
 _CACHE: dict = {}
 
 
+def run_on(**mesh_axes):
+    """(Run, jitted train step) of the default config on a mesh; built once per mesh, so the tests
+    that use the same mesh share its layout and its traced and compiled step."""
+    key = tuple(sorted(mesh_axes.items()))
+    if key not in _CACHE:
+        cfg = make_config()
+        run = run_lib.build_run(model_config_from(cfg.model), cfg.train, mesh_of(**mesh_axes), NUM_STEPS)
+        _CACHE[key] = (run, step_lib.make_train_step(run))
+    return _CACHE[key]
+
+
 def reference_run():
     """(initial state on host, state after one step on one device, its metrics); computed once."""
     if "reference" not in _CACHE:
-        cfg = make_config()
-        model_config = model_config_from(cfg.model)
-        mesh = mesh_of()
-        run = run_lib.build_run(model_config, cfg.train, mesh, NUM_STEPS)
+        run, step = run_on()
         state = run_lib.create_train_state(run)
         initial = jax.device_get(state)
-        step = step_lib.make_train_step(run)
-        state, metrics = step(state, token_batch(mesh))
+        state, metrics = step(state, token_batch(run.mesh))
         _CACHE["reference"] = (initial, jax.device_get(state), jax.device_get(metrics))
     return _CACHE["reference"]
 
@@ -211,9 +218,7 @@ def reference_run():
 def born_on_fsdp8():
     """(state created directly on an fsdp=8 mesh, its shardings); computed once."""
     if "fsdp8" not in _CACHE:
-        cfg = make_config()
-        model_config = model_config_from(cfg.model)
-        run = run_lib.build_run(model_config, cfg.train, mesh_of(fsdp=8), NUM_STEPS)
+        run, _ = run_on(fsdp=8)
         _CACHE["fsdp8"] = (run_lib.create_train_state(run), run.state_shardings)
     return _CACHE["fsdp8"]
 
@@ -225,12 +230,8 @@ def born_on_fsdp8():
 )
 def test_one_step_on_a_mesh_equals_one_device(mesh_axes):
     initial, ref_state, ref_metrics = reference_run()
-    cfg = make_config()
-    model_config = model_config_from(cfg.model)
-    mesh = mesh_of(**mesh_axes)
-    run = run_lib.build_run(model_config, cfg.train, mesh, NUM_STEPS)
-    shardings = run.state_shardings
-    step = step_lib.make_train_step(run)
+    run, step = run_on(**mesh_axes)
+    mesh, shardings = run.mesh, run.state_shardings
     # The same starting point on every mesh (test_state_is_born_sharded_... shows creation agrees too).
     state, metrics = step(jax.device_put(initial, shardings), token_batch(mesh))
 
@@ -280,12 +281,8 @@ def test_fsdp_holds_an_eighth_of_params_and_optimizer_state_per_device():
 
 
 def test_train_step_traces_the_model_activation_constraints():
-    cfg = make_config()
-    model_config = model_config_from(cfg.model)
-    mesh = mesh_of(data=2, fsdp=4)
-    run = run_lib.build_run(model_config, cfg.train, mesh, NUM_STEPS)
-    abstract = run.abstract_state
-    step = step_lib.make_train_step(run)
+    run, step = run_on(data=2, fsdp=4)
+    mesh, abstract = run.mesh, run.abstract_state
     tokens = jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=sharding.batch_sharding(mesh))
     batch = {"inputs": tokens, "targets": tokens}
 
