@@ -233,8 +233,10 @@ def run_parts(names: list[str], args, env: dict) -> list[dict]:
     if args.smoke:
         cmd.append("--smoke")
     deadline = sum(DEADLINES[name] for name in names) * (2 if args.smoke else 1)  # smoke: a loaded CPU compiles slowly
+    # Smoke: PyTorch on one thread (its figures mean nothing; a second thread mostly spins on a loaded CPU).
+    child_env = dict(os.environ, OMP_NUM_THREADS="1") if args.smoke else None
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=deadline)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=deadline, env=child_env)
     except subprocess.TimeoutExpired:
         return [{"part": ",".join(names), "ok": False, "error": f"did not finish within {deadline} s"}]
     rows = [json.loads(line[len("ROW "):]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]

@@ -56,8 +56,8 @@ SWEEP = {
 # Its validation loss is computed under the same mask, so each token sees less context than the others'.
 DOCUMENT_MASK = {"data.document_mask": True}
 SMOKE = {"model.n_layer": 1, "model.n_embd": 32, "model.n_head": 2, "model.block_size": 16,
-         "train.global_batch_size": 4, "train.num_steps": 6, "train.warmup_steps": 1, "train.eval_every": 3,
-         "train.eval_steps": 2}
+         "train.global_batch_size": 4, "train.num_steps": 4, "train.warmup_steps": 1, "train.eval_every": 2,
+         "train.eval_steps": 1}
 
 
 def train(recipe: str, workdir: str, overrides: dict, log) -> dict:

@@ -1,4 +1,4 @@
-"""bench/accelerator.py --smoke: the whole benchmark (every part, in its own process) at tiny shapes
+"""bench/accelerator.py --smoke: the whole benchmark (every part, in one child process) at tiny shapes
 on a CPU, so the script a GPU or TPU host runs first cannot rot. Its figures mean nothing here."""
 
 import json

@@ -1,6 +1,9 @@
 """Checkpoints: exact resume after SIGKILL (also mid-save), Ctrl-C, restore onto other meshes,
 corrupt and incomplete checkpoints, NaN losses, refusing a different model, and what a resume with
-other steps, schedule or batch size does."""
+other steps, schedule or batch size does.
+
+train.py's interruptions are one story in one workdir (each run is a process start, the most of its
+cost); the trainer's own cases go on from copies of one 2-step run, whose compiled step they share."""
 
 import glob
 import json
@@ -32,7 +35,8 @@ from gpt2_jax.training import trainer as trainer_lib
 from gpt2_jax.training.run_config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N = TINY_RUN_STEPS // 2  # steps before the interruption; runs go to 2N (enough that a kill lands mid-run)
+STEPS = TINY_RUN_STEPS  # the subprocess runs' steps (conftest's uninterrupted run is their reference)
+N = STEPS // 3  # their checkpoints: every N steps
 
 
 def tiny_config(**train):
@@ -40,20 +44,14 @@ def tiny_config(**train):
     from configs import tiny
 
     c = tiny.get_config()
-    c.train.num_steps = 2 * N
-    c.train.checkpoint_every = N
     c.train.eval_every = 0
     for k, v in train.items():
         setattr(c.train, k, v)
     return c
 
 
-def train_cmd(workdir, cache, *extra):
-    return tiny_train_cmd(workdir, cache, N, *extra)
-
-
 def env():
-    return subprocess_env(1, optimized=True)  # 30 steps per run, its programs compiled once (run at -O2)
+    return subprocess_env(1, optimized=True)  # conftest's reference run compiled the programs at -O2
 
 
 @pytest.fixture(scope="module")
@@ -91,114 +89,118 @@ def logged_steps(workdir):
         return sum(1 for _ in f)
 
 
-def assert_same_as_straight(workdir, straight):
-    want, got = losses(straight), losses(workdir)
-    for s in range(N + 1, 2 * N + 1):
-        assert got[s] == want[s], (s, got[s], want[s])  # bitwise: the same batches, the same math
-    jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(workdir), final_params(straight))
-
-
 def wait_for(proc, condition, timeout=240):
     t0 = time.time()
     while not condition():
         assert proc.poll() is None and time.time() - t0 < timeout, proc.communicate()[0][-3000:]
-        time.sleep(0.002)
+        time.sleep(0.01)  # what it waits for is a step or more away (mid-save kills: run_until)
 
 
-def test_a_second_run_is_refused_and_a_sigkilled_run_resumes_exactly_with_each_step_logged_once(
-        tmp_path, cache, straight):
-    workdir = tmp_path / "killed"
-    sizes = os.path.join(workdir, "checkpoints", f"{N}.sizes.json")
-    first = subprocess.Popen(train_cmd(workdir, cache), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def test_ctrl_c_sigkill_mid_save_and_sigkill_each_resume_exactly_and_a_second_run_is_refused(tmp_path, cache, straight):
+    """One workdir, four runs of the same command, each stopped another way and resumed by the next: Ctrl-C
+    (checkpoint, plot, exit 0; a second run is refused meanwhile), SIGKILL mid-save of step N, SIGKILL
+    once step 2N is saved and training has gone past it, then to the end: the same losses and weights as
+    the uninterrupted run, each step logged once."""
+    workdir = tmp_path / "run"
+    ckdir = workdir / "checkpoints"
+    cmd = tiny_train_cmd(workdir, cache, N)
+    # 1. Ctrl-C (SIGINT and SIGTERM share one handler) once a few steps are logged.
+    first = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # A second run on the same workdir, while the first is training (held still meanwhile).
         wait_for(first, lambda: logged_steps(workdir) >= 1)
         first.send_signal(signal.SIGSTOP)
         try:
-            second = subprocess.run(train_cmd(workdir, cache), env=env(), timeout=120, capture_output=True, text=True)
+            second = subprocess.run(cmd, env=env(), timeout=120, capture_output=True, text=True)
         finally:
             first.send_signal(signal.SIGCONT)
         assert second.returncode == 2 and len(second.stderr.splitlines()) == 1, second.stderr
         assert second.stderr.startswith(f"error: workdir {workdir} is in use by another train.py (host "
                                         f"{socket.gethostname()}, pid {first.pid}, since ")
-        # Killed once the step-N checkpoint is complete and training has gone past it.
-        wait_for(first, lambda: os.path.exists(sizes) and logged_steps(workdir) > N + 1)
-        first.kill()
-        assert first.wait() == -signal.SIGKILL
+        wait_for(first, lambda: logged_steps(workdir) >= 3)
+        first.send_signal(signal.SIGINT)
+        out = first.communicate(timeout=240)[0]
     finally:
         if first.poll() is None:
             first.kill()
-        first.communicate()
-    assert logged_steps(workdir) < 2 * N
-    out = subprocess.run(train_cmd(workdir, cache), check=True, env=env(), timeout=300, capture_output=True, text=True)
-    assert f"took over the lock of train.py pid {first.pid} on host {socket.gethostname()}: that process has " \
-           "ended" in out.stdout
-    assert f"resumed from step {N}" in out.stdout and f"past step {N} (logged after the checkpoint" in out.stdout
-    assert_same_as_straight(workdir, straight)  # the first run was unharmed by the second
+    assert first.returncode == 0, out
+    loader = ckpt_lib.Checkpointer(str(workdir))
+    stopped = loader.all_steps()
+    loader.close()
+    assert len(stopped) == 1 and stopped[0] < N  # the run's only checkpoint: the one the signal asked for
+    stopped = stopped[0]
+    assert f"stopped by signal {int(signal.SIGINT)} at step {stopped}" in out
+    assert (workdir / "loss.png").stat().st_size > 1000  # the curve so far
+    assert f"done: step {stopped}, loss " in out
+    # 2. SIGKILL the moment the save of step N is under way (its temporary folder exists).
+    mid_save = lambda: bool(glob.glob(str(ckdir / f"{N}*tmp*"))) or (  # noqa: E731
+        (ckdir / str(N)).is_dir() and not (ckdir / f"{N}.sizes.json").exists())
+    code, out = run_until(cmd, mid_save, signal.SIGKILL)
+    assert code == -signal.SIGKILL and f"resumed from step {stopped}" in out, out
+    # 3. Either that save had not finished (back to the Ctrl-C's step) or it had (from N): exact either way.
+    #    SIGKILL once step 2N is saved and training has gone past it.
+    third = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(third, lambda: (ckdir / f"{2 * N}.sizes.json").exists() and logged_steps(workdir) > 2 * N + 1)
+        third.kill()
+        out = third.communicate()[0]
+    finally:
+        if third.poll() is None:
+            third.kill()
+    assert third.returncode == -signal.SIGKILL
+    assert re.search(rf"resumed from step ({stopped}|{N}) ", out), out
+    assert logged_steps(workdir) < STEPS
+    # 4. To the end, taking over the lock the killed run left.
+    out = subprocess.run(cmd, check=True, env=env(), timeout=300, capture_output=True, text=True).stdout
+    assert f"took over the lock of train.py pid {third.pid} on host {socket.gethostname()}: that process has " \
+           "ended" in out
+    assert f"resumed from step {2 * N}" in out and f"past step {2 * N} (logged after the checkpoint" in out
+    want, got = losses(straight), losses(workdir)
+    assert all(got[s] == want[s] for s in range(1, STEPS + 1)), (got, want)  # bitwise: same batches, same math
+    jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(workdir), final_params(straight))
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 2 * N + 1))  # each step once
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # each step once
     assert not (workdir / "train.lock").exists()
 
 
-def test_resume_after_sigkill_during_an_async_save_is_exact(tmp_path, cache, straight):
-    workdir = tmp_path / "killed_mid_save"
-    ckdir = os.path.join(workdir, "checkpoints")
-    # Kill the moment a save of step N is under way: its temporary folder exists.
-    mid_save = lambda: bool(glob.glob(os.path.join(ckdir, f"{N}*tmp*"))) or bool(  # noqa: E731
-        os.path.isdir(os.path.join(ckdir, str(N))) and not os.path.exists(os.path.join(ckdir, f"{N}.sizes.json"))
-    )
-    code, _ = run_until(train_cmd(workdir, cache), mid_save, signal.SIGKILL)
-    assert code == -signal.SIGKILL
-    out = subprocess.run(train_cmd(workdir, cache), check=True, env=env(), timeout=300, capture_output=True, text=True)
-    # Either the save had not finished (start again from 0) or it had (resume from N): exact either way.
-    assert ("resumed from step" not in out.stdout) or (f"resumed from step {N}" in out.stdout)
-    assert_same_as_straight(workdir, straight)
-
-
-def test_ctrl_c_checkpoints_plots_and_exits_zero_then_resumes(tmp_path, cache, straight):
-    workdir = tmp_path / "interrupted"  # SIGINT (Ctrl-C) and SIGTERM share one handler
-    code, out = run_until(train_cmd(workdir, cache), lambda: logged_steps(workdir) >= 3, signal.SIGINT)
-    assert code == 0, out
-    stopped = [s for s in ckpt_lib.Checkpointer(str(workdir)).all_steps()]
-    assert stopped and stopped[-1] < 2 * N
-    assert f"stopped by signal {int(signal.SIGINT)} at step {stopped[-1]}" in out
-    assert (workdir / "loss.png").stat().st_size > 1000  # the curve so far
-    assert f"done: step {stopped[-1]}, loss " in out
-    res = subprocess.run(train_cmd(workdir, cache), check=True, env=env(), timeout=300, capture_output=True, text=True)
-    assert f"resumed from step {stopped[-1]}" in res.stdout
-    want, got = losses(straight), losses(workdir)
-    for s in range(1, 2 * N + 1):
-        assert got[s] == want[s]
-
-
 @pytest.fixture(scope="module")
-def fsdp8_checkpoint(tmp_path_factory):
-    """(workdir, state): a step-3 checkpoint written from an fsdp=8 mesh, shared by every restore target."""
-    config = tiny_config()
-    model_config = model_config_from(config.model)
-    source = sharding_lib.make_mesh(dict(data=1, fsdp=8, tensor=1))
-    state = run_lib.create_train_state(run_lib.build_run(model_config, config.train, source, 10))
-    workdir = tmp_path_factory.mktemp("fsdp8_checkpoint")
+def saved_state(tmp_path_factory):
+    """(workdir, state): the tiny model's fresh state, made on an fsdp=8 mesh and saved as steps 1 and 2
+    (data state {"step": step}). Tests restore it onto other meshes, or damage a copy of it (`copy_to`)."""
+    model_config = model_config_from(tiny_config().model)
+    mesh = sharding_lib.make_mesh(dict(data=1, fsdp=8, tensor=1))
+    state = run_lib.create_train_state(run_lib.build_run(model_config, tiny_config().train, mesh, 10))
+    workdir = tmp_path_factory.mktemp("saved_state")
     saver = ckpt_lib.Checkpointer(str(workdir))
-    saver.save(3, state, {"step": 3}, {"model": model_config.to_dict()})
+    for step in (1, 2):
+        saver.save(step, state, {"step": step}, {"model": model_config.to_dict()})
+        saver.wait()
     saver.close()
     return workdir, state
 
 
+def copy_to(tmp_path, workdir):
+    """A copy of a fixture's workdir in tmp_path, for a test to change."""
+    shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+
+
+def abstract_state(mesh=None):
+    """The tiny model's TrainState as shapes with shardings on `mesh` (default: one device)."""
+    config = tiny_config()
+    mesh = mesh or sharding_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    return run_lib.build_run(model_config_from(config.model), config.train, mesh, 10).abstract_state
+
+
 @pytest.mark.parametrize("target", [dict(data=1, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1),
                                     dict(data=8, fsdp=1, tensor=1)], ids=["1-device", "data2xfsdp4", "data8"])
-def test_restore_onto_another_mesh(fsdp8_checkpoint, target):
-    tmp_path, state = fsdp8_checkpoint
-    config = tiny_config()
-    model_config = model_config_from(config.model)
-
+def test_restore_onto_another_mesh(saved_state, target):
+    workdir, state = saved_state  # written from an fsdp=8 mesh
     devices = jax.devices()[:1] if target["data"] * target["fsdp"] == 1 else None
     mesh = sharding_lib.make_mesh(target, devices=devices)
-    abstract = run_lib.build_run(model_config, config.train, mesh, 10).abstract_state
-    loader = ckpt_lib.Checkpointer(str(tmp_path))
-    restored, data_state, meta = loader.restore_latest(abstract)
+    loader = ckpt_lib.Checkpointer(str(workdir))
+    restored, data_state, meta = loader.restore_latest(abstract_state(mesh))
     loader.close()
-    assert data_state == {"step": 3} and meta["step"] == 3
+    assert data_state == {"step": 2} and meta["step"] == 2
     leaf = restored.params["blocks"]["mlp"]["fc"]["kernel"]
     assert leaf.sharding.mesh.shape == mesh.shape  # landed in the new layout
     if target["fsdp"] > 1:  # each device holds only its shard
@@ -211,23 +213,9 @@ def test_restore_onto_another_mesh(fsdp8_checkpoint, target):
     )
 
 
-def _two_checkpoints(tmp_path):
-    """(abstract state, state) of the tiny model, saved as steps 1 and 2 in `tmp_path`."""
-    config = tiny_config()
-    model_config = model_config_from(config.model)
-    mesh = sharding_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    run = run_lib.build_run(model_config, config.train, mesh, 10)
-    state = run_lib.create_train_state(run)
-    saver = ckpt_lib.Checkpointer(str(tmp_path))
-    saver.save(1, state, {"step": 1}, {"model": model_config.to_dict()})
-    saver.wait()
-    saver.save(2, state, {"step": 2}, {"model": model_config.to_dict()})
-    saver.close()
-    return run.abstract_state, state
-
-
-def test_truncated_checkpoint_is_reported_and_the_previous_one_used(tmp_path, capsys):
-    abstract, _ = _two_checkpoints(tmp_path)
+def test_truncated_checkpoint_is_reported_and_the_previous_one_used(tmp_path, saved_state, capsys):
+    copy_to(tmp_path, saved_state[0])
+    abstract = abstract_state()
     step2 = tmp_path / "checkpoints" / "2"
     files = sorted((p for p in step2.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     biggest = files[-1]
@@ -258,11 +246,27 @@ def test_truncated_checkpoint_is_reported_and_the_previous_one_used(tmp_path, ca
     assert (aside / "params").is_dir()
 
 
-def test_a_truncated_newest_checkpoint_is_replaced_by_the_runs_that_follow(tmp_path, cache, capsys):
-    # The schedule of test_resume_with_other_steps_schedule_or_model: one compiled step serves both.
+def two_step_config(cache, **train):
+    """A 2-step run saving every step. Its schedule, and so its compiled step, is every trainer run's
+    here: a run that goes on past step 2 keeps the checkpoint's schedule."""
     config = tiny_config(num_steps=2, checkpoint_every=1, warmup_steps=1)
     config.data.cache_dir = str(cache)
-    trainer_lib.train(config, str(tmp_path))
+    config.mesh.data, config.mesh.fsdp = 1, 8  # saved_state's mesh: one compiled init serves both
+    config.train.update(train)
+    return config
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory, cache):
+    """The workdir of train(two_step_config): checkpoints 1 and 2, and their metrics. Tests go on from a copy."""
+    workdir = tmp_path_factory.mktemp("two_steps")
+    trainer_lib.train(two_step_config(cache), str(workdir))
+    return workdir
+
+
+def test_a_truncated_newest_checkpoint_is_replaced_by_the_runs_that_follow(tmp_path, two_steps, cache, capsys):
+    config = two_step_config(cache)
+    copy_to(tmp_path, two_steps)
     ckdir = tmp_path / "checkpoints"
     biggest = max((p for p in (ckdir / "2").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     with open(biggest, "r+b") as f:
@@ -308,8 +312,9 @@ def test_metrics_keep_through_drops_later_and_torn_records_only(tmp_path):
     assert os.listdir(tmp_path) == ["metrics.jsonl"]
 
 
-def test_incomplete_checkpoint_is_ignored(tmp_path, capsys):
-    abstract, _ = _two_checkpoints(tmp_path)
+def test_incomplete_checkpoint_is_ignored(tmp_path, saved_state):
+    copy_to(tmp_path, saved_state[0])
+    abstract = abstract_state()
     ck = tmp_path / "checkpoints"
     shutil.rmtree(ck / "2")
     (ck / "2.orbax-checkpoint-tmp-1234").mkdir()  # what a save killed half-way leaves behind
@@ -320,9 +325,9 @@ def test_incomplete_checkpoint_is_ignored(tmp_path, capsys):
     loader.close()
 
 
-def test_nan_loss_stops_training_naming_the_step(tmp_path, cache, monkeypatch):
-    config = tiny_config(num_steps=8, checkpoint_every=3)
-    config.data.cache_dir = str(cache)
+def test_nan_loss_stops_training_naming_the_step(tmp_path, two_steps, cache, monkeypatch):
+    config = two_step_config(cache, num_steps=5)  # on from step 2, saving step 3, then a NaN at step 4
+    copy_to(tmp_path, two_steps)
     real = step_lib.make_train_step
 
     def poisoned(*args, **kwargs):
@@ -330,16 +335,16 @@ def test_nan_loss_stops_training_naming_the_step(tmp_path, cache, monkeypatch):
 
         def call(state, batch):
             new_state, metrics = step(state, batch)
-            if int(jax.device_get(new_state.step)) == 5:
+            if int(jax.device_get(new_state.step)) == 4:
                 metrics = dict(metrics, loss=jax.numpy.float32(float("nan")))
             return new_state, metrics
 
         return call
 
     monkeypatch.setattr(step_lib, "make_train_step", poisoned)
-    with pytest.raises(trainer_lib.NonFiniteLossError, match="loss is nan at step 5"):
+    with pytest.raises(trainer_lib.NonFiniteLossError, match="loss is nan at step 4"):
         trainer_lib.train(config, str(tmp_path))
-    assert ckpt_lib.Checkpointer(str(tmp_path)).all_steps() == [3]  # the last good one stays
+    assert ckpt_lib.Checkpointer(str(tmp_path)).all_steps() == [1, 2, 3]  # the last good one stays, no step 4
 
 
 def _failing_saves(monkeypatch, make_it_fail, at_step):
@@ -354,34 +359,34 @@ def _failing_saves(monkeypatch, make_it_fail, at_step):
     monkeypatch.setattr(ckpt_lib.Checkpointer, "_save", save)
 
 
-def test_a_failed_save_ends_the_run_in_one_line_leaving_earlier_checkpoints_usable(tmp_path, cache, monkeypatch,
-                                                                                    capsys, caplog):
-    # The schedule of test_nan_loss_stops_training_naming_the_step: one compiled step serves both.
-    config = tiny_config(num_steps=8, checkpoint_every=3)
-    config.data.cache_dir = str(cache)
+def test_a_failed_save_ends_the_run_in_one_line_leaving_earlier_checkpoints_usable(tmp_path, two_steps, cache,
+                                                                                    monkeypatch, capsys, caplog):
+    config = two_step_config(cache, num_steps=4)  # on from step 2: the save of step 3 fails
+    copy_to(tmp_path / "efbig", two_steps)
     # A real failure, written by orbax's background thread: the file size limit drops to 1 MB for the
-    # save of step 6 (the OS refuses writes past it with EFBIG, much as a full disk does with ENOSPC).
+    # save of step 3 (the OS refuses writes past it with EFBIG, much as a full disk does with ENOSPC).
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing us
-    _failing_saves(monkeypatch, lambda _: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limit[1])), 6)
+    _failing_saves(monkeypatch, lambda _: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limit[1])), 3)
     try:
         with pytest.raises(save_failures.CheckpointSaveError) as error:
             trainer_lib.train(config, str(tmp_path / "efbig"))
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limit)
         signal.signal(signal.SIGXFSZ, previous)
-    assert str(error.value) == ("checkpoint at step 6 not saved: file too large (errno 27); the checkpoint at step 3 "
+    assert str(error.value) == ("checkpoint at step 3 not saved: file too large (errno 27); the checkpoint at step 2 "
                                 "is intact and a rerun resumes from it")
     ckdir = tmp_path / "efbig" / "checkpoints"
-    assert sorted(os.listdir(ckdir)) == ["3", "3.sizes.json"]  # the half-written step 6 is gone
+    assert sorted(os.listdir(ckdir)) == ["1", "1.sizes.json", "2", "2.sizes.json"]  # the half-written step 3 is gone
     assert ckpt_lib.restore_params(str(tmp_path / "efbig"))[0].n_embd == 32
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # orbax's tracebacks kept quiet
     assert "Traceback" not in capsys.readouterr().err
     assert not (tmp_path / "efbig" / "train.lock").exists()
 
 
-def test_a_full_disk_is_said_before_the_save_and_named_when_it_fails(tmp_path, monkeypatch, capsys):
-    _, state = _two_checkpoints(tmp_path)
+def test_a_full_disk_is_said_before_the_save_and_named_when_it_fails(tmp_path, saved_state, monkeypatch, capsys):
+    workdir, state = saved_state
+    copy_to(tmp_path, workdir)
     ckdir = tmp_path / "checkpoints"
     monkeypatch.setattr(save_failures, "free_bytes", lambda directory: 3 << 20)
 
@@ -411,8 +416,9 @@ def test_a_full_disk_is_said_before_the_save_and_named_when_it_fails(tmp_path, m
     saver.close()
 
 
-def test_a_last_save_that_fails_in_the_background_is_raised_by_close(tmp_path):
-    _, state = _two_checkpoints(tmp_path)
+def test_a_last_save_that_fails_in_the_background_is_raised_by_close(tmp_path, saved_state):
+    workdir, state = saved_state
+    copy_to(tmp_path, workdir)
     saver = ckpt_lib.Checkpointer(str(tmp_path))
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -429,11 +435,9 @@ def test_a_last_save_that_fails_in_the_background_is_raised_by_close(tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "1.sizes.json", "2", "2.sizes.json"]
 
 
-def test_resume_with_other_steps_schedule_or_model(tmp_path, cache, capsys):
-    config = tiny_config(num_steps=2, checkpoint_every=0, warmup_steps=1)
-    config.data.cache_dir = str(cache)
-    trainer_lib.train(config, str(tmp_path))
-    capsys.readouterr()
+def test_resume_with_other_steps_schedule_or_model(tmp_path, two_steps, cache, capsys):
+    config = two_step_config(cache)
+    copy_to(tmp_path, two_steps)
 
     config.train.num_steps = 1  # fewer steps than the checkpoint has done: said plainly, nothing runs
     with pytest.raises(ValueError, match=r"checkpoint in .* is at step 2, past config.train.num_steps=1: nothing"):

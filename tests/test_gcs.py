@@ -8,9 +8,9 @@ starts it with that header added.
 
 The round trip: train.py into gs://BUCKET/run on a corpus of token shards in the bucket, SIGKILL once
 its first checkpoint is complete (mid-run, or mid-save of a later one: saving to the emulator is slow),
-resume, and compare with an uninterrupted local run bit for bit; then
-generate.py and export from the gs:// workdir. Also the workdir lock as an object, and init_from
-from a bucket.
+resume, and compare with an uninterrupted local run bit for bit; then sample and export from the gs://
+workdir, in this process, with what generate.py and `python -m gpt2_jax.export` call (their command
+lines are tests/test_generate_cli.py's). Also the workdir lock as an object, and init_from from a bucket.
 """
 
 import json
@@ -26,6 +26,12 @@ import jax
 import numpy as np
 import pytest
 from helpers import TINY_RUN_STEPS, final_params, losses, require, subprocess_env, tiny_train_cmd
+
+from gpt2_jax.checkpoints import load_model
+from gpt2_jax.data.tokenizer import EOT_ID, get_tokenizer
+from gpt2_jax.export import export_checkpoint
+from gpt2_jax.inference.sampling import generate
+from gpt2_jax.model.hf import load_hf_gpt2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "gpt2-jax-test"
@@ -109,8 +115,8 @@ def env(point):
     return subprocess_env(1, optimized=True, **point)
 
 
-def run(cmd, point, **kw):
-    return subprocess.Popen(cmd, env=env(point), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+def run(cmd, point):
+    return subprocess.Popen(cmd, env=env(point), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc) -> str:
@@ -133,7 +139,7 @@ def test_train_kill_resume_generate_and_export_in_a_bucket(emulator, corpus_cach
         t0, saved = time.time(), f"{BUCKET}/run/checkpoints/{N}.sizes.json"  # written once step N is complete
         while not fs().exists(saved):
             assert first.poll() is None and time.time() - t0 < 120, first.communicate()[1][-3000:]
-            time.sleep(0.01)
+            time.sleep(0.05)  # each look is a request the emulator serves; 20 steps and 2 saves remain
             fs().invalidate_cache()
         first.kill()
         assert first.wait() == -signal.SIGKILL  # killed before the end
@@ -151,12 +157,8 @@ def test_train_kill_resume_generate_and_export_in_a_bucket(emulator, corpus_cach
     assert N <= start < STEPS and start % N == 0
     assert f"done: step {STEPS}, loss " in resumed and f"{workdir}: metrics.jsonl, loss.png" in resumed
 
-    sample = run([sys.executable, os.path.join(ROOT, "generate.py"), "--ckpt", workdir, "--prompt", "To be",
-                  "--max_new_tokens", "4", "--temperature", "0", "--json"], emulator)
-    out = tmp_path / "hf"
-    exported = run([sys.executable, "-m", "gpt2_jax.export", "--ckpt", f"{workdir}/checkpoints/{STEPS}", "--out",
-                    str(out)], emulator, cwd=ROOT)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(workdir), final_params(straight))
+    want_params = final_params(straight)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, final_params(workdir), want_params)
     records = [json.loads(line) for line in fs().cat_file(f"{BUCKET}/run/metrics.jsonl").decode().splitlines()]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # each step once
     want = losses(straight)
@@ -165,13 +167,15 @@ def test_train_kill_resume_generate_and_export_in_a_bucket(emulator, corpus_cach
     assert f"{BUCKET}/run/train.lock" not in names and fs().info(f"{BUCKET}/run/loss.png")["size"] > 1000
     assert fs().ls(f"{BUCKET}/run/tensorboard")  # tensorboardX's own writer for gs://
 
-    assert len(json.loads(finish(sample).splitlines()[-1])["tokens"]) == 4
-    finish(exported)
-    from gpt2_jax.model.hf import load_hf_gpt2
-
+    # generate.py --ckpt gs://... --prompt "To be" --max_new_tokens 4 --temperature 0
+    config, params = load_model(ckpt=workdir)
+    prompt = get_tokenizer().encode("To be")
+    assert len(generate(config, params, [prompt], max_new_tokens=4, temperature=0.0, eos_id=EOT_ID)[0]) == 4
+    # python -m gpt2_jax.export --ckpt gs://.../checkpoints/STEPS --out OUT
+    out = tmp_path / "hf"
+    export_checkpoint(f"{workdir}/checkpoints/{STEPS}", str(out))
     _, params = load_hf_gpt2(str(out))
-    np.testing.assert_array_equal(params["wte"]["embedding"][:50257],
-                                  final_params(straight)["wte"]["embedding"][:50257])
+    np.testing.assert_array_equal(params["wte"]["embedding"][:50257], want_params["wte"]["embedding"][:50257])
 
 
 def test_the_workdir_lock_is_an_object_refused_while_held_and_taken_over_when_stale(emulator, monkeypatch):

@@ -326,7 +326,8 @@ def test_warmup_stable_decay_schedule_values():
 
 # --------------------------------------------------------------------------- training with it all on
 def test_modern_step_on_an_fsdp_tensor_mesh_equals_one_device():
-    # (GPT-2's init here: with a zero head, step 1 would send no gradient past the head)
+    # Random weights, no zero among them (zero_init_proj's zero head would send step 1 no gradient
+    # past the head), laid into the state as given: no init program to compile.
     cfg = train_config(dict(MODERN, zero_init_proj=False), optimizer="muon", lr_schedule="wsd", weight_decay=0.1,
                        muon_weight_decay=0.01)
     model_config = model_config_from(cfg.model)
@@ -336,7 +337,11 @@ def test_modern_step_on_an_fsdp_tensor_mesh_equals_one_device():
         n = int(np.prod(list(axes.values())))
         mesh = sharding.make_mesh(dict(dict(data=1, fsdp=1, tensor=1), **axes), jax.devices()[:n])
         run = run_lib.build_run(model_config, cfg.train, mesh, 10)
-        state = run_lib.create_train_state(run) if not results else jax.device_put(results[0][0], run.state_shardings)
+        if not results:
+            params = jax.device_put(jax.tree.map(np.asarray, params_for(model_config)), run.state_shardings.params)
+            state = run_lib.create_train_state(run, params)
+        else:
+            state = jax.device_put(results[0][0], run.state_shardings)
         initial = jax.device_get(state)
         put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))  # noqa: E731
         state, metrics = step_lib.make_train_step(run)(state, {"inputs": put(batch[:, :-1]),
