@@ -50,8 +50,8 @@ from gpt2_jax.training import save_failures
 
 # Orbax writes a replicated array "replica-parallel": each replica slices off its part on the device and
 # writes it, which pays one compiled slice per array and replica. For arrays whose part is this small (a
-# LayerNorm scale, a bias, a step counter) that costs more than one replica writing the whole array, and
-# it added ~1 s to each save of a tiny model on 8 devices. Larger replicated arrays keep being split.
+# LayerNorm scale, a bias, a step counter) that costs more than one replica writing the whole array, most
+# of a small model's save on 8 devices. Larger replicated arrays keep being split.
 MIN_REPLICA_PARALLEL_SLICE_BYTES = 1 << 20
 _array_handler_set = False
 
