@@ -2,12 +2,16 @@
 
 Two processes with 4 CPU devices each form one 8-device mesh, exactly as two hosts of a pod would:
 they must train like one process with 8 devices, write checkpoints either layout restores, resume
-exactly, and stop within a bounded time when the other dies. Each process pays ~10 s of CPU for jax's
-start-up and compilation, so the story is three runs, shared through module fixtures: one process
-trains 3N steps straight (the reference); two processes resume its step-N checkpoint and one of them
-is killed once their step-2N checkpoint is complete; one process resumes that two-process checkpoint.
+exactly, and stop within a bounded time when the other dies. Each process pays seconds of CPU for
+jax's start-up and compilation, so the story is three runs, shared through module fixtures: one process
+with 8 devices trains 3N steps straight (the reference); two processes resume its step-N checkpoint and
+one of them is killed once their step-2N checkpoint is complete; one process with 8 devices resumes
+that two-process checkpoint. The one-process runs are this process's own (8 simulated devices, like a
+train.py started with 8; train.py's own command line is tests/test_train_cli.py's).
 """
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -26,6 +30,7 @@ from helpers import final_params, losses, subprocess_env
 from gpt2_jax.training import preflight
 from gpt2_jax.training import run as run_lib
 from gpt2_jax.training import sharding as sharding_lib
+from gpt2_jax.training import trainer as trainer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 4  # steps between checkpoints; every run's schedule is for 3N steps
@@ -59,7 +64,7 @@ def env(local_devices: int) -> dict:
 
 
 class Processes:
-    """`count` processes of one training run (4 local devices each), or one process with 8 devices.
+    """`count` processes of one training run, 8 / count local devices each.
 
     Output goes to log files (a full pipe would block a process); every process still alive is
     killed on exit, whatever happened.
@@ -68,13 +73,10 @@ class Processes:
     def __init__(self, workdir, cache, count: int, logdir, *extra: str):
         self.logs = [os.path.join(logdir, f"{os.path.basename(str(workdir))}.{i}.{time.time_ns()}.log")
                      for i in range(count)]
-        if count == 1:
-            cmds, devices = [train_cmd(workdir, cache)], 8
-        else:
-            address = f"127.0.0.1:{free_port()}"
-            cmds = [train_cmd(workdir, cache, "--coordinator_address", address, f"--num_processes={count}",
-                              f"--process_id={i}", *extra) for i in range(count)]
-            devices = 8 // count
+        address = f"127.0.0.1:{free_port()}"
+        cmds = [train_cmd(workdir, cache, "--coordinator_address", address, f"--num_processes={count}",
+                          f"--process_id={i}", *extra) for i in range(count)]
+        devices = 8 // count
         self.procs = []
         try:
             for cmd, log in zip(cmds, self.logs):
@@ -108,11 +110,18 @@ class Processes:
         return "\n".join(f"--- process {i} ---\n{self.output(i)[-3000:]}" for i in range(len(self.procs)))
 
 
-def run(workdir, cache, count: int, logdir) -> Processes:
-    with Processes(workdir, cache, count, logdir) as procs:
-        codes = procs.wait()
-        assert codes == [0] * count, procs.tails()
-        return procs
+def train_here(workdir, cache) -> str:
+    """train_cmd's run in this process (8 devices, as one train.py process with 8); returns what it printed."""
+    sys.path.insert(0, ROOT)
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.train.update(dict(num_steps=3 * N, checkpoint_every=N, eval_every=0))
+    config.mesh.update(dict(data=1, fsdp=-1))
+    config.data.cache_dir = str(cache)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        trainer_lib.train(config, str(workdir))
+    return out.getvalue()
 
 
 def assert_close_to(workdir, reference, steps):
@@ -146,10 +155,10 @@ def logdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, cache, logdir):
+def single(tmp_path_factory, cache):
     """The reference: one process, 8 devices, 3N steps straight (checkpoints at N, 2N and 3N)."""
     workdir = tmp_path_factory.mktemp("single")
-    run(workdir, cache, 1, logdir)
+    train_here(workdir, cache)
     return workdir
 
 
@@ -206,10 +215,9 @@ def test_two_process_run_resumes_exactly_from_a_checkpoint(killed, single):
     assert_close_to(workdir, single, range(N + 1, 2 * N + 1))
 
 
-def test_one_process_resumes_a_two_process_checkpoint(killed, single, cache, logdir):
+def test_one_process_resumes_a_two_process_checkpoint(killed, single, cache):
     workdir = killed[1]  # the killed run as it was: checkpoint 2N written by two processes
-    procs = run(workdir, cache, 1, logdir)
-    assert f"resumed from step {2 * N}" in procs.output(0)
+    assert f"resumed from step {2 * N}" in train_here(workdir, cache)
     assert_close_to(workdir, single, range(2 * N + 1, 3 * N + 1))
 
 
