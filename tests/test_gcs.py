@@ -36,7 +36,7 @@ from gpt2_jax.model.hf import load_hf_gpt2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "gpt2-jax-test"
 STEPS = TINY_RUN_STEPS  # helpers.tiny_train_cmd's runs, as tests/test_checkpoint.py's: their programs are shared
-N = STEPS // 2  # steps between checkpoints: each save to the emulator takes seconds
+N = STEPS // 3  # steps between checkpoints
 
 
 EMULATOR = """
