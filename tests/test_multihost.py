@@ -112,11 +112,7 @@ class Processes:
 
 def train_here(workdir, cache) -> str:
     """train_cmd's run in this process (8 devices, as one train.py process with 8); returns what it printed."""
-    sys.path.insert(0, ROOT)
-    from configs import tiny
-
-    config = tiny.get_config()
-    config.train.update(dict(num_steps=3 * N, checkpoint_every=N, eval_every=0))
+    config = tiny_config(num_steps=3 * N, checkpoint_every=N, eval_every=0)
     config.mesh.update(dict(data=1, fsdp=-1))
     config.data.cache_dir = str(cache)
     with contextlib.redirect_stdout(io.StringIO()) as out:

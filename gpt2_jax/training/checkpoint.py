@@ -16,6 +16,7 @@ steps are written normally. A gs:// workdir works the same (gpt2_jax/storage.py)
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -53,16 +54,12 @@ from gpt2_jax.training import save_failures
 # LayerNorm scale, a bias, a step counter) that costs more than one replica writing the whole array, most
 # of a small model's save on 8 devices. Larger replicated arrays keep being split.
 MIN_REPLICA_PARALLEL_SLICE_BYTES = 1 << 20
-_array_handler_set = False
 
 
+@functools.cache  # once per process
 def _write_small_replicated_arrays_whole() -> None:
-    """Registers orbax's jax.Array handler with MIN_REPLICA_PARALLEL_SLICE_BYTES (once per process; the
-    handler is orbax's own, with its default array metadata store)."""
-    global _array_handler_set
-    if _array_handler_set:
-        return
-    _array_handler_set = True
+    """Registers orbax's jax.Array handler with MIN_REPLICA_PARALLEL_SLICE_BYTES (the handler is orbax's
+    own, with its default array metadata store)."""
     try:
         from orbax.checkpoint._src.metadata.array_metadata_store import Store
     except ImportError:  # another orbax layout: its default handler stays (the same checkpoints, saved slower)
