@@ -20,7 +20,8 @@ import pytest
 
 # LLVM at -O0 halves XLA:CPU compile times; the programs here are tiny, so they run as fast, and
 # XLA's own (HLO) optimisations, which decide the numerics, are the same at any level.
-_FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0")
+_FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
+          "--xla_cpu_use_fusion_emitters=false")
 for _flag in _FLAGS:
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
