@@ -18,8 +18,13 @@ import tempfile
 
 import pytest
 
-# LLVM at -O0 halves XLA:CPU compile times; the programs here are tiny, so they run as fast, and
-# XLA's own (HLO) optimisations, which decide the numerics, are the same at any level.
+# Compiling, not running, is where the suite's time goes, so XLA:CPU is set to compile fast:
+# - LLVM at -O0 halves compile times; the programs here are tiny, so they run as fast, and XLA's own
+#   (HLO) optimisations, which decide the numerics, are the same at any level.
+# - XLA:CPU's classic elementwise emitters instead of its newer fusion emitters: a tiny train step on
+#   8 devices compiles in 0.7 s instead of 3.8 s. Elementwise functions (tanh, exp) round differently
+#   in their last bits; no test depends on that, since every comparison is between two runs under these
+#   same flags or within a tolerance. Users' runs keep XLA's defaults.
 _FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
           "--xla_cpu_use_fusion_emitters=false")
 for _flag in _FLAGS:

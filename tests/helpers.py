@@ -19,8 +19,8 @@ def subprocess_env(devices: int, *, optimized: bool = False, **extra: str) -> di
     """This process's environment for a subprocess with `devices` simulated CPU devices; conftest's
     XLA flags and the shared compilation cache carry over. `optimized=True` restores LLVM's default
     -O2, for runs whose time goes into running rather than compiling: train.py's softmax and head
-    over the real 50,257-token vocabulary are slow unoptimised (a tiny 60-step run took 15 s at
-    -O0, 8.5 s at -O2 with its programs cached)."""
+    over the real 50,257-token vocabulary are slow unoptimised (helpers.tiny_train_cmd's 30 steps:
+    8.7 s at -O0, 6.7 s at -O2 with its programs cached)."""
     drop = ("--xla_force_host_platform",) + (("--xla_backend_optimization_level",) if optimized else ())
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(drop)]
     return dict(os.environ, XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", *flags]),
