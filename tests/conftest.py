@@ -12,6 +12,7 @@ test file that trains on it.
 """
 
 import fcntl
+import gc
 import os
 import shutil
 import tempfile
@@ -50,6 +51,18 @@ from gpt2_jax import compilation_cache  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 compilation_cache.enable()
+
+# Python's garbage collector, tuned for a process that traces many programs: tracing allocates
+# millions of short-lived objects, and each full collection also walks the heap of every module the
+# tests import (jax, flax, torch, transformers). Collections run 70x less often, and the heap as it
+# stands once the tests are collected is left out of them (pytest_collection_finish). Measured on
+# test_sampling.py, test_model.py and test_attention.py in one process, four runs alternating with
+# Python's defaults: 12% less CPU (median).
+gc.set_threshold(50_000, 20, 20)
+
+
+def pytest_collection_finish(session):  # noqa: ARG001
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")
