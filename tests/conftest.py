@@ -1,9 +1,10 @@
 """Test set-up: 8 simulated CPU devices, configured before jax is first imported, and one persistent
 compilation cache for the whole session.
 
-Most of the suite's time is XLA compiling small programs (so LLVM runs at -O0, below), many of them the same program built again
-(a new jit wrapper in another test, or a train.py subprocess compiling the tiny config's step once
-more). JAX's persistent cache serves each repeat from disk. The folder is new each session (so the
+Much of the suite's time is XLA compiling small programs (so XLA:CPU is set to compile fast, below),
+many of them the same program built again (a new jit wrapper in another test, or a train.py
+subprocess compiling the tiny config's step once more). JAX's persistent cache serves each repeat
+from disk. The folder is new each session (so the
 suite's time is that of a cold start, as in CI), shared with every subprocess through the
 environment; set GPT2_JAX_COMPILATION_CACHE to a folder of your own to keep it between runs.
 
