@@ -4,9 +4,9 @@ compilation cache for the whole session.
 Much of the suite's time is XLA compiling small programs (so XLA:CPU is set to compile fast, below),
 many of them the same program built again (a new jit wrapper in another test, or a train.py
 subprocess compiling the tiny config's step once more). JAX's persistent cache serves each repeat
-from disk. The folder is new each session (so the
-suite's time is that of a cold start, as in CI), shared with every subprocess through the
-environment; set GPT2_JAX_COMPILATION_CACHE to a folder of your own to keep it between runs.
+from disk. The folder is new each session (so the suite's time is that of a cold start, as in CI),
+shared with every subprocess through the environment; set GPT2_JAX_COMPILATION_CACHE to a folder of
+your own to keep it between runs.
 
 The built-in corpus is tokenised once per session too (the `corpus_cache` fixture), not once per
 test file that trains on it.
@@ -20,7 +20,7 @@ import tempfile
 
 import pytest
 
-# Compiling, not running, is where the suite's time goes, so XLA:CPU is set to compile fast:
+# Much of the suite's time is compiling, not running, so XLA:CPU is set to compile fast:
 # - LLVM at -O0 halves compile times; the programs here are tiny, so they run as fast, and XLA's own
 #   (HLO) optimisations, which decide the numerics, are the same at any level.
 # - XLA:CPU's classic elementwise emitters instead of its newer fusion emitters: a tiny train step on

@@ -50,11 +50,14 @@ def free_port() -> int:
             return s.getsockname()[1]
 
 
+# Every run's overrides of configs/tiny.py: train_cmd's flags and train_here's config.
+RUN = {"train.num_steps": 3 * N, "train.checkpoint_every": N, "train.eval_every": 0, "mesh.data": 1, "mesh.fsdp": -1}
+
+
 def train_cmd(workdir, cache, *extra):
     return [
         sys.executable, "-u", os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
-        "--workdir", str(workdir), f"--config.train.num_steps={3 * N}", f"--config.train.checkpoint_every={N}",
-        "--config.train.eval_every=0", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+        "--workdir", str(workdir), *(f"--config.{key}={value}" for key, value in RUN.items()),
         f"--config.data.cache_dir={cache}", *extra,
     ]
 
@@ -112,8 +115,10 @@ class Processes:
 
 def train_here(workdir, cache) -> str:
     """train_cmd's run in this process (8 devices, as one train.py process with 8); returns what it printed."""
-    config = tiny_config(num_steps=3 * N, checkpoint_every=N, eval_every=0)
-    config.mesh.update(dict(data=1, fsdp=-1))
+    config = tiny_config()
+    for key, value in RUN.items():
+        block, name = key.split(".")
+        config[block][name] = value
     config.data.cache_dir = str(cache)
     with contextlib.redirect_stdout(io.StringIO()) as out:
         trainer_lib.train(config, str(workdir))
